@@ -1,0 +1,253 @@
+//! The `univ` command: inspect and preprocess CT volumes (more subcommands arrive with the
+//! model). Errors are printed as one readable message, without a backtrace, with exit code 1.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use univ::io::{
+    self, CropForeground, Limits, PreprocessOptions, ScaleIntensityRange, WriteOptions,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "univ",
+    version,
+    about = "CLIP-Driven Universal Model for CT segmentation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a volume's header summary: shape, voxel type, spacing, orientation, affine and
+    /// intensity range.
+    Info {
+        /// A NIfTI file (.nii or .nii.gz).
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Preprocess a CT as the official pipeline does (RAS, 1.5 mm, −175..250 HU → 0..1,
+    /// foreground crop) and write the result (f32) and, optionally, its label map (u8).
+    Preprocess {
+        /// Input CT (NIfTI).
+        input: PathBuf,
+        /// Output file for the preprocessed image (.nii or .nii.gz).
+        output: PathBuf,
+        /// A label map on the input's grid to preprocess alongside (nearest neighbour).
+        #[arg(long, requires = "label_output")]
+        label: Option<PathBuf>,
+        /// Where to write the preprocessed label map.
+        #[arg(long, requires = "label")]
+        label_output: Option<PathBuf>,
+        /// Target voxel size in mm, `X,Y,Z` or one value for all axes.
+        #[arg(long, default_value = "1.5,1.5,1.5")]
+        spacing: String,
+        /// Lower end of the intensity window (HU).
+        #[arg(long, default_value_t = -175.0, allow_hyphen_values = true)]
+        a_min: f64,
+        /// Upper end of the intensity window (HU).
+        #[arg(long, default_value_t = 250.0, allow_hyphen_values = true)]
+        a_max: f64,
+        /// Keep the whole resampled grid instead of cropping to the foreground.
+        #[arg(long)]
+        no_crop: bool,
+        /// Also write what was done (JSON), to map results back onto the input grid later.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info { file, json } => info(&file, json),
+        Command::Preprocess {
+            input,
+            output,
+            label,
+            label_output,
+            spacing,
+            a_min,
+            a_max,
+            no_crop,
+            record,
+        } => preprocess(PreprocessArgs {
+            input,
+            output,
+            label,
+            label_output,
+            spacing,
+            a_min,
+            a_max,
+            no_crop,
+            record,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn info(path: &Path, json: bool) -> Result<()> {
+    let h = io::read_header(path, &Limits::default())?;
+    let vol = io::read_image(path)?;
+    let (lo, hi) = vol.min_max();
+    let mean = vol.data().iter().map(|v| f64::from(*v)).sum::<f64>() / vol.len() as f64;
+    if json {
+        let v = serde_json::json!({
+            "file": path,
+            "shape": h.shape,
+            "datatype": h.datatype,
+            "spacing": h.spacing,
+            "pixdim": h.pixdim,
+            "axcodes": h.axcodes,
+            "affine_source": h.affine_source,
+            "affine": h.affine,
+            "qform_code": h.geometry.qform_code,
+            "sform_code": h.geometry.sform_code,
+            "scl_slope": h.scaling.0,
+            "scl_inter": h.scaling.1,
+            "description": h.description,
+            "intensity": {"min": lo, "max": hi, "mean": mean},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("file:        {}", path.display());
+    println!(
+        "shape:       {} x {} x {}",
+        h.shape[0], h.shape[1], h.shape[2]
+    );
+    println!("datatype:    {}", h.datatype);
+    println!(
+        "spacing:     {:.4} x {:.4} x {:.4} mm",
+        h.spacing[0], h.spacing[1], h.spacing[2]
+    );
+    println!("orientation: {}", h.axcodes);
+    println!(
+        "affine:      from {} (qform_code {}, sform_code {})",
+        h.affine_source, h.geometry.qform_code, h.geometry.sform_code
+    );
+    for row in &h.affine {
+        println!(
+            "             [{:>10.4} {:>10.4} {:>10.4} {:>10.4}]",
+            row[0], row[1], row[2], row[3]
+        );
+    }
+    println!("scaling:     slope {} inter {}", h.scaling.0, h.scaling.1);
+    println!("intensity:   min {lo} max {hi} mean {mean:.3}");
+    if !h.description.is_empty() {
+        println!("description: {}", h.description);
+    }
+    Ok(())
+}
+
+struct PreprocessArgs {
+    input: PathBuf,
+    output: PathBuf,
+    label: Option<PathBuf>,
+    label_output: Option<PathBuf>,
+    spacing: String,
+    a_min: f64,
+    a_max: f64,
+    no_crop: bool,
+    record: Option<PathBuf>,
+}
+
+fn parse_spacing(s: &str) -> Result<[f64; 3]> {
+    let parts: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--spacing {s:?}: expected numbers like 1.5,1.5,1.5"))?;
+    let v = match parts.as_slice() {
+        [a] => [*a; 3],
+        [a, b, c] => [*a, *b, *c],
+        _ => bail!("--spacing {s:?}: give one value or three (X,Y,Z)"),
+    };
+    if v.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+        bail!("--spacing {s:?}: voxel sizes must be positive");
+    }
+    Ok(v)
+}
+
+fn preprocess(a: PreprocessArgs) -> Result<()> {
+    let pixdim = parse_spacing(&a.spacing)?;
+    let window = ScaleIntensityRange {
+        a_min: a.a_min,
+        a_max: a.a_max,
+        ..ScaleIntensityRange::universal_model()
+    };
+    window.validate()?;
+    let opts = PreprocessOptions::universal_model()
+        .pixdim(pixdim)
+        .intensity(Some(window))
+        .crop((!a.no_crop).then(CropForeground::default));
+    let (image, label) = match &a.label {
+        Some(l) => {
+            let (i, l) = io::read_image_and_label(&a.input, l)?;
+            (i, Some(l))
+        }
+        None => (io::read_image(&a.input)?, None),
+    };
+    let pre = io::preprocess(image, label, &opts)?;
+    let wopts = WriteOptions::default();
+    io::write_nifti(&a.output, &pre.image, &wopts)?;
+    if let (Some(l), Some(out)) = (&pre.label, &a.label_output) {
+        io::write_nifti(out, l, &wopts)?;
+    }
+    if let Some(rec) = &a.record {
+        let json = serde_json::to_string_pretty(&pre.record)?;
+        write_atomic(rec, json.as_bytes())?;
+    }
+    let s = pre.image.shape();
+    let b = pre.record.crop;
+    println!(
+        "{} -> {}: {} x {} x {} voxels at {:?} mm{}",
+        a.input.display(),
+        a.output.display(),
+        s[0],
+        s[1],
+        s[2],
+        pixdim,
+        match b {
+            Some(b) => format!(
+                ", cropped to [{:?}, {:?}) of {:?}",
+                b.start, b.end, pre.record.resampled_shape
+            ),
+            None => String::new(),
+        }
+    );
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().context("record path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}-tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("{}: cannot write", path.display()));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}

@@ -1,0 +1,150 @@
+//! Tests of the `univ` command-line program: it runs the real binary.
+
+#[path = "common/shared.rs"]
+mod shared;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn univ(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_univ"))
+        .args(args)
+        .output()
+        .expect("run the univ binary")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn info_prints_the_header_summary() {
+    let Some(ct) = shared::shared_file("data/ct/example_ct.nii.gz") else {
+        return;
+    };
+    let o = univ(&["info", ct.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("122 x 101 x 112"), "{out}");
+    assert!(out.contains("int32"), "{out}");
+    assert!(out.contains("3.0000 x 3.0000 x 3.0000 mm"), "{out}");
+    assert!(out.contains("orientation: RAS"), "{out}");
+    assert!(out.contains("min -1207 max 3382"), "{out}");
+    assert!(out.contains("-177.9563"), "{out}");
+
+    let o = univ(&["info", "--json", ct.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["shape"], serde_json::json!([122, 101, 112]));
+    assert_eq!(v["axcodes"], "RAS");
+    assert_eq!(v["intensity"]["max"], 3382.0);
+}
+
+#[test]
+fn preprocess_writes_image_label_and_record() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pre.nii.gz");
+    let lab = dir.path().join("pre_label.nii.gz");
+    let rec = dir.path().join("record.json");
+    let o = univ(&[
+        "preprocess",
+        shared.join("data/ct/example_ct.nii.gz").to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--label",
+        shared
+            .join("data/ct/derived_example_ct_seg_fast_um32.nii.gz")
+            .to_str()
+            .unwrap(),
+        "--label-output",
+        lab.to_str().unwrap(),
+        "--record",
+        rec.to_str().unwrap(),
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("243 x 193 x 223"), "{stdout}");
+
+    let img = univ::io::read_image(&out).unwrap();
+    let golden =
+        univ::io::read_image(shared.join("fixtures/preprocess/example_ct_image.nii.gz")).unwrap();
+    assert_eq!(img.shape(), golden.shape());
+    let d = img
+        .data()
+        .iter()
+        .zip(golden.data())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d <= 1e-4, "{d}");
+    let h = univ::io::read_header(&lab, &univ::io::Limits::default()).unwrap();
+    assert_eq!(h.datatype, "uint8");
+    assert_eq!(h.shape, [243, 193, 223]);
+    let r: univ::io::PreprocessRecord =
+        serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    assert_eq!(r.resampled_shape, [243, 201, 223]);
+
+    // Options: no crop, 3 mm, another window.
+    let o = univ(&[
+        "preprocess",
+        shared.join("data/ct/example_ct.nii.gz").to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--no-crop",
+        "--spacing",
+        "3",
+        "--a-min",
+        "-1000",
+        "--a-max",
+        "1000",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let img = univ::io::read_image(&out).unwrap();
+    assert_eq!(img.shape(), [122, 101, 112]);
+    let raw = univ::io::read_image(shared.join("data/ct/example_ct.nii.gz")).unwrap();
+    let want = ((raw.data()[0] + 1000.0) / 2000.0).clamp(0.0, 1.0);
+    assert!((img.data()[0] - want).abs() < 1e-6);
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let (_, err) = text(o);
+    assert!(!o.status.success());
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_gives_one_clear_error_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.nii.gz");
+    assert_clean_failure(
+        &univ(&["info", missing.to_str().unwrap()]),
+        "missing.nii.gz",
+    );
+
+    let junk = dir.path().join("junk.nii");
+    std::fs::write(&junk, vec![7u8; 400]).unwrap();
+    assert_clean_failure(
+        &univ(&["info", junk.to_str().unwrap()]),
+        "not a valid NIfTI-1 file",
+    );
+
+    let out = dir.path().join("o.nii.gz");
+    assert_clean_failure(
+        &univ(&[
+            "preprocess",
+            junk.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--spacing",
+            "1,2",
+        ]),
+        "--spacing",
+    );
+    assert!(!Path::new(&out).exists());
+}
