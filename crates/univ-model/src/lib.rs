@@ -1,2 +1,13 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![allow(clippy::needless_range_loop)]
+
+pub mod checkpoint;
+pub mod error;
+pub mod layers;
+pub mod nets;
+
+pub use checkpoint::{Checkpoint, LoadReport};
+pub use error::{Error, Result};
+pub use nets::{UniversalConfig, UniversalModel};

@@ -1,0 +1,302 @@
+//! Loading checkpoints: the official `.pth` files (torch zip pickles with the state dict under
+//! `net` or `state_dict`, keys prefixed `module.`; the released Swin file's flat keys) and
+//! safetensors; canonical key names; detection of the configuration from tensor shapes; a
+//! report of missing and unexpected keys.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::nets::{BackboneConfig, Encoding, UnetConfig, UniversalConfig, UniversalModel};
+
+/// A checkpoint's tensors under canonical names (no `module.`, backbone keys under
+/// `backbone.`), as the current official code names them.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Canonical name → tensor.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Maps an official key to its canonical name: a leading `module.` is dropped, and the flat
+/// keys of the released Swin UNETR file (`swinViT.*`, `encoder*`, `decoder*`) go under
+/// `backbone.`.
+pub fn canonical_key(key: &str) -> String {
+    let k = key.strip_prefix("module.").unwrap_or(key);
+    if k.starts_with("swinViT.") || k.starts_with("encoder") || k.starts_with("decoder") {
+        format!("backbone.{k}")
+    } else {
+        k.to_string()
+    }
+}
+
+fn ckpt_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl Checkpoint {
+    /// Reads a `.pth` (torch zip) or `.safetensors` file onto the CPU.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the file cannot be read or holds no tensors.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(ckpt_err(path, "no such file"));
+        }
+        let is_st = path.extension().is_some_and(|e| e == "safetensors");
+        let raw: Vec<(String, Tensor)> = if is_st {
+            candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| ckpt_err(path, format!("cannot read safetensors: {e}")))?
+                .into_iter()
+                .collect()
+        } else {
+            let mut found = None;
+            let mut last_err = String::new();
+            for key in [Some("net"), Some("state_dict"), None] {
+                match candle_core::pickle::read_all_with_key(path, key) {
+                    Ok(t) if !t.is_empty() => {
+                        found = Some(t);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => last_err = e.to_string(),
+                }
+            }
+            found.ok_or_else(|| {
+                ckpt_err(
+                    path,
+                    format!("no state dict found (tried net, state_dict, top level): {last_err}"),
+                )
+            })?
+        };
+        if raw.is_empty() {
+            return Err(ckpt_err(path, "holds no tensors"));
+        }
+        let mut tensors = HashMap::with_capacity(raw.len());
+        for (k, t) in raw {
+            let ck = canonical_key(&k);
+            if tensors.insert(ck.clone(), t).is_some() {
+                return Err(ckpt_err(path, format!("two keys map to {ck}")));
+            }
+        }
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensors.get(key).map(|t| t.dims().to_vec())
+    }
+
+    /// Detects the configuration from the tensor shapes: backbone and width, class encoding,
+    /// number of classes.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the keys fit no known model.
+    pub fn detect_config(&self) -> Result<UniversalConfig> {
+        let backbone = if let Some(s) = self.shape_of("backbone.down_tr64.ops.0.conv1.weight") {
+            BackboneConfig::Unet(UnetConfig { base: s[0] })
+        } else if self
+            .tensors
+            .keys()
+            .any(|k| k.starts_with("backbone.swinViT."))
+        {
+            return Err(ckpt_err(
+                &self.path,
+                "a Swin UNETR checkpoint: the Swin UNETR backbone is not implemented yet",
+            ));
+        } else {
+            return Err(ckpt_err(
+                &self.path,
+                "no known backbone (expected backbone.down_tr64.* or backbone.swinViT.* keys)",
+            ));
+        };
+        let (encoding, num_classes) = if let Some(s) = self.shape_of("organ_embedding.weight") {
+            (Encoding::RandEmbedding, s[0])
+        } else if let Some(s) = self.shape_of("organ_embedding") {
+            (Encoding::WordEmbedding, s[0])
+        } else {
+            return Err(ckpt_err(
+                &self.path,
+                "no organ_embedding (class embeddings)",
+            ));
+        };
+        Ok(UniversalConfig {
+            backbone,
+            encoding,
+            num_classes,
+        })
+    }
+
+    /// Builds the model this checkpoint describes on `device`, with a report of the keys.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming every missing or mis-shaped key.
+    pub fn build(&self, device: &Device) -> Result<(UniversalModel, LoadReport)> {
+        let cfg = self.detect_config()?;
+        self.build_with(cfg, device)
+    }
+
+    /// Builds a model of configuration `cfg` from this checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming every missing or mis-shaped key.
+    pub fn build_with(
+        &self,
+        cfg: UniversalConfig,
+        device: &Device,
+    ) -> Result<(UniversalModel, LoadReport)> {
+        let backend = TrackedTensors {
+            tensors: self.tensors.clone(),
+            state: Mutex::new(TrackState::default()),
+        };
+        let state = std::sync::Arc::new(backend);
+        let vb = VarBuilder::from_backend(
+            Box::new(ArcBackend(state.clone())),
+            DType::F32,
+            device.clone(),
+        );
+        let model = UniversalModel::new(vb, cfg)?;
+        let st = state.state.lock().expect("not poisoned");
+        let mut unexpected: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !st.used.contains(*k) && !st.missing.contains_key(*k))
+            .cloned()
+            .collect();
+        unexpected.sort();
+        let (ignored, unexpected): (Vec<String>, Vec<String>) =
+            unexpected.into_iter().partition(|k| is_ignorable(k));
+        let report = LoadReport {
+            used: st.used.len(),
+            missing: st.missing.keys().cloned().collect(),
+            mismatched: st.mismatched.clone(),
+            unexpected,
+            ignored,
+        };
+        if !report.missing.is_empty() || !report.mismatched.is_empty() {
+            return Err(ckpt_err(&self.path, report.to_string()));
+        }
+        Ok((model, report))
+    }
+}
+
+/// Keys the model does not read by design: BatchNorm running statistics (the official U-Net
+/// always uses batch statistics) and Swin's `relative_position_index` buffers (recomputed).
+fn is_ignorable(key: &str) -> bool {
+    key.ends_with(".running_mean")
+        || key.ends_with(".running_var")
+        || key.ends_with(".num_batches_tracked")
+        || key.ends_with(".relative_position_index")
+}
+
+/// What loading a checkpoint did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoadReport {
+    /// Tensors loaded.
+    pub used: usize,
+    /// Keys the model needs that the checkpoint lacks (with their expected shapes).
+    pub missing: Vec<String>,
+    /// Keys whose shapes differ: (key, expected, found).
+    pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Keys the model does not know.
+    pub unexpected: Vec<String>,
+    /// Keys deliberately not read (BatchNorm running statistics, Swin index buffers).
+    pub ignored: Vec<String>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "loaded {} tensors; {} missing, {} with the wrong shape, {} unexpected, {} ignored",
+            self.used,
+            self.missing.len(),
+            self.mismatched.len(),
+            self.unexpected.len(),
+            self.ignored.len()
+        )?;
+        for k in &self.missing {
+            write!(f, "\n  missing: {k}")?;
+        }
+        for (k, want, got) in &self.mismatched {
+            write!(
+                f,
+                "\n  wrong shape: {k}: model expects {want:?}, checkpoint has {got:?}"
+            )?;
+        }
+        for k in &self.unexpected {
+            write!(f, "\n  unexpected: {k}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct TrackState {
+    used: BTreeSet<String>,
+    missing: BTreeMap<String, Vec<usize>>,
+    mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+}
+
+/// A var-builder backend over a map of tensors that records what was read, and stands in
+/// zeros for missing or mis-shaped tensors so that one pass names all of them.
+struct TrackedTensors {
+    tensors: HashMap<String, Tensor>,
+    state: Mutex<TrackState>,
+}
+
+struct ArcBackend(std::sync::Arc<TrackedTensors>);
+
+impl candle_nn::var_builder::SimpleBackend for ArcBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut st = self.0.state.lock().expect("not poisoned");
+        match self.0.tensors.get(name) {
+            None => {
+                st.missing.insert(name.to_string(), s.dims().to_vec());
+                Tensor::zeros(s, dtype, dev)
+            }
+            Some(t) if t.shape() != &s => {
+                st.mismatched
+                    .push((name.to_string(), s.dims().to_vec(), t.dims().to_vec()));
+                Tensor::zeros(s, dtype, dev)
+            }
+            Some(t) => {
+                st.used.insert(name.to_string());
+                t.to_dtype(dtype)?.to_device(dev)
+            }
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut st = self.0.state.lock().expect("not poisoned");
+        match self.0.tensors.get(name) {
+            Some(t) => {
+                st.used.insert(name.to_string());
+                t.to_dtype(dtype)?.to_device(dev)
+            }
+            None => candle_core::bail!("missing tensor {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.tensors.contains_key(name)
+    }
+}

@@ -1,0 +1,43 @@
+//! The error type of `univ-model`.
+
+use std::path::PathBuf;
+
+/// What can go wrong while building, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A tensor has the wrong shape for an operation.
+    #[error("{op}: {reason}")]
+    Shape {
+        /// The operation.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A checkpoint cannot be read or does not fit the model.
+    #[error("{path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// `Result` with [`enum@Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, reason: impl Into<String>) -> Self {
+        Error::Shape {
+            op,
+            reason: reason.into(),
+        }
+    }
+}

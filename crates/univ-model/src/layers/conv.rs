@@ -1,0 +1,678 @@
+//! 3-D convolutions: `Conv3d` (any kernel, stride 1, or kernel = stride), and
+//! `ConvTranspose3d` with kernel = stride (the 2×2×2 up-sampling of UNETR and the U-Net).
+//!
+//! On the CPU, a stride-1 convolution is an *implicit GEMM*: the input is zero-padded once, and
+//! for each kernel tap the product `W_tap (O×C) · X_shifted (C×positions)` reads the shifted input
+//! in place (no im2col copy), accumulating into a cache-sized block of the output. Blocks run in
+//! parallel on rayon; each product uses the `gemm` crate's micro-kernels (AVX-512 when the CPU has
+//! it). The backward pass is the same kernel on the flipped, transposed weights (input gradient)
+//! and a tap-wise `G · X_shiftedᵀ` product (weight gradient). On other devices the convolution is
+//! composed from candle's `conv2d` over depth taps, with candle's own gradients.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Number of output positions per block of the implicit GEMM (times the output channels, this
+/// is the block of output kept in cache while the taps accumulate).
+fn block_len(out_channels: usize) -> usize {
+    let target = (96 * 1024) / out_channels.max(1);
+    target.clamp(512, 8192).next_multiple_of(64)
+}
+
+fn dims5(l: &Layout, what: &str) -> candle_core::Result<[usize; 5]> {
+    match l.dims() {
+        &[a, b, c, d, e] => Ok([a, b, c, d, e]),
+        other => candle_core::bail!("{what}: expected a 5-D tensor, got shape {other:?}"),
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{what}: only f32 is supported on the CPU"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// Zero-pads one sample `(C, D, H, W)` to `(C, D+2p, H+2p, W+2p)`.
+fn pad_sample(x: &[f32], c: usize, dhw: [usize; 3], pad: [usize; 3]) -> (Vec<f32>, [usize; 3]) {
+    let [d, h, w] = dhw;
+    let p = [d + 2 * pad[0], h + 2 * pad[1], w + 2 * pad[2]];
+    if pad == [0, 0, 0] {
+        return (x.to_vec(), p);
+    }
+    let vp = p[0] * p[1] * p[2];
+    let mut out = vec![0f32; c * vp];
+    out.par_chunks_mut(vp).enumerate().for_each(|(ci, dst)| {
+        let src = &x[ci * d * h * w..(ci + 1) * d * h * w];
+        for z in 0..d {
+            for y in 0..h {
+                let s = (z * h + y) * w;
+                let o = ((z + pad[0]) * p[1] + y + pad[1]) * p[2] + pad[2];
+                dst[o..o + w].copy_from_slice(&src[s..s + w]);
+            }
+        }
+    });
+    (out, p)
+}
+
+/// Stride-1 correlation of one padded sample: `out[o, z, y, x] = Σ_c Σ_t w[t][o][c] ·
+/// xp[c, z+kd, y+kh, x+kw]`, with `wp` packed as `(taps, O, C)`.
+fn correlate_sample(
+    xp: &[f32],
+    c: usize,
+    p: [usize; 3],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    out: &mut [f32],
+) {
+    let vp = p[0] * p[1] * p[2];
+    let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
+    let plane = p[1] * p[2];
+    let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
+    let taps: Vec<usize> = (0..k[0])
+        .flat_map(|a| (0..k[1]).flat_map(move |b| (0..k[2]).map(move |cc| (a, b, cc))))
+        .map(|(a, b, cc)| a * plane + b * p[2] + cc)
+        .collect();
+    let blen = block_len(o);
+    let nblocks = span.div_ceil(blen);
+    let blocks: Vec<Vec<f32>> = (0..nblocks)
+        .into_par_iter()
+        .map(|bi| {
+            let q0 = bi * blen;
+            let len = blen.min(span - q0);
+            let mut buf = vec![0f32; o * len];
+            for (t, off) in taps.iter().enumerate() {
+                // SAFETY: `q0 + off + len - 1 + (c-1)·vp < c·vp` because `span` ends at the last
+                // valid output position and every tap offset keeps it inside the padded volume.
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        len,
+                        c,
+                        buf.as_mut_ptr(),
+                        1,
+                        len as isize,
+                        t > 0,
+                        wp.as_ptr().add(t * o * c),
+                        1,
+                        c as isize,
+                        xp.as_ptr().add(q0 + off),
+                        1,
+                        vp as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            buf
+        })
+        .collect();
+    // Scatter the valid positions.
+    let n_out = od[0] * od[1] * od[2];
+    out.par_chunks_mut(n_out).enumerate().for_each(|(oc, dst)| {
+        for z in 0..od[0] {
+            for y in 0..od[1] {
+                for x in 0..od[2] {
+                    let q = z * plane + y * p[2] + x;
+                    let (bi, r) = (q / blen, q % blen);
+                    let len = blen.min(span - bi * blen);
+                    dst[(z * od[1] + y) * od[2] + x] = blocks[bi][oc * len + r];
+                }
+            }
+        }
+    });
+}
+
+/// Packs `(O, C, kd, kh, kw)` weights as `(taps, O, C)`, optionally flipping the taps and
+/// swapping O and C (for the input gradient).
+fn pack_weights(w: &[f32], o: usize, c: usize, taps: usize, flip_transpose: bool) -> Vec<f32> {
+    let mut out = vec![0f32; taps * o * c];
+    for oi in 0..o {
+        for ci in 0..c {
+            for t in 0..taps {
+                let v = w[(oi * c + ci) * taps + t];
+                if flip_transpose {
+                    // New layout: (taps, C as outputs, O as inputs), tap reversed.
+                    out[((taps - 1 - t) * c + ci) * o + oi] = v;
+                } else {
+                    out[(t * o + oi) * c + ci] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// CPU forward of a stride-1 correlation over a batch.
+fn correlate(
+    x: &[f32],
+    xs: [usize; 5],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    pad: [usize; 3],
+) -> (Vec<f32>, [usize; 5]) {
+    let [n, c, d, h, w] = xs;
+    let od = [
+        d + 2 * pad[0] + 1 - k[0],
+        h + 2 * pad[1] + 1 - k[1],
+        w + 2 * pad[2] + 1 - k[2],
+    ];
+    let per_out = o * od[0] * od[1] * od[2];
+    let per_in = c * d * h * w;
+    let mut out = vec![0f32; n * per_out];
+    for b in 0..n {
+        let (xp, p) = pad_sample(&x[b * per_in..(b + 1) * per_in], c, [d, h, w], pad);
+        correlate_sample(
+            &xp,
+            c,
+            p,
+            wp,
+            o,
+            k,
+            &mut out[b * per_out..(b + 1) * per_out],
+        );
+    }
+    (out, [n, o, od[0], od[1], od[2]])
+}
+
+/// Weight gradient of a stride-1 correlation: `gw[o, c, t] = Σ_n Σ_pos g[n, o, pos] ·
+/// xp[n, c, pos + t]`.
+fn weight_grad(
+    x: &[f32],
+    xs: [usize; 5],
+    g: &[f32],
+    o: usize,
+    k: [usize; 3],
+    pad: [usize; 3],
+) -> Vec<f32> {
+    let [n, c, d, h, w] = xs;
+    let taps = k[0] * k[1] * k[2];
+    let od = [
+        d + 2 * pad[0] + 1 - k[0],
+        h + 2 * pad[1] + 1 - k[1],
+        w + 2 * pad[2] + 1 - k[2],
+    ];
+    let n_out = od[0] * od[1] * od[2];
+    let per_in = c * d * h * w;
+    let mut total = vec![0f32; taps * o * c];
+    for b in 0..n {
+        let (xp, p) = pad_sample(&x[b * per_in..(b + 1) * per_in], c, [d, h, w], pad);
+        let vp = p[0] * p[1] * p[2];
+        let plane = p[1] * p[2];
+        let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
+        // The output gradient laid out on padded positions (zeros where no output exists).
+        let mut gp = vec![0f32; o * span];
+        let gb = &g[b * o * n_out..(b + 1) * o * n_out];
+        gp.par_chunks_mut(span).enumerate().for_each(|(oc, dst)| {
+            for z in 0..od[0] {
+                for y in 0..od[1] {
+                    let s = (oc * od[0] * od[1] + z * od[1] + y) * od[2];
+                    let q = z * plane + y * p[2];
+                    dst[q..q + od[2]].copy_from_slice(&gb[s..s + od[2]]);
+                }
+            }
+        });
+        let offs: Vec<usize> = (0..k[0])
+            .flat_map(|a| (0..k[1]).flat_map(move |bb| (0..k[2]).map(move |cc| (a, bb, cc))))
+            .map(|(a, bb, cc)| a * plane + bb * p[2] + cc)
+            .collect();
+        let nchunks = rayon::current_num_threads().max(1);
+        let clen = span.div_ceil(nchunks);
+        let partials: Vec<Vec<f32>> = (0..nchunks)
+            .into_par_iter()
+            .filter(|i| i * clen < span)
+            .map(|i| {
+                let q0 = i * clen;
+                let len = clen.min(span - q0);
+                let mut acc = vec![0f32; taps * o * c];
+                for (t, off) in offs.iter().enumerate() {
+                    // SAFETY: as in `correlate_sample`, every read stays in the padded volume.
+                    unsafe {
+                        gemm::gemm(
+                            o,
+                            c,
+                            len,
+                            acc.as_mut_ptr().add(t * o * c),
+                            1,
+                            c as isize,
+                            false,
+                            gp.as_ptr().add(q0),
+                            1,
+                            span as isize,
+                            xp.as_ptr().add(q0 + off),
+                            vp as isize,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                acc
+            })
+            .collect();
+        for part in partials {
+            for (a, v) in total.iter_mut().zip(part) {
+                *a += v;
+            }
+        }
+    }
+    // (taps, O, C) -> (O, C, taps)
+    let mut out = vec![0f32; taps * o * c];
+    for t in 0..taps {
+        for oi in 0..o {
+            for ci in 0..c {
+                out[(oi * c + ci) * taps + t] = total[(t * o + oi) * c + ci];
+            }
+        }
+    }
+    out
+}
+
+/// The stride-1 3-D correlation as a candle custom op on `(input, weight)`.
+#[derive(Debug, Clone, Copy)]
+struct Conv3dS1 {
+    pad: [usize; 3],
+}
+
+impl CustomOp2 for Conv3dS1 {
+    fn name(&self) -> &'static str {
+        "univ-conv3d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xs = dims5(l1, "conv3d input")?;
+        let ws = dims5(l2, "conv3d weight")?;
+        let x = contiguous_f32(s1, l1, "conv3d input")?;
+        let w = contiguous_f32(s2, l2, "conv3d weight")?;
+        let k = [ws[2], ws[3], ws[4]];
+        let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), false);
+        let (out, shape) = correlate(x, xs, &wp, ws[0], k, self.pad);
+        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, kd, kh, kw) = w.dims5()?;
+        let back_pad = [
+            kd - 1 - self.pad[0],
+            kh - 1 - self.pad[1],
+            kw - 1 - self.pad[2],
+        ];
+        let grad = grad.contiguous()?;
+        // Input gradient: correlation of the output gradient with the flipped, transposed kernel.
+        let gx = grad.apply_op2_no_bwd(&w.contiguous()?, &Conv3dInputGrad { pad: back_pad })?;
+        let gw = x.contiguous()?.apply_op2_no_bwd(
+            &grad,
+            &Conv3dWeightGrad {
+                pad: self.pad,
+                k: [kd, kh, kw],
+            },
+        )?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Conv3dInputGrad {
+    pad: [usize; 3],
+}
+
+impl CustomOp2 for Conv3dInputGrad {
+    fn name(&self) -> &'static str {
+        "univ-conv3d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gs = dims5(l1, "conv3d grad")?;
+        let ws = dims5(l2, "conv3d weight")?;
+        let g = contiguous_f32(s1, l1, "conv3d grad")?;
+        let w = contiguous_f32(s2, l2, "conv3d weight")?;
+        let k = [ws[2], ws[3], ws[4]];
+        let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), true);
+        let (out, shape) = correlate(g, gs, &wp, ws[1], k, self.pad);
+        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Conv3dWeightGrad {
+    pad: [usize; 3],
+    k: [usize; 3],
+}
+
+impl CustomOp2 for Conv3dWeightGrad {
+    fn name(&self) -> &'static str {
+        "univ-conv3d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xs = dims5(l1, "conv3d input")?;
+        let gs = dims5(l2, "conv3d grad")?;
+        let x = contiguous_f32(s1, l1, "conv3d input")?;
+        let g = contiguous_f32(s2, l2, "conv3d grad")?;
+        let out = weight_grad(x, xs, g, gs[1], self.k, self.pad);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(vec![gs[1], xs[1], self.k[0], self.k[1], self.k[2]]),
+        ))
+    }
+}
+
+/// Stride-1 3-D convolution (cross-correlation, as PyTorch) with zero padding `pad` on both
+/// sides of each axis, without bias.
+///
+/// # Shapes
+/// `x`: `(N, C, D, H, W)`, `w`: `(O, C, kd, kh, kw)` → `(N, O, D+2p−kd+1, …)`.
+///
+/// # Errors
+/// Shape mismatches, a padding of `k` or more, or a non-f32 CPU tensor.
+pub fn conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
+    let (_, c, d, h, wd) = x.dims5()?;
+    let (_, wc, kd, kh, kw) = w.dims5()?;
+    if c != wc {
+        return Err(Error::shape(
+            "conv3d",
+            format!("input has {c} channels, weight expects {wc}"),
+        ));
+    }
+    let k = [kd, kh, kw];
+    for a in 0..3 {
+        if pad[a] >= k[a] {
+            return Err(Error::shape(
+                "conv3d",
+                format!("padding {pad:?} must be below the kernel {k:?}"),
+            ));
+        }
+    }
+    if d + 2 * pad[0] < kd || h + 2 * pad[1] < kh || wd + 2 * pad[2] < kw {
+        return Err(Error::shape(
+            "conv3d",
+            format!("input {:?} is smaller than the kernel {k:?}", [d, h, wd]),
+        ));
+    }
+    match x.device() {
+        Device::Cpu => {
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            let w = w.to_dtype(DType::F32)?.contiguous()?;
+            Ok(x.apply_op2(&w, Conv3dS1 { pad })?)
+        }
+        _ => conv3d_composed(x, w, pad),
+    }
+}
+
+/// The same convolution composed from candle's `conv2d` over depth taps: works on every device
+/// and is differentiable through candle; used off the CPU and as a test reference.
+///
+/// # Errors
+/// As [`conv3d`].
+pub fn conv3d_composed(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
+    let (n, c, d, h, wd) = x.dims5()?;
+    let (o, _, kd, kh, kw) = w.dims5()?;
+    if kh != kw || pad[1] != pad[2] {
+        return Err(Error::shape(
+            "conv3d",
+            "the composed path needs kh == kw and equal H/W padding",
+        ));
+    }
+    let xp = x.pad_with_zeros(2, pad[0], pad[0])?;
+    let od = d + 2 * pad[0] + 1 - kd;
+    let mut acc: Option<Tensor> = None;
+    for t in 0..kd {
+        let slab = xp
+            .narrow(2, t, od)?
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((n * od, c, h, wd))?;
+        let wt = w.narrow(2, t, 1)?.squeeze(2)?.contiguous()?;
+        let y = slab.conv2d(&wt, pad[1], 1, 1, 1)?;
+        acc = Some(match acc {
+            None => y,
+            Some(a) => (a + y)?,
+        });
+    }
+    let y = acc.expect("kernel depth is at least 1");
+    let (_, _, oh, ow) = y.dims4()?;
+    Ok(y.reshape((n, od, o, oh, ow))?
+        .permute((0, 2, 1, 3, 4))?
+        .contiguous()?)
+}
+
+/// A convolution whose kernel equals its stride and has no padding (Swin's patch embedding):
+/// non-overlapping patches, computed as a reshape and one matmul (differentiable, any device).
+///
+/// # Shapes
+/// `x`: `(N, C, D, H, W)` with each side divisible by the kernel, `w`: `(O, C, kd, kh, kw)` →
+/// `(N, O, D/kd, H/kh, W/kw)`.
+///
+/// # Errors
+/// Shape mismatches.
+pub fn conv3d_patchify(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, c, d, h, wd) = x.dims5()?;
+    let (o, wc, kd, kh, kw) = w.dims5()?;
+    if c != wc || d % kd != 0 || h % kh != 0 || wd % kw != 0 {
+        return Err(Error::shape(
+            "conv3d_patchify",
+            format!("input {:?} with weight {:?}", x.dims(), w.dims()),
+        ));
+    }
+    let (pd, ph, pw) = (d / kd, h / kh, wd / kw);
+    let patches = x
+        .reshape(vec![n, c, pd, kd, ph, kh, pw, kw])?
+        .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+        .contiguous()?
+        .reshape((n, pd * ph * pw, c * kd * kh * kw))?;
+    let wm = w.reshape((o, c * kd * kh * kw))?.t()?;
+    let y = patches.broadcast_matmul(&wm)?; // (N, P, O)
+    Ok(y.reshape((n, pd, ph, pw, o))?
+        .permute((0, 4, 1, 2, 3))?
+        .contiguous()?)
+}
+
+/// Transposed convolution with kernel = stride = `k` and no padding (PyTorch's
+/// `ConvTranspose3d(cin, cout, k, stride=k)`), as one matmul and a reshape (differentiable,
+/// any device).
+///
+/// # Shapes
+/// `x`: `(N, Ci, D, H, W)`, `w`: `(Ci, Co, k, k, k)` (PyTorch layout) → `(N, Co, kD, kH, kW)`.
+///
+/// # Errors
+/// Shape mismatches.
+pub fn conv_transpose3d_k_eq_s(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, ci, d, h, wd) = x.dims5()?;
+    let (wci, co, kd, kh, kw) = w.dims5()?;
+    if ci != wci {
+        return Err(Error::shape(
+            "conv_transpose3d",
+            format!("input has {ci} channels, weight expects {wci}"),
+        ));
+    }
+    let xm = x
+        .reshape((n, ci, d * h * wd))?
+        .transpose(1, 2)?
+        .contiguous()?; // (N, DHW, Ci)
+    let wm = w.reshape((ci, co * kd * kh * kw))?;
+    let y = xm.broadcast_matmul(&wm)?; // (N, DHW, Co·k³)
+    let y = y
+        .reshape(vec![n, d, h, wd, co, kd, kh, kw])?
+        .permute(vec![0, 4, 1, 5, 2, 6, 3, 7])?
+        .contiguous()?;
+    Ok(y.reshape((n, co, d * kd, h * kh, wd * kw))?)
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        None => Ok(y),
+        Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1, 1))?)?),
+    }
+}
+
+/// PyTorch's `Conv3d` for the configurations the Universal Model uses: stride 1 with any
+/// kernel and padding, or stride = kernel without padding.
+#[derive(Debug, Clone)]
+pub struct Conv3d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv3d {
+    /// A convolution from its weight `(O, C, k, k, k)` and optional bias `(O)`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a stride other than 1 or the kernel size, or padding with a stride.
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (_, _, kd, kh, kw) = weight.dims5()?;
+        let ok = stride == 1 || (stride == kd && stride == kh && stride == kw && padding == 0);
+        if !ok {
+            return Err(Error::shape(
+                "Conv3d",
+                format!(
+                    "stride {stride} with kernel {:?} and padding {padding} is not supported",
+                    [kd, kh, kw]
+                ),
+            ));
+        }
+        Ok(Conv3d {
+            weight,
+            bias,
+            padding,
+            stride,
+        })
+    }
+
+    /// Loads `weight` (and `bias` when `bias` is set) from a var builder, with kernel `k`.
+    ///
+    /// # Errors
+    /// Missing tensors or wrong shapes.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        padding: usize,
+        stride: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let bound = 1.0 / ((cin * k * k * k) as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = vb.get_with_hints((cout, cin, k, k, k), "weight", init)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", init)?)
+        } else {
+            None
+        };
+        Self::new(weight, bias, padding, stride)
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Multiply-accumulate count for an input of spatial size `dhw` (per sample).
+    pub fn macs(&self, dhw: [usize; 3]) -> u64 {
+        let (o, c, kd, kh, kw) = self.weight.dims5().unwrap_or((0, 0, 0, 0, 0));
+        let out: usize = dhw.iter().map(|s| s / self.stride).product();
+        (o * c * kd * kh * kw * out) as u64
+    }
+}
+
+impl Module for Conv3d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if self.stride == 1 {
+            conv3d(x, &self.weight, [self.padding; 3])
+        } else {
+            conv3d_patchify(x, &self.weight)
+        };
+        let y = y.map_err(candle_core::Error::wrap)?;
+        add_bias(y, self.bias.as_ref()).map_err(candle_core::Error::wrap)
+    }
+}
+
+/// PyTorch's `ConvTranspose3d(cin, cout, k, stride=k)`.
+#[derive(Debug, Clone)]
+pub struct ConvTranspose3d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl ConvTranspose3d {
+    /// Loads `weight` `(cin, cout, k, k, k)` and optional `bias`.
+    ///
+    /// # Errors
+    /// Missing tensors or wrong shapes.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let bound = 1.0 / ((cout * k * k * k) as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = vb.get_with_hints((cin, cout, k, k, k), "weight", init)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(cout, "bias", init)?)
+        } else {
+            None
+        };
+        Ok(ConvTranspose3d { weight, bias })
+    }
+}
+
+impl Module for ConvTranspose3d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = conv_transpose3d_k_eq_s(x, &self.weight).map_err(candle_core::Error::wrap)?;
+        add_bias(y, self.bias.as_ref()).map_err(candle_core::Error::wrap)
+    }
+}

@@ -1,0 +1,216 @@
+//! Normalisation layers, written from elementary candle operations so that every one has a
+//! gradient (candle's fused `LayerNorm` silently drops the input gradient; candle issue #2977).
+//! Statistics use the biased variance, as PyTorch does.
+
+use candle_core::{D, Module, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Normalises `x` viewed as `(rows, m)` along its last axis: `(x − mean) / √(var + eps)`.
+fn normalize_rows(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(centered.broadcast_div(&(var + eps)?.sqrt()?)?)
+}
+
+fn channel_affine(y: Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+    let rank = y.rank();
+    let c = y.dim(1)?;
+    let mut shape = vec![1usize; rank];
+    shape[1] = c;
+    let mut y = y;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.reshape(shape.clone())?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.reshape(shape)?)?;
+    }
+    Ok(y)
+}
+
+/// `InstanceNorm3d(affine=False, track_running_stats=False)`: each (sample, channel) is
+/// normalised over its voxels.
+///
+/// # Shapes
+/// `(N, C, D, H, W)` → same.
+///
+/// # Errors
+/// Tensors of rank below 3.
+pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 3 {
+        return Err(Error::shape(
+            "instance_norm",
+            format!("rank-{} input", dims.len()),
+        ));
+    }
+    let rows = dims[0] * dims[1];
+    let y = normalize_rows(&x.reshape((rows, x.elem_count() / rows))?, eps)?;
+    Ok(y.reshape(dims)?)
+}
+
+/// `GroupNorm(groups, C)` with optional per-channel affine parameters.
+///
+/// # Shapes
+/// `(N, C, ...)` → same; `C` divisible by `groups`.
+///
+/// # Errors
+/// `C` not divisible by `groups`.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    if groups == 0 || c % groups != 0 {
+        return Err(Error::shape(
+            "group_norm",
+            format!("{c} channels in {groups} groups"),
+        ));
+    }
+    let y = normalize_rows(
+        &x.reshape((n * groups, x.elem_count() / (n * groups)))?,
+        eps,
+    )?;
+    channel_affine(y.reshape(dims)?, weight, bias)
+}
+
+/// Batch normalisation with the statistics of the current batch (per channel over the batch
+/// and all voxels), as the official U-Net's `ContBatchNorm3d` does even at inference.
+///
+/// # Shapes
+/// `(N, C, ...)` → same.
+///
+/// # Errors
+/// Rank below 2.
+pub fn batch_norm_batch_stats(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 {
+        return Err(Error::shape(
+            "batch_norm",
+            format!("rank-{} input", dims.len()),
+        ));
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let m = x.elem_count() / (n * c);
+    let x3 = x.reshape((n, c, m))?;
+    let mean = x3.mean_keepdim(2)?.mean_keepdim(0)?;
+    let centered = x3.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    channel_affine(y.reshape(dims)?, weight, bias)
+}
+
+/// Layer normalisation over the last axis with optional affine parameters.
+///
+/// # Errors
+/// Shape mismatches of the parameters.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let mut y = normalize_rows(x, eps)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(w)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    Ok(y)
+}
+
+/// A `LayerNorm` module (affine, or not), differentiable.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of size `dim`.
+    ///
+    /// # Errors
+    /// Missing tensors or wrong shapes.
+    pub fn load(vb: candle_nn::VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: Some(vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?),
+            bias: Some(vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?),
+            eps,
+        })
+    }
+
+    /// A layer norm without parameters.
+    pub fn plain(eps: f64) -> Self {
+        LayerNorm {
+            weight: None,
+            bias: None,
+            eps,
+        }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(x, self.weight.as_ref(), self.bias.as_ref(), self.eps)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// A `GroupNorm` module with affine parameters.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` of size `channels`.
+    ///
+    /// # Errors
+    /// Missing tensors, wrong shapes, or `channels` not divisible by `groups`.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        groups: usize,
+        channels: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(Error::Config(format!(
+                "GroupNorm: {channels} channels in {groups} groups"
+            )));
+        }
+        Ok(GroupNorm {
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        group_norm(
+            x,
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+        )
+        .map_err(candle_core::Error::wrap)
+    }
+}

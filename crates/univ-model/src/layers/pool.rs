@@ -1,0 +1,157 @@
+//! Pooling: `MaxPool3d(2)` with PyTorch's gradient (to the first maximum of each window) and
+//! `AdaptiveAvgPool3d(1)`.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
+
+use crate::error::{Error, Result};
+
+fn dims5(l: &Layout) -> candle_core::Result<[usize; 5]> {
+    match l.dims() {
+        &[a, b, c, d, e] => Ok([a, b, c, d, e]),
+        other => candle_core::bail!("max_pool3d: expected 5-D, got {other:?}"),
+    }
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("max_pool3d: expected a contiguous f32 tensor"),
+    }
+}
+
+/// For each output voxel, the input index of the first maximum of its 2×2×2 window (scan order
+/// z, y, x as PyTorch), and the maximum.
+fn argmax_windows(x: &[f32], s: [usize; 5]) -> (Vec<f32>, Vec<usize>) {
+    let [n, c, d, h, w] = s;
+    let (od, oh, ow) = (d / 2, h / 2, w / 2);
+    let mut vals = Vec::with_capacity(n * c * od * oh * ow);
+    let mut idx = Vec::with_capacity(vals.capacity());
+    for nc in 0..n * c {
+        let base = nc * d * h * w;
+        for z in 0..od {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut bi = base + ((2 * z) * h + 2 * y) * w + 2 * xx;
+                    let mut first = true;
+                    for dz in 0..2 {
+                        for dy in 0..2 {
+                            for dx in 0..2 {
+                                let i = base + ((2 * z + dz) * h + 2 * y + dy) * w + 2 * xx + dx;
+                                let v = x[i];
+                                if first || v > best || v.is_nan() {
+                                    best = v;
+                                    bi = i;
+                                    first = false;
+                                }
+                            }
+                        }
+                    }
+                    vals.push(best);
+                    idx.push(bi);
+                }
+            }
+        }
+    }
+    (vals, idx)
+}
+
+struct MaxPool2;
+
+impl CustomOp1 for MaxPool2 {
+    fn name(&self) -> &'static str {
+        "univ-max-pool3d-2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = dims5(l)?;
+        let (vals, _) = argmax_windows(f32s(s, l)?, d);
+        Ok((
+            CpuStorage::F32(vals),
+            Shape::from(vec![d[0], d[1], d[2] / 2, d[3] / 2, d[4] / 2]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2Grad)?,
+        ))
+    }
+}
+
+struct MaxPool2Grad;
+
+impl CustomOp2 for MaxPool2Grad {
+    fn name(&self) -> &'static str {
+        "univ-max-pool3d-2-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = dims5(l1)?;
+        let (_, idx) = argmax_windows(f32s(s1, l1)?, d);
+        let g = f32s(s2, l2)?;
+        let mut out = vec![0f32; d.iter().product()];
+        for (i, gi) in idx.iter().zip(g) {
+            out[*i] += gi;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(d.to_vec())))
+    }
+}
+
+/// `MaxPool3d(kernel_size=2, stride=2)`; odd trailing voxels are dropped, as in PyTorch.
+///
+/// # Shapes
+/// `(N, C, D, H, W)` → `(N, C, D/2, H/2, W/2)`.
+///
+/// # Errors
+/// Non-5-D input or a side below 2.
+pub fn max_pool3d_2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, d, h, w) = x.dims5()?;
+    if d < 2 || h < 2 || w < 2 {
+        return Err(Error::shape(
+            "max_pool3d",
+            format!("input {:?} is too small", x.dims()),
+        ));
+    }
+    let x = if d % 2 + h % 2 + w % 2 > 0 {
+        x.narrow(2, 0, d / 2 * 2)?
+            .narrow(3, 0, h / 2 * 2)?
+            .narrow(4, 0, w / 2 * 2)?
+    } else {
+        x.clone()
+    };
+    match x.device() {
+        Device::Cpu => Ok(x.contiguous()?.apply_op1(MaxPool2)?),
+        _ => Ok(x
+            .reshape(vec![n, c, d / 2, 2, h / 2, 2, w / 2, 2])?
+            .max(7)?
+            .max(5)?
+            .max(3)?),
+    }
+}
+
+/// `AdaptiveAvgPool3d(1)`: the mean over all voxels, keeping singleton spatial axes.
+///
+/// # Shapes
+/// `(N, C, D, H, W)` → `(N, C, 1, 1, 1)`.
+///
+/// # Errors
+/// Non-5-D input.
+pub fn adaptive_avg_pool3d_1(x: &Tensor) -> Result<Tensor> {
+    let (n, c, _, _, _) = x.dims5()?;
+    Ok(x.reshape((n, c, ()))?
+        .mean_keepdim(2)?
+        .unsqueeze(3)?
+        .unsqueeze(4)?)
+}

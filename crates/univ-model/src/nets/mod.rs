@@ -1,0 +1,9 @@
+//! Networks: the backbones and the Universal Model around them.
+
+pub mod unet;
+pub mod universal;
+
+pub use unet::{Unet3d, UnetConfig};
+pub use universal::{
+    BackboneConfig, Encoding, ForwardParts, UniversalConfig, UniversalModel, dynamic_head,
+};

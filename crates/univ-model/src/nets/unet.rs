@@ -1,0 +1,174 @@
+//! The U-Net backbone of the Universal Model: the Models Genesis `UNet3D`
+//! (`model/Unet.py` of ljwztc/CLIP-Driven-Universal-Model @ 43c1239; spec §1.4).
+//!
+//! Every 3×3×3 convolution is followed by `ContBatchNorm3d`, which **always normalises with the
+//! statistics of the current batch**, also at inference; we copy that. Key names mirror the
+//! checkpoint: `down_tr64.ops.0.conv1.weight`, `down_tr64.ops.0.bn1.weight`, `up_tr256.up_conv.*`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::layers::{Conv3d, ConvTranspose3d, batch_norm_batch_stats, max_pool3d_2};
+
+/// Width of the U-Net.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnetConfig {
+    /// Channels of the first convolution (32 in the official model).
+    pub base: usize,
+}
+
+impl UnetConfig {
+    /// The official width (base 32: deep map 512 channels, decoder map 64).
+    pub fn universal_model() -> Self {
+        UnetConfig { base: 32 }
+    }
+
+    /// Channels of the deep map fed to `GAP` (16 × base).
+    pub fn deep_channels(&self) -> usize {
+        16 * self.base
+    }
+
+    /// Channels of the decoder map fed to `precls_conv` (2 × base).
+    pub fn decoder_channels(&self) -> usize {
+        2 * self.base
+    }
+}
+
+const BN_EPS: f64 = 1e-5;
+
+/// Conv3d(3, pad 1, bias) → batch-statistics BatchNorm → ReLU.
+#[derive(Debug, Clone)]
+struct LuConv {
+    conv: Conv3d,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+}
+
+impl LuConv {
+    fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        let conv = Conv3d::load(vb.pp("conv1"), cin, cout, 3, 1, 1, true)?;
+        let bn = vb.pp("bn1");
+        Ok(LuConv {
+            conv,
+            bn_weight: bn.get_with_hints(cout, "weight", candle_nn::Init::Const(1.0))?,
+            bn_bias: bn.get_with_hints(cout, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.conv.forward(x)?;
+        let y = batch_norm_batch_stats(&y, Some(&self.bn_weight), Some(&self.bn_bias), BN_EPS)?;
+        Ok(y.relu()?)
+    }
+}
+
+/// Two LuConvs (`ops.0`, `ops.1`).
+#[derive(Debug, Clone)]
+struct TwoConvs {
+    a: LuConv,
+    b: LuConv,
+}
+
+impl TwoConvs {
+    fn new(vb: VarBuilder, cin: usize, mid: usize, cout: usize) -> Result<Self> {
+        Ok(TwoConvs {
+            a: LuConv::new(vb.pp("ops").pp(0), cin, mid)?,
+            b: LuConv::new(vb.pp("ops").pp(1), mid, cout)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.b.forward(&self.a.forward(x)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UpTransition {
+    up: ConvTranspose3d,
+    ops: TwoConvs,
+}
+
+impl UpTransition {
+    fn new(vb: VarBuilder, cin: usize, skip: usize, cout: usize) -> Result<Self> {
+        Ok(UpTransition {
+            up: ConvTranspose3d::load(vb.pp("up_conv"), cin, cin, 2, true)?,
+            ops: TwoConvs::new(vb, cin + skip, cout, cout)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        let up = self.up.forward(x)?;
+        self.ops.forward(&Tensor::cat(&[&up, skip], 1)?)
+    }
+}
+
+/// The UNet3D backbone: returns `(deep, decoder)` maps.
+#[derive(Debug, Clone)]
+pub struct Unet3d {
+    cfg: UnetConfig,
+    down64: TwoConvs,
+    down128: TwoConvs,
+    down256: TwoConvs,
+    down512: TwoConvs,
+    up256: UpTransition,
+    up128: UpTransition,
+    up64: UpTransition,
+}
+
+impl Unet3d {
+    /// Builds the backbone from `vb` (its keys start at `down_tr64`, ...).
+    ///
+    /// # Errors
+    /// Missing or mis-shaped weights; a base width of 0.
+    pub fn new(vb: VarBuilder, cfg: UnetConfig) -> Result<Self> {
+        let b = cfg.base;
+        if b == 0 {
+            return Err(Error::Config("U-Net base width must be positive".into()));
+        }
+        Ok(Unet3d {
+            cfg,
+            down64: TwoConvs::new(vb.pp("down_tr64"), 1, b, 2 * b)?,
+            down128: TwoConvs::new(vb.pp("down_tr128"), 2 * b, 2 * b, 4 * b)?,
+            down256: TwoConvs::new(vb.pp("down_tr256"), 4 * b, 4 * b, 8 * b)?,
+            down512: TwoConvs::new(vb.pp("down_tr512"), 8 * b, 8 * b, 16 * b)?,
+            up256: UpTransition::new(vb.pp("up_tr256"), 16 * b, 8 * b, 8 * b)?,
+            up128: UpTransition::new(vb.pp("up_tr128"), 8 * b, 4 * b, 4 * b)?,
+            up64: UpTransition::new(vb.pp("up_tr64"), 4 * b, 2 * b, 2 * b)?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> UnetConfig {
+        self.cfg
+    }
+
+    /// Runs the backbone.
+    ///
+    /// # Shapes
+    /// `x`: `(B, 1, D, H, W)` with sides divisible by 8 → deep `(B, 16·base, D/8, H/8, W/8)`,
+    /// decoder `(B, 2·base, D, H, W)`.
+    ///
+    /// # Errors
+    /// Sides not divisible by 8, or tensor errors.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, c, d, h, w) = x.dims5()?;
+        if c != 1 || d % 8 != 0 || h % 8 != 0 || w % 8 != 0 {
+            return Err(Error::shape(
+                "UNet3D",
+                format!(
+                    "input must be (B, 1, D, H, W) with sides divisible by 8, got {:?}",
+                    x.dims()
+                ),
+            ));
+        }
+        let skip64 = self.down64.forward(x)?;
+        let skip128 = self.down128.forward(&max_pool3d_2(&skip64)?)?;
+        let skip256 = self.down256.forward(&max_pool3d_2(&skip128)?)?;
+        let deep = self.down512.forward(&max_pool3d_2(&skip256)?)?;
+        let u = self.up256.forward(&deep, &skip256)?;
+        let u = self.up128.forward(&u, &skip128)?;
+        let dec = self.up64.forward(&u, &skip64)?;
+        Ok((deep, dec))
+    }
+}

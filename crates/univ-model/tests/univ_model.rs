@@ -1,0 +1,456 @@
+//! Integration tests of univ-model: layers against naive references and finite differences,
+//! networks against the PyTorch golden fixtures.
+
+#![allow(clippy::needless_range_loop)]
+
+#[path = "../../../tests/common/shared.rs"]
+mod shared;
+
+use candle_core::{DType, Device, Tensor, Var};
+use univ_model::layers;
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    // A small deterministic generator (xorshift), values in [-1, 1).
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Direct loop reference of a stride-1 3-D correlation with zero padding.
+fn naive_conv3d(x: &Tensor, w: &Tensor, pad: usize) -> Tensor {
+    let (n, c, d, h, wd) = x.dims5().unwrap();
+    let (o, _, k, _, _) = w.dims5().unwrap();
+    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (od, oh, ow) = (
+        d + 2 * pad + 1 - k,
+        h + 2 * pad + 1 - k,
+        wd + 2 * pad + 1 - k,
+    );
+    let mut out = vec![0f32; n * o * od * oh * ow];
+    for b in 0..n {
+        for oc in 0..o {
+            for z in 0..od {
+                for y in 0..oh {
+                    for xx in 0..ow {
+                        let mut acc = 0f64;
+                        for ci in 0..c {
+                            for a in 0..k {
+                                for bb in 0..k {
+                                    for cc in 0..k {
+                                        let (iz, iy, ix) = (z + a, y + bb, xx + cc);
+                                        if iz < pad || iy < pad || ix < pad {
+                                            continue;
+                                        }
+                                        let (iz, iy, ix) = (iz - pad, iy - pad, ix - pad);
+                                        if iz >= d || iy >= h || ix >= wd {
+                                            continue;
+                                        }
+                                        let xi = (((b * c + ci) * d + iz) * h + iy) * wd + ix;
+                                        let wi = (((oc * c + ci) * k + a) * k + bb) * k + cc;
+                                        acc += f64::from(xv[xi]) * f64::from(wv[wi]);
+                                    }
+                                }
+                            }
+                        }
+                        out[(((b * o + oc) * od + z) * oh + y) * ow + xx] = acc as f32;
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (n, o, od, oh, ow), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn conv3d_matches_naive_reference() {
+    for (shape, o, k, pad) in [
+        ([2, 3, 5, 6, 7], 4, 3, 1),
+        ([1, 5, 4, 4, 4], 2, 1, 0),
+        ([1, 2, 6, 5, 4], 3, 3, 0),
+        ([1, 1, 9, 9, 9], 70, 3, 1),
+        ([1, 4, 3, 3, 3], 2, 2, 1),
+    ] {
+        let x = rand(&shape, 1);
+        let w = rand(&[o, shape[1], k, k, k], 2);
+        let ours = layers::conv3d(&x, &w, [pad; 3]).unwrap();
+        let want = naive_conv3d(&x, &w, pad);
+        let d = max_abs_diff(&ours, &want);
+        assert!(d < 1e-4, "{shape:?} k{k} p{pad}: {d}");
+        if k == 3 || k == 1 {
+            let composed = layers::conv::conv3d_composed(&x, &w, [pad; 3]).unwrap();
+            assert!(max_abs_diff(&composed, &want) < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn conv3d_gradients_match_composed_autograd_and_finite_differences() {
+    let x = Var::from_tensor(&rand(&[2, 3, 5, 4, 6], 3)).unwrap();
+    let w = Var::from_tensor(&rand(&[4, 3, 3, 3, 3], 4)).unwrap();
+    let r = rand(&[2, 4, 5, 4, 6], 5);
+    let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap();
+    let g_ours = loss(&layers::conv3d(&x, &w, [1; 3]).unwrap())
+        .backward()
+        .unwrap();
+    let g_ref = loss(&layers::conv::conv3d_composed(&x, &w, [1; 3]).unwrap())
+        .backward()
+        .unwrap();
+    let (gx, gw) = (g_ours.get(&x).unwrap(), g_ours.get(&w).unwrap());
+    assert!(max_abs_diff(gx, g_ref.get(&x).unwrap()) < 1e-4);
+    assert!(max_abs_diff(gw, g_ref.get(&w).unwrap()) < 1e-4);
+    // Central differences on a few weights (f32, so a coarse step).
+    let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let gwv = gw.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for i in [0usize, 17, 55, 100, 323] {
+        let eps = 1e-2f32;
+        let mut plus = wv.clone();
+        plus[i] += eps;
+        let mut minus = wv.clone();
+        minus[i] -= eps;
+        let f = |v: Vec<f32>| {
+            let wt = Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap();
+            loss(&layers::conv3d(&x, &wt, [1; 3]).unwrap())
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let fd = (f(plus) - f(minus)) / (2.0 * eps);
+        assert!(
+            (fd - gwv[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+            "w[{i}]: fd {fd} vs {}",
+            gwv[i]
+        );
+    }
+    // Kernel 1 (the residual projections).
+    let w1 = Var::from_tensor(&rand(&[4, 3, 1, 1, 1], 6)).unwrap();
+    let g1 = loss(&layers::conv3d(&x, &w1, [0; 3]).unwrap())
+        .backward()
+        .unwrap();
+    let g1r = loss(&layers::conv::conv3d_composed(&x, &w1, [0; 3]).unwrap())
+        .backward()
+        .unwrap();
+    assert!(max_abs_diff(g1.get(&x).unwrap(), g1r.get(&x).unwrap()) < 1e-4);
+    assert!(max_abs_diff(g1.get(&w1).unwrap(), g1r.get(&w1).unwrap()) < 1e-4);
+}
+
+#[test]
+fn patchify_and_transposed_conv_match_references() {
+    // Kernel-2 stride-2 convolution = a stride-1 convolution sampled at even positions.
+    let x = rand(&[1, 2, 4, 6, 8], 6);
+    let w = rand(&[3, 2, 2, 2, 2], 7);
+    let p = layers::conv3d_patchify(&x, &w).unwrap();
+    let full = naive_conv3d(&x, &w, 0);
+    let pick = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
+    let sampled = full
+        .index_select(&pick(&[0, 2]), 2)
+        .unwrap()
+        .index_select(&pick(&[0, 2, 4]), 3)
+        .unwrap()
+        .index_select(&pick(&[0, 2, 4, 6]), 4)
+        .unwrap();
+    assert!(max_abs_diff(&p, &sampled) < 1e-5);
+
+    // Transposed conv k2 s2: every output voxel gets one input voxel times one tap.
+    let x = rand(&[1, 3, 2, 3, 2], 8);
+    let w = rand(&[3, 2, 2, 2, 2], 9);
+    let y = layers::conv_transpose3d_k_eq_s(&x, &w).unwrap();
+    assert_eq!(y.dims(), &[1, 2, 4, 6, 4]);
+    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for co in 0..2 {
+        for z in 0..4 {
+            for yy in 0..6 {
+                for xx in 0..4 {
+                    let mut acc = 0f32;
+                    for ci in 0..3 {
+                        let xi = ((ci * 2 + z / 2) * 3 + yy / 2) * 2 + xx / 2;
+                        let wi = (((ci * 2 + co) * 2 + z % 2) * 2 + yy % 2) * 2 + xx % 2;
+                        acc += xv[xi] * wv[wi];
+                    }
+                    let got = yv[((co * 4 + z) * 6 + yy) * 4 + xx];
+                    assert!((got - acc).abs() < 1e-5);
+                }
+            }
+        }
+    }
+}
+
+/// Checks autograd against central differences in f64 for a function of one tensor.
+fn fd_check(f: impl Fn(&Tensor) -> Tensor, shape: &[usize], seed: u64) {
+    let x0 = rand(shape, seed).to_dtype(DType::F64).unwrap();
+    let r = rand(f(&x0).dims(), seed + 1).to_dtype(DType::F64).unwrap();
+    let loss = |x: &Tensor| (f(x) * &r).unwrap().sum_all().unwrap();
+    let x = Var::from_tensor(&x0).unwrap();
+    let g = loss(&x).backward().unwrap();
+    let gx = g
+        .get(&x)
+        .expect("a gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let xv = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let n = xv.len();
+    for i in [0, n / 3, n / 2, n - 1] {
+        let eps = 1e-6;
+        let mut p = xv.clone();
+        p[i] += eps;
+        let mut m = xv.clone();
+        m[i] -= eps;
+        let at = |v: Vec<f64>| {
+            loss(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let fd = (at(p) - at(m)) / (2.0 * eps);
+        assert!(
+            (fd - gx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "x[{i}]: fd {fd} vs autograd {}",
+            gx[i]
+        );
+    }
+}
+
+#[test]
+fn norms_and_activations_have_correct_gradients() {
+    let sh = [2, 4, 3, 3, 2];
+    let f64r = |s: &[usize], seed| rand(s, seed).to_dtype(DType::F64).unwrap();
+    fd_check(|x| layers::instance_norm(x, 1e-5).unwrap(), &sh, 10);
+    let w = f64r(&[4], 11);
+    let b = f64r(&[4], 12);
+    fd_check(
+        |x| layers::group_norm(x, 2, Some(&w), Some(&b), 1e-5).unwrap(),
+        &sh,
+        13,
+    );
+    fd_check(
+        |x| layers::batch_norm_batch_stats(x, Some(&w), Some(&b), 1e-5).unwrap(),
+        &sh,
+        14,
+    );
+    let lw = f64r(&[2], 15);
+    fd_check(
+        |x| layers::layer_norm(x, Some(&lw), Some(&lw), 1e-5).unwrap(),
+        &sh,
+        16,
+    );
+    fd_check(|x| layers::gelu(x).unwrap(), &sh, 17);
+    fd_check(|x| layers::leaky_relu(x, 0.01).unwrap(), &sh, 18);
+    fd_check(|x| layers::adaptive_avg_pool3d_1(x).unwrap(), &sh, 19);
+    let wt = f64r(&[4, 3, 2, 2, 2], 20);
+    fd_check(
+        |x| layers::conv_transpose3d_k_eq_s(x, &wt).unwrap(),
+        &sh,
+        21,
+    );
+    let wp = f64r(&[3, 4, 1, 1, 2], 22);
+    fd_check(|x| layers::conv3d_patchify(x, &wp).unwrap(), &sh, 23);
+}
+
+#[test]
+fn norms_match_direct_formulas() {
+    let x = rand(&[2, 4, 3, 3, 2], 30);
+    let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let y = layers::instance_norm(&x, 1e-5)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for row in 0..8 {
+        let s = &v[row * 18..(row + 1) * 18];
+        let m: f64 = s.iter().map(|a| f64::from(*a)).sum::<f64>() / 18.0;
+        let var: f64 = s.iter().map(|a| (f64::from(*a) - m).powi(2)).sum::<f64>() / 18.0;
+        for j in 0..18 {
+            let want = (f64::from(s[j]) - m) / (var + 1e-5).sqrt();
+            assert!((f64::from(y[row * 18 + j]) - want).abs() < 1e-5);
+        }
+    }
+    // Batch statistics pool the batch: channel 0 of both samples.
+    let bn = layers::batch_norm_batch_stats(&x, None, None, 1e-5).unwrap();
+    let ch0: Vec<f64> = (0..2)
+        .flat_map(|b| v[b * 72..b * 72 + 18].iter().map(|a| f64::from(*a)))
+        .collect();
+    let m = ch0.iter().sum::<f64>() / 36.0;
+    let var = ch0.iter().map(|a| (a - m).powi(2)).sum::<f64>() / 36.0;
+    let got = bn.flatten_all().unwrap().to_vec1::<f32>().unwrap()[72];
+    assert!((f64::from(got) - (ch0[18] - m) / (var + 1e-5).sqrt()).abs() < 1e-5);
+}
+
+#[test]
+fn max_pool_forward_and_first_max_gradient() {
+    let x = rand(&[1, 2, 4, 4, 6], 40);
+    let y = layers::max_pool3d_2(&x).unwrap();
+    let want = x
+        .reshape(vec![1, 2, 2, 2, 2, 2, 3, 2])
+        .unwrap()
+        .max(7)
+        .unwrap()
+        .max(5)
+        .unwrap()
+        .max(3)
+        .unwrap();
+    assert_eq!(max_abs_diff(&y, &want), 0.0);
+    // Ties: a window of equal values sends the whole gradient to its first voxel (PyTorch).
+    let z = Var::from_tensor(&Tensor::zeros((1, 1, 2, 2, 2), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    let g = layers::max_pool3d_2(&z)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gz = g
+        .get(&z)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(gz, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let xv = Var::from_tensor(&x).unwrap();
+    let g = layers::max_pool3d_2(&xv)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let total = g
+        .get(&xv)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(total, 24.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Networks against the PyTorch golden fixtures.
+
+use std::collections::HashMap;
+use univ_model::Checkpoint;
+
+fn load_st(path: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Asserts |a − b| ≤ atol + rtol·|b| everywhere; returns the largest absolute difference.
+fn assert_close(name: &str, a: &Tensor, b: &Tensor, atol: f32, rtol: f32) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "{name}: shapes");
+    let av = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let bv = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut worst = 0f32;
+    for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
+        let d = (x - y).abs();
+        assert!(
+            d <= atol + rtol * y.abs(),
+            "{name}[{i}]: {x} vs {y} (|Δ| {d})"
+        );
+        worst = worst.max(d);
+    }
+    worst
+}
+
+fn subsample(t: &Tensor, idx: [&Tensor; 3]) -> Tensor {
+    let mut t = t.clone();
+    for (ax, i) in idx.iter().enumerate() {
+        let i = i.to_dtype(DType::U32).unwrap();
+        t = t.index_select(&i, 2 + ax).unwrap();
+    }
+    t
+}
+
+#[test]
+fn unet_universal_model_matches_pytorch() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/model_unet");
+    let input = load_st(&fx.join("input.safetensors"))
+        .remove("input")
+        .unwrap();
+    let exp = load_st(&fx.join("expected.safetensors"));
+    for file in ["model.safetensors", "model_official.pth"] {
+        let ckpt = Checkpoint::load(fx.join(file)).unwrap();
+        let cfg = ckpt.detect_config().unwrap();
+        assert_eq!(cfg.num_classes, 32);
+        let (model, report) = ckpt.build(&Device::Cpu).unwrap();
+        assert!(
+            report.missing.is_empty() && report.unexpected.is_empty(),
+            "{file}: {report}"
+        );
+        // 7 blocks × 2 convs × (running mean, running var, count) are not read, by design.
+        assert_eq!(report.ignored.len(), 42, "{report}");
+        let parts = model.forward_parts(&input).unwrap();
+        let idx = [&exp["idx3_x"], &exp["idx3_y"], &exp["idx3_z"]];
+        let d_deep = assert_close("deep", &parts.deep, &exp["deep"], 1e-4, 0.0);
+        let d_dec = assert_close(
+            "decoder",
+            &subsample(&parts.decoder, idx),
+            &exp["decoder_sub3"],
+            1e-4,
+            0.0,
+        );
+        let d_pre = assert_close(
+            "precls",
+            &subsample(&parts.precls, idx),
+            &exp["precls_features_sub3"],
+            1e-4,
+            0.0,
+        );
+        assert_close("gap", &parts.gap, &exp["gap_vector"], 1e-4, 0.0);
+        assert_close(
+            "task",
+            &parts.task_encoding,
+            &exp["task_encoding"],
+            1e-4,
+            0.0,
+        );
+        assert_close(
+            "controller",
+            &parts.controller_params,
+            &exp["controller_params"],
+            1e-4,
+            1e-4,
+        );
+        let d_log = assert_close("logits", &parts.logits, &exp["logits"], 1e-4, 1e-4);
+        println!(
+            "{file}: max |Δ| deep {d_deep:.2e} decoder {d_dec:.2e} precls {d_pre:.2e} logits {d_log:.2e}"
+        );
+    }
+}
