@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::nets::{BackboneConfig, Encoding, UnetConfig, UniversalConfig, UniversalModel};
+use crate::nets::{
+    BackboneConfig, Encoding, SwinUnetrConfig, UnetConfig, UniversalConfig, UniversalModel,
+};
 
 /// A checkpoint's tensors under canonical names (no `module.`, backbone keys under
 /// `backbone.`), as the current official code names them.
@@ -106,15 +108,28 @@ impl Checkpoint {
     pub fn detect_config(&self) -> Result<UniversalConfig> {
         let backbone = if let Some(s) = self.shape_of("backbone.down_tr64.ops.0.conv1.weight") {
             BackboneConfig::Unet(UnetConfig { base: s[0] })
-        } else if self
-            .tensors
-            .keys()
-            .any(|k| k.starts_with("backbone.swinViT."))
-        {
-            return Err(ckpt_err(
-                &self.path,
-                "a Swin UNETR checkpoint: the Swin UNETR backbone is not implemented yet",
-            ));
+        } else if let Some(s) = self.shape_of("backbone.swinViT.patch_embed.proj.weight") {
+            let mut cfg = SwinUnetrConfig::with_feature_size(s[0]);
+            for (i, h) in cfg.num_heads.iter_mut().enumerate() {
+                let key = format!(
+                    "backbone.swinViT.layers{}.0.blocks.0.attn.relative_position_bias_table",
+                    i + 1
+                );
+                if let Some(t) = self.shape_of(&key) {
+                    *h = t[1];
+                }
+            }
+            for (i, d) in cfg.depths.iter_mut().enumerate() {
+                let prefix = format!("backbone.swinViT.layers{}.0.blocks.", i + 1);
+                let blocks: BTreeSet<&str> = self
+                    .tensors
+                    .keys()
+                    .filter_map(|k| k.strip_prefix(&prefix))
+                    .filter_map(|r| r.split('.').next())
+                    .collect();
+                *d = blocks.len();
+            }
+            BackboneConfig::SwinUnetr(cfg)
         } else {
             return Err(ckpt_err(
                 &self.path,
@@ -299,4 +314,67 @@ impl candle_nn::var_builder::SimpleBackend for ArcBackend {
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.tensors.contains_key(name)
     }
+}
+
+/// One tensor of the official state dict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Canonical name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// `true` for a learned parameter, `false` for a buffer (`organ_embedding` in word mode,
+    /// BatchNorm statistics, Swin index tables).
+    pub parameter: bool,
+}
+
+/// Every tensor of the official state dict of a model with configuration `cfg`, sorted by name:
+/// the parameters of a model built with random weights, plus the buffers the official code
+/// registers (BatchNorm running statistics, Swin's `relative_position_index`, and
+/// `organ_embedding` in word-embedding mode).
+///
+/// # Errors
+/// An invalid configuration.
+pub fn official_layout(cfg: &UniversalConfig) -> Result<Vec<TensorSpec>> {
+    let varmap = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    UniversalModel::new(vb, *cfg)?;
+    let mut out = Vec::new();
+    let data = varmap.data().lock().expect("not poisoned");
+    for (name, var) in data.iter() {
+        let shape = var.dims().to_vec();
+        let buffer = name == "organ_embedding";
+        out.push(TensorSpec {
+            name: name.clone(),
+            shape: shape.clone(),
+            parameter: !buffer,
+        });
+        if let Some(p) = name.strip_suffix("bn1.weight") {
+            for (suffix, s) in [
+                ("running_mean", shape.clone()),
+                ("running_var", shape.clone()),
+                ("num_batches_tracked", vec![]),
+            ] {
+                out.push(TensorSpec {
+                    name: format!("{p}bn1.{suffix}"),
+                    shape: s,
+                    parameter: false,
+                });
+            }
+        }
+        if let Some(p) = name.strip_suffix("relative_position_bias_table") {
+            let window = match cfg.backbone {
+                BackboneConfig::SwinUnetr(c) => c.window,
+                BackboneConfig::Unet(_) => 0,
+            };
+            let n = window * window * window;
+            out.push(TensorSpec {
+                name: format!("{p}relative_position_index"),
+                shape: vec![n, n],
+                parameter: false,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
 }

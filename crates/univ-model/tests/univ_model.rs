@@ -454,3 +454,167 @@ fn unet_universal_model_matches_pytorch() {
         );
     }
 }
+
+#[test]
+fn swin_unetr_universal_model_matches_pytorch() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/model_swin");
+    let input = load_st(&fx.join("input.safetensors"))
+        .remove("input")
+        .unwrap();
+    let exp = load_st(&fx.join("expected.safetensors"));
+    for file in ["model.safetensors", "model_released_flat.pth"] {
+        let ckpt = Checkpoint::load(fx.join(file)).unwrap();
+        let cfg = ckpt.detect_config().unwrap();
+        match cfg.backbone {
+            univ_model::nets::BackboneConfig::SwinUnetr(c) => {
+                assert_eq!(c.feature_size, 6);
+                assert_eq!(c.num_heads, [3, 6, 12, 24]);
+                assert_eq!(c.depths, [2, 2, 2, 2]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let (model, report) = ckpt.build(&Device::Cpu).unwrap();
+        assert!(
+            report.missing.is_empty() && report.unexpected.is_empty(),
+            "{file}: {report}"
+        );
+        let univ_model::nets::universal::Backbone::SwinUnetr(net) = model.backbone() else {
+            panic!("not a Swin UNETR")
+        };
+        let bp = net.forward_parts(&input).unwrap();
+        let mut worst_hs = 0f32;
+        for (i, hs) in bp.hidden_states.iter().enumerate() {
+            let d = assert_close(
+                &format!("hidden_states_out.{i}"),
+                hs,
+                &exp[&format!("hidden_states_out.{i}")],
+                1e-4,
+                0.0,
+            );
+            worst_hs = worst_hs.max(d);
+        }
+        assert_close("dec4", &bp.dec4, &exp["dec4"], 1e-4, 0.0);
+        let parts = model.forward_parts(&input).unwrap();
+        let idx = &exp["idx"];
+        assert_close("gap", &parts.gap, &exp["gap_vector"], 1e-4, 0.0);
+        assert_close(
+            "task",
+            &parts.task_encoding,
+            &exp["task_encoding"],
+            1e-4,
+            0.0,
+        );
+        assert_close(
+            "controller",
+            &parts.controller_params,
+            &exp["controller_params"],
+            1e-4,
+            1e-4,
+        );
+        let d_pre = assert_close(
+            "precls",
+            &subsample(&parts.precls, [idx, idx, idx]),
+            &exp["precls_features_sub"],
+            1e-4,
+            1e-4,
+        );
+        let d_log = assert_close(
+            "logits",
+            &subsample(&parts.logits, [idx, idx, idx]),
+            &exp["logits_sub"],
+            1e-4,
+            1e-4,
+        );
+        println!(
+            "{file}: max |Δ| hidden states {worst_hs:.2e} precls {d_pre:.2e} logits {d_log:.2e}"
+        );
+    }
+}
+
+#[test]
+fn swin_unetr_refuses_sides_not_divisible_by_32() {
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let cfg = univ_model::nets::SwinUnetrConfig::with_feature_size(6);
+    let net = univ_model::nets::SwinUnetr::new(vb, cfg).unwrap();
+    let x = Tensor::zeros((1, 1, 32, 48, 32), DType::F32, &Device::Cpu).unwrap();
+    let e = net.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("divisible by 32") && e.contains("48"), "{e}");
+}
+
+#[test]
+fn full_size_models_have_exactly_the_official_keys_and_shapes() {
+    use univ_model::checkpoint::official_layout;
+    use univ_model::nets::{BackboneConfig, Encoding, SwinUnetrConfig};
+    let Some(p) = shared::shared_file("data/universal_model/state_dict_keys.json") else {
+        return;
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let rand_swin = univ_model::UniversalConfig {
+        backbone: BackboneConfig::SwinUnetr(SwinUnetrConfig::universal_model()),
+        encoding: Encoding::RandEmbedding,
+        num_classes: 32,
+    };
+    for (name, cfg) in [
+        (
+            "current_code_swinunetr_word_embedding",
+            univ_model::UniversalConfig::universal_swin_unetr(),
+        ),
+        (
+            "current_code_unet_word_embedding",
+            univ_model::UniversalConfig::universal_unet(),
+        ),
+        ("current_code_swinunetr_rand_embedding", rand_swin),
+    ] {
+        let want = &json[name];
+        let mut want_keys: Vec<(String, Vec<usize>)> = want["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let shape = k["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as usize)
+                    .collect();
+                (k["key"].as_str().unwrap().to_string(), shape)
+            })
+            .collect();
+        want_keys.sort();
+        let layout = official_layout(&cfg).unwrap();
+        let ours: Vec<(String, Vec<usize>)> = layout
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect();
+        assert_eq!(
+            ours.len(),
+            want["n_keys"].as_u64().unwrap() as usize,
+            "{name}"
+        );
+        assert_eq!(ours, want_keys, "{name}");
+        let params: usize = layout
+            .iter()
+            .filter(|t| t.parameter)
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(
+            params as u64,
+            want["n_param_elements"].as_u64().unwrap(),
+            "{name}"
+        );
+        let buffers: usize = layout
+            .iter()
+            .filter(|t| !t.parameter)
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(
+            buffers as u64,
+            want["n_buffer_elements"].as_u64().unwrap(),
+            "{name}"
+        );
+    }
+}

@@ -40,3 +40,55 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
+
+/// PyTorch's `Linear` over the last axis of a tensor of any rank (leading axes are flattened
+/// into one batch axis for a single matmul).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` `(out, in)` and, when `bias`, `bias` `(out)`, with PyTorch's default
+    /// initialisation hints.
+    ///
+    /// # Errors
+    /// Missing tensors or wrong shapes.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        input: usize,
+        output: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let bound = 1.0 / (input as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Ok(Linear {
+            weight: vb.get_with_hints((output, input), "weight", init)?,
+            bias: if bias {
+                Some(vb.get_with_hints(output, "bias", init)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let input = *dims.last().expect("rank >= 1");
+        let rows = x.elem_count() / input.max(1);
+        let y = x.reshape((rows, input))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}

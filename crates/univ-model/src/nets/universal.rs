@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::layers::{Conv3d, GroupNorm, adaptive_avg_pool3d_1};
+use crate::nets::swin_unetr::{SwinUnetr, SwinUnetrConfig};
 use crate::nets::unet::{Unet3d, UnetConfig};
 
 /// Size of a CLIP ViT-B/32 text embedding.
@@ -27,6 +28,8 @@ pub const HEAD_CHANNELS: usize = 8;
 pub enum BackboneConfig {
     /// Models Genesis UNet3D.
     Unet(UnetConfig),
+    /// Swin UNETR.
+    SwinUnetr(SwinUnetrConfig),
 }
 
 impl BackboneConfig {
@@ -34,6 +37,7 @@ impl BackboneConfig {
     pub fn deep_channels(&self) -> usize {
         match self {
             BackboneConfig::Unet(c) => c.deep_channels(),
+            BackboneConfig::SwinUnetr(c) => c.deep_channels(),
         }
     }
 
@@ -41,6 +45,7 @@ impl BackboneConfig {
     pub fn decoder_channels(&self) -> usize {
         match self {
             BackboneConfig::Unet(c) => c.decoder_channels(),
+            BackboneConfig::SwinUnetr(c) => c.decoder_channels(),
         }
     }
 
@@ -48,6 +53,7 @@ impl BackboneConfig {
     pub fn name(&self) -> &'static str {
         match self {
             BackboneConfig::Unet(_) => "unet",
+            BackboneConfig::SwinUnetr(_) => "swinunetr",
         }
     }
 }
@@ -74,6 +80,15 @@ pub struct UniversalConfig {
 }
 
 impl UniversalConfig {
+    /// The released Swin UNETR model (feature size 48, word embeddings, 32 classes).
+    pub fn universal_swin_unetr() -> Self {
+        UniversalConfig {
+            backbone: BackboneConfig::SwinUnetr(SwinUnetrConfig::universal_model()),
+            encoding: Encoding::WordEmbedding,
+            num_classes: 32,
+        }
+    }
+
     /// The released U-Net model (base 32, word embeddings, 32 classes).
     pub fn universal_unet() -> Self {
         UniversalConfig {
@@ -94,15 +109,24 @@ fn groups_for(channels: usize) -> usize {
     a
 }
 
+/// The backbone network of a [`UniversalModel`].
 #[derive(Debug, Clone)]
-enum Backbone {
+pub enum Backbone {
+    /// Models Genesis UNet3D.
     Unet(Unet3d),
+    /// Swin UNETR.
+    SwinUnetr(SwinUnetr),
 }
 
 impl Backbone {
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Runs the backbone: `(deep, decoder)` maps.
+    ///
+    /// # Errors
+    /// Input shape and tensor errors.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         match self {
             Backbone::Unet(n) => n.forward(x),
+            Backbone::SwinUnetr(n) => n.forward(x),
         }
     }
 }
@@ -154,6 +178,9 @@ impl UniversalModel {
         }
         let backbone = match cfg.backbone {
             BackboneConfig::Unet(c) => Backbone::Unet(Unet3d::new(vb.pp("backbone"), c)?),
+            BackboneConfig::SwinUnetr(c) => {
+                Backbone::SwinUnetr(SwinUnetr::new(vb.pp("backbone"), c)?)
+            }
         };
         let c_dec = cfg.backbone.decoder_channels();
         let c_deep = cfg.backbone.deep_channels();
@@ -214,6 +241,11 @@ impl UniversalModel {
     /// The configuration.
     pub fn config(&self) -> UniversalConfig {
         self.cfg
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
     }
 
     /// The class embeddings in use: `(K, 512)` CLIP rows (word mode) or `(K, 256)` learned rows.
