@@ -148,3 +148,70 @@ fn bad_input_gives_one_clear_error_and_a_nonzero_exit() {
     );
     assert!(!Path::new(&out).exists());
 }
+
+#[test]
+fn inspect_convert_and_forward_a_checkpoint() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/model_unet");
+    let pth = fx.join("model_official.pth");
+    let o = univ(&["inspect", "--json", pth.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["backbone"], "unet");
+    assert_eq!(v["classes"], 32);
+    assert_eq!(v["encoding"], "word_embedding");
+    assert_eq!(v["embedding_present"], true);
+    assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(v["unexpected_keys"].as_array().unwrap().len(), 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("canonical.safetensors");
+    let o = univ(&["convert", pth.to_str().unwrap(), st.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let tensors = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(tensors.len(), 117);
+    assert!(tensors.keys().all(|k| !k.starts_with("module.")));
+    assert!(tensors.contains_key("backbone.down_tr64.ops.0.conv1.weight"));
+
+    let out = dir.path().join("logits.safetensors");
+    let input = fx.join("input.safetensors");
+    let o = univ(&[
+        "forward",
+        "--checkpoint",
+        st.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let want =
+        candle_core::safetensors::load(fx.join("expected.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let d = (&got["logits"] - &want["logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-3, "logits differ by {d}");
+
+    // A file that is not a checkpoint, and a name that is not cached offline.
+    let junk = dir.path().join("junk.pth");
+    std::fs::write(&junk, b"not a zip").unwrap();
+    assert_clean_failure(&univ(&["inspect", junk.to_str().unwrap()]), "junk.pth");
+    let o = Command::new(env!("CARGO_BIN_EXE_univ"))
+        .args(["inspect", "swinunetr"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "clip_driven_universal_swin_unetr.pth");
+}

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod hub;
 pub mod layers;
 pub mod nets;
 

@@ -618,3 +618,44 @@ fn full_size_models_have_exactly_the_official_keys_and_shapes() {
         );
     }
 }
+
+#[test]
+fn named_checkpoints_resolve_from_the_hf_cache_offline() {
+    use univ_model::hub::{NamedCheckpoint, OFFICIAL_REPO, resolve_checkpoint_in, sha256_file};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = hf_hub::Cache::new(dir.path().to_path_buf());
+    // Not cached and no download allowed: a clear error.
+    let e = resolve_checkpoint_in("unet", &cache, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("clip_driven_universal_unet.pth"), "{e}");
+    // Unknown name, missing file.
+    let e = resolve_checkpoint_in("resnet", &cache, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a named checkpoint"), "{e}");
+    // Populate the cache as hf-hub lays it out, with a small file standing in for the weights.
+    let repo = cache.model(OFFICIAL_REPO.to_string());
+    let hash = "0123456789abcdef0123456789abcdef01234567";
+    repo.create_ref(hash).unwrap();
+    let snap = repo.pointer_path(hash);
+    std::fs::create_dir_all(&snap).unwrap();
+    let file = snap.join(NamedCheckpoint::Unet.filename());
+    std::fs::write(&file, b"stand-in bytes").unwrap();
+    let r = resolve_checkpoint_in("unet", &cache, false).unwrap();
+    assert_eq!(r.path, file);
+    assert_eq!(r.named, Some(NamedCheckpoint::Unet));
+    assert!(!r.downloaded);
+    // sha256 of "stand-in bytes".
+    assert_eq!(r.sha256, sha256_file(&file).unwrap());
+    assert_eq!(r.sha256.len(), 64);
+    // The licence notice is recorded as shown.
+    assert!(
+        dir.path()
+            .join(".univ-licence-shown-clip_driven_universal_unet.pth")
+            .exists()
+    );
+    // A path resolves to itself.
+    let r = resolve_checkpoint_in(file.to_str().unwrap(), &cache, false).unwrap();
+    assert_eq!(r.named, None);
+}

@@ -1,6 +1,8 @@
 //! The `univ` command: inspect and preprocess CT volumes (more subcommands arrive with the
 //! model). Errors are printed as one readable message, without a backtrace, with exit code 1.
 
+mod model_cmds;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -61,6 +63,37 @@ enum Command {
         #[arg(long)]
         record: Option<PathBuf>,
     },
+    /// Describe a checkpoint: backbone, widths, classes, parameter count, embedding, keys.
+    Inspect {
+        /// A .pth or .safetensors file, or a named official checkpoint (unet, swinunetr).
+        checkpoint: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrite a checkpoint as safetensors with canonical keys (no `module.`, `backbone.`).
+    Convert {
+        /// A .pth or .safetensors file, or a named official checkpoint.
+        input: String,
+        /// The output .safetensors file.
+        output: PathBuf,
+    },
+    /// Run the model on the tensor `input` (B, 1, D, H, W) of a safetensors file and write
+    /// `logits` (B, K, D, H, W): for checking parity with PyTorch.
+    Forward {
+        /// A .pth or .safetensors file, or a named official checkpoint.
+        #[arg(long)]
+        checkpoint: String,
+        /// Safetensors file holding `input`.
+        #[arg(long)]
+        input: PathBuf,
+        /// Safetensors file to write `logits` to.
+        #[arg(long)]
+        output: PathBuf,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +121,14 @@ fn main() -> ExitCode {
             no_crop,
             record,
         }),
+        Command::Inspect { checkpoint, json } => model_cmds::inspect(&checkpoint, json),
+        Command::Convert { input, output } => model_cmds::convert(&input, &output),
+        Command::Forward {
+            checkpoint,
+            input,
+            output,
+            device,
+        } => model_cmds::forward(&checkpoint, &input, &output, &device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

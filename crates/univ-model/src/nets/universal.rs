@@ -113,9 +113,9 @@ fn groups_for(channels: usize) -> usize {
 #[derive(Debug, Clone)]
 pub enum Backbone {
     /// Models Genesis UNet3D.
-    Unet(Unet3d),
+    Unet(Box<Unet3d>),
     /// Swin UNETR.
-    SwinUnetr(SwinUnetr),
+    SwinUnetr(Box<SwinUnetr>),
 }
 
 impl Backbone {
@@ -177,9 +177,9 @@ impl UniversalModel {
             return Err(Error::Config("at least one class is needed".into()));
         }
         let backbone = match cfg.backbone {
-            BackboneConfig::Unet(c) => Backbone::Unet(Unet3d::new(vb.pp("backbone"), c)?),
+            BackboneConfig::Unet(c) => Backbone::Unet(Box::new(Unet3d::new(vb.pp("backbone"), c)?)),
             BackboneConfig::SwinUnetr(c) => {
-                Backbone::SwinUnetr(SwinUnetr::new(vb.pp("backbone"), c)?)
+                Backbone::SwinUnetr(Box::new(SwinUnetr::new(vb.pp("backbone"), c)?))
             }
         };
         let c_dec = cfg.backbone.decoder_channels();

@@ -1,0 +1,167 @@
+//! `univ inspect`, `univ convert` and `univ forward`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use univ::model::checkpoint::{Checkpoint, official_layout};
+use univ::model::hub::resolve_checkpoint;
+use univ::model::nets::{BackboneConfig, Encoding};
+
+/// Loads a checkpoint given as a path or a name, saying which file it is.
+fn load(spec: &str) -> Result<(Checkpoint, String)> {
+    let r = resolve_checkpoint(spec)?;
+    if r.downloaded {
+        eprintln!("downloaded {}", r.path.display());
+    }
+    let ckpt = Checkpoint::load(&r.path)?;
+    Ok((ckpt, r.sha256))
+}
+
+pub fn inspect(spec: &str, json: bool) -> Result<()> {
+    let (ckpt, sha) = load(spec)?;
+    let cfg = ckpt.detect_config()?;
+    let (_, report) = ckpt.build(&Device::Cpu)?;
+    let layout = official_layout(&cfg)?;
+    let params: usize = layout
+        .iter()
+        .filter(|t| t.parameter)
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    let (backbone, width) = match cfg.backbone {
+        BackboneConfig::Unet(c) => ("unet", format!("base width {}", c.base)),
+        BackboneConfig::SwinUnetr(c) => (
+            "swinunetr",
+            format!(
+                "feature size {}, depths {:?}, heads {:?}, window {}",
+                c.feature_size, c.depths, c.num_heads, c.window
+            ),
+        ),
+    };
+    let encoding = match cfg.encoding {
+        Encoding::WordEmbedding => "word_embedding (CLIP text embeddings, organ_embedding buffer)",
+        Encoding::RandEmbedding => "rand_embedding (learned organ_embedding.weight)",
+    };
+    let has_embedding = ckpt.tensors.contains_key("organ_embedding")
+        || ckpt.tensors.contains_key("organ_embedding.weight");
+    if json {
+        let v = serde_json::json!({
+            "file": ckpt.path,
+            "sha256": sha,
+            "backbone": backbone,
+            "widths": width,
+            "encoding": match cfg.encoding { Encoding::WordEmbedding => "word_embedding", Encoding::RandEmbedding => "rand_embedding" },
+            "classes": cfg.num_classes,
+            "parameters": params,
+            "embedding_present": has_embedding,
+            "tensors": ckpt.tensors.len(),
+            "unexpected_keys": report.unexpected,
+            "ignored_keys": report.ignored.len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("file:       {}", ckpt.path.display());
+    println!("sha256:     {sha}");
+    println!("backbone:   {backbone} ({width})");
+    println!("encoding:   {encoding}");
+    println!("classes:    {}", cfg.num_classes);
+    println!("parameters: {params}");
+    println!(
+        "embedding:  {}",
+        if has_embedding { "present" } else { "absent" }
+    );
+    println!("load:       {report}");
+    Ok(())
+}
+
+fn write_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("output has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}-tmp-{}", std::process::id()));
+    let res = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            // Readable like any other output (the writer creates the file owner-only).
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+            }
+            Ok(())
+        })
+        .and_then(|()| Ok(std::fs::File::open(&tmp)?.sync_all()?))
+        .and_then(|()| Ok(std::fs::rename(&tmp, path)?))
+        .with_context(|| format!("{}: cannot write", path.display()));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+pub fn convert(input: &str, output: &Path) -> Result<()> {
+    if output.extension().is_none_or(|e| e != "safetensors") {
+        bail!(
+            "{}: the output must be a .safetensors file",
+            output.display()
+        );
+    }
+    let (ckpt, _) = load(input)?;
+    // Check that it is a model we know before writing anything.
+    ckpt.build(&Device::Cpu)?;
+    write_safetensors_atomic(output, &ckpt.tensors)?;
+    println!(
+        "{} -> {} ({} tensors, canonical keys)",
+        ckpt.path.display(),
+        output.display(),
+        ckpt.tensors.len()
+    );
+    Ok(())
+}
+
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).with_context(|| {
+            "no CUDA device: this build needs `--features cuda` and a GPU".to_string()
+        }),
+        other => bail!("--device {other:?}: expected cpu or cuda"),
+    }
+}
+
+pub fn forward(spec: &str, input: &Path, output: &Path, dev: &str) -> Result<()> {
+    let dev = device(dev)?;
+    let (ckpt, _) = load(spec)?;
+    let (model, _) = ckpt.build(&dev)?;
+    let mut t = candle_core::safetensors::load(input, &dev)
+        .with_context(|| format!("{}: cannot read safetensors", input.display()))?;
+    let x = t
+        .remove("input")
+        .with_context(|| format!("{}: no tensor named `input`", input.display()))?
+        .to_dtype(DType::F32)?;
+    if x.rank() != 5 || x.dim(1)? != 1 {
+        bail!(
+            "{}: `input` must be (B, 1, D, H, W), got {:?}",
+            input.display(),
+            x.dims()
+        );
+    }
+    let start = std::time::Instant::now();
+    let logits = model.forward(&x)?.to_device(&Device::Cpu)?;
+    eprintln!(
+        "forward: {:?} -> {:?} in {:.2} s",
+        x.dims(),
+        logits.dims(),
+        start.elapsed().as_secs_f64()
+    );
+    let mut out = HashMap::new();
+    out.insert("logits".to_string(), logits);
+    write_safetensors_atomic(output, &out)
+}
