@@ -659,3 +659,67 @@ fn named_checkpoints_resolve_from_the_hf_cache_offline() {
     let r = resolve_checkpoint_in(file.to_str().unwrap(), &cache, false).unwrap();
     assert_eq!(r.named, None);
 }
+
+#[test]
+fn fused_inference_kernels_match_the_composed_operations() {
+    use univ_model::layers::{Act, NormKind, norm_act};
+    let x = (rand(&[2, 8, 5, 4, 3], 50) * 3.0).unwrap();
+    let w = rand(&[8], 51);
+    let b = rand(&[8], 52);
+    for kind in [NormKind::Batch, NormKind::Instance, NormKind::Group(4)] {
+        for act in [Act::Identity, Act::Relu, Act::LeakyRelu(0.01)] {
+            let fused = norm_act(&x, kind, Some(&w), Some(&b), 1e-5, act).unwrap();
+            // A tracked input forces the composed, differentiable path.
+            let xv = Var::from_tensor(&x).unwrap();
+            let composed = norm_act(&xv, kind, Some(&w), Some(&b), 1e-5, act).unwrap();
+            assert!(composed.track_op());
+            assert!(max_abs_diff(&fused, &composed) < 1e-5, "{kind:?} {act:?}");
+        }
+    }
+    // The dynamic head: fused kernel vs batched matmuls (tracked params force the latter).
+    let f = rand(&[2, 8, 3, 5, 7], 53);
+    let p = (rand(&[2, 5, 153], 54) * 0.5).unwrap();
+    let fused = univ_model::nets::dynamic_head(&f, &p).unwrap();
+    let pv = Var::from_tensor(&p).unwrap();
+    let composed = univ_model::nets::dynamic_head(&f, &pv).unwrap();
+    assert!(max_abs_diff(&fused, &composed) < 1e-5);
+    // And the explicit per-class formula of spec §1.2 at one voxel.
+    let fv = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let pvv = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (bi, k, vox, nv) = (1usize, 3usize, 17usize, 105usize);
+    let pk = &pvv[(bi * 5 + k) * 153..(bi * 5 + k + 1) * 153];
+    let feat: Vec<f32> = (0..8).map(|c| fv[(bi * 8 + c) * nv + vox]).collect();
+    let h1: Vec<f32> = (0..8)
+        .map(|j| (pk[136 + j] + (0..8).map(|c| pk[8 * j + c] * feat[c]).sum::<f32>()).max(0.0))
+        .collect();
+    let h2: Vec<f32> = (0..8)
+        .map(|j| (pk[144 + j] + (0..8).map(|c| pk[64 + 8 * j + c] * h1[c]).sum::<f32>()).max(0.0))
+        .collect();
+    let want = pk[152] + (0..8).map(|c| pk[128 + c] * h2[c]).sum::<f32>();
+    let got = fused.flatten_all().unwrap().to_vec1::<f32>().unwrap()[(bi * 5 + k) * nv + vox];
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn fused_transposed_conv_matches_the_composed_path() {
+    use candle_core::Module;
+    let x = rand(&[2, 5, 3, 4, 2], 60);
+    let w = rand(&[5, 7, 2, 2, 2], 61);
+    let b = rand(&[7], 62);
+    let mut ts = HashMap::new();
+    ts.insert("weight".to_string(), w.clone());
+    ts.insert("bias".to_string(), b.clone());
+    let vb = candle_nn::VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
+    let m = layers::ConvTranspose3d::load(vb, 5, 7, 2, true).unwrap();
+    let fused = m.forward(&x).unwrap();
+    let composed = layers::conv_transpose3d_k_eq_s(&x, &w)
+        .unwrap()
+        .broadcast_add(&b.reshape((1, 7, 1, 1, 1)).unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&fused, &composed) < 1e-5);
+    // Tracked input: the composed path, with gradients.
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = m.forward(&xv).unwrap();
+    assert!(y.track_op());
+    assert!(max_abs_diff(&y, &composed) < 1e-5);
+}

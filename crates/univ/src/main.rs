@@ -96,7 +96,21 @@ enum Command {
     },
 }
 
+/// mimalloc's option number for `purge_delay` (see mimalloc.h).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory mapped: every window allocates and frees the same large buffers, and
+/// returning them to the OS would make each new window fault in (and zero) fresh pages.
+fn keep_freed_memory() {
+    // SAFETY: setting an option is thread-safe and valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info { file, json } => info(&file, json),

@@ -39,26 +39,87 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
-/// Zero-pads one sample `(C, D, H, W)` to `(C, D+2p, H+2p, W+2p)`.
+/// Scratch buffers reused across calls, so that large padded copies do not fault in fresh
+/// pages from the operating system on every convolution.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+fn take_scratch(len: usize) -> Vec<f32> {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    // The smallest pooled buffer that is large enough, else the largest one (grown).
+    let pick = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= len)
+        .min_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i)
+        .or_else(|| (0..pool.len()).max_by_key(|i| pool[*i].capacity()));
+    let mut v = pick.map(|i| pool.swap_remove(i)).unwrap_or_default();
+    drop(pool);
+    v.clear();
+    v.reserve(len);
+    v
+}
+
+fn give_scratch(v: Vec<f32>) {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < 4 {
+        pool.push(v);
+    }
+}
+
+/// Frees the scratch buffers the convolutions keep for reuse.
+pub fn release_scratch() {
+    SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
+/// Zero-pads one sample `(C, D, H, W)` to `(C, D+2p, H+2p, W+2p)` in a pooled buffer.
 fn pad_sample(x: &[f32], c: usize, dhw: [usize; 3], pad: [usize; 3]) -> (Vec<f32>, [usize; 3]) {
     let [d, h, w] = dhw;
     let p = [d + 2 * pad[0], h + 2 * pad[1], w + 2 * pad[2]];
-    if pad == [0, 0, 0] {
-        return (x.to_vec(), p);
-    }
     let vp = p[0] * p[1] * p[2];
-    let mut out = vec![0f32; c * vp];
+    let mut out = take_scratch(c * vp);
+    if pad == [0, 0, 0] {
+        out.extend_from_slice(x);
+        return (out, p);
+    }
+    // SAFETY: every element is written below (borders zero-filled, interior copied) before
+    // the buffer is read.
+    unsafe { out.set_len(c * vp) };
     out.par_chunks_mut(vp).enumerate().for_each(|(ci, dst)| {
         let src = &x[ci * d * h * w..(ci + 1) * d * h * w];
-        for z in 0..d {
-            for y in 0..h {
-                let s = (z * h + y) * w;
-                let o = ((z + pad[0]) * p[1] + y + pad[1]) * p[2] + pad[2];
-                dst[o..o + w].copy_from_slice(&src[s..s + w]);
+        // Zero only the border; the interior is overwritten.
+        for z in 0..p[0] {
+            let plane = &mut dst[z * p[1] * p[2]..(z + 1) * p[1] * p[2]];
+            if z < pad[0] || z >= pad[0] + d {
+                plane.fill(0.0);
+                continue;
+            }
+            for y in 0..p[1] {
+                let row = &mut plane[y * p[2]..(y + 1) * p[2]];
+                if y < pad[1] || y >= pad[1] + h {
+                    row.fill(0.0);
+                    continue;
+                }
+                row[..pad[2]].fill(0.0);
+                row[pad[2] + w..].fill(0.0);
+                let s = ((z - pad[0]) * h + y - pad[1]) * w;
+                row[pad[2]..pad[2] + w].copy_from_slice(&src[s..s + w]);
             }
         }
     });
     (out, p)
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of output elements.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// Stride-1 correlation of one padded sample: `out[o, z, y, x] = Σ_c Σ_t w[t][o][c] ·
@@ -82,15 +143,18 @@ fn correlate_sample(
         .collect();
     let blen = block_len(o);
     let nblocks = span.div_ceil(blen);
-    let blocks: Vec<Vec<f32>> = (0..nblocks)
-        .into_par_iter()
-        .map(|bi| {
+    let n_out = od[0] * od[1] * od[2];
+    assert_eq!(out.len(), o * n_out);
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..nblocks).into_par_iter().for_each_init(
+        || vec![0f32; o * blen],
+        |buf, bi| {
             let q0 = bi * blen;
             let len = blen.min(span - q0);
-            let mut buf = vec![0f32; o * len];
             for (t, off) in taps.iter().enumerate() {
-                // SAFETY: `q0 + off + len - 1 + (c-1)·vp < c·vp` because `span` ends at the last
-                // valid output position and every tap offset keeps it inside the padded volume.
+                // SAFETY: `q0 + off + len - 1 + (c-1)·vp < c·vp` because `span` ends at the
+                // last valid output position and every tap offset keeps it inside the padded
+                // volume.
                 unsafe {
                     gemm::gemm(
                         o,
@@ -115,23 +179,31 @@ fn correlate_sample(
                     );
                 }
             }
-            buf
-        })
-        .collect();
-    // Scatter the valid positions.
-    let n_out = od[0] * od[1] * od[2];
-    out.par_chunks_mut(n_out).enumerate().for_each(|(oc, dst)| {
-        for z in 0..od[0] {
-            for y in 0..od[1] {
-                for x in 0..od[2] {
-                    let q = z * plane + y * p[2] + x;
-                    let (bi, r) = (q / blen, q % blen);
-                    let len = blen.min(span - bi * blen);
-                    dst[(z * od[1] + y) * od[2] + x] = blocks[bi][oc * len + r];
+            // Scatter the valid positions of this block: runs of whole output rows.
+            let mut q = q0;
+            while q < q0 + len {
+                let z = q / plane;
+                let y = (q % plane) / p[2];
+                let x = q % p[2];
+                let run_end = (q - x + p[2]).min(q0 + len);
+                if z < od[0] && y < od[1] && x < od[2] {
+                    let n = (run_end - q).min(od[2] - x);
+                    let base = (z * od[1] + y) * od[2] + x;
+                    for oc in 0..o {
+                        // SAFETY: (oc, z, y, x..x+n) is written by this block only.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                buf.as_ptr().add(oc * len + (q - q0)),
+                                dst.get().add(oc * n_out + base),
+                                n,
+                            );
+                        }
+                    }
                 }
+                q = run_end;
             }
-        }
-    });
+        },
+    );
 }
 
 /// Packs `(O, C, kd, kh, kw)` weights as `(taps, O, C)`, optionally flipping the taps and
@@ -183,6 +255,7 @@ fn correlate(
             k,
             &mut out[b * per_out..(b + 1) * per_out],
         );
+        give_scratch(xp);
     }
     (out, [n, o, od[0], od[1], od[2]])
 }
@@ -271,6 +344,7 @@ fn weight_grad(
                 *a += v;
             }
         }
+        give_scratch(xp);
     }
     // (taps, O, C) -> (O, C, taps)
     let mut out = vec![0f32; taps * o * c];
@@ -537,6 +611,83 @@ pub fn conv_transpose3d_k_eq_s(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape((n, co, d * kd, h * kh, wd * kw))?)
 }
 
+/// The transposed convolution with kernel = stride on the CPU, with the bias, in one pass:
+/// for each tap, `Y = W_tapᵀ · X` over blocks of input positions, scattered straight into the
+/// interleaved output.
+fn conv_transpose_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (n, ci, d, h, wd) = x.dims5()?;
+    let (_, co, kd, kh, kw) = w.dims5()?;
+    let taps = kd * kh * kw;
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+    let bv = bias
+        .map(|b| b.flatten_all().and_then(|b| b.to_vec1::<f32>()))
+        .transpose()?;
+    // Pack as (taps, Co, Ci).
+    let mut wp = vec![0f32; taps * co * ci];
+    for i in 0..ci {
+        for o in 0..co {
+            for t in 0..taps {
+                wp[(t * co + o) * ci + i] = wv[(i * co + o) * taps + t];
+            }
+        }
+    }
+    let v_in = d * h * wd;
+    let (d2, h2, w2) = (d * kd, h * kh, wd * kw);
+    let v_out = d2 * h2 * w2;
+    let mut out = vec![0f32; n * co * v_out];
+    let blen = block_len(co).min(v_in.max(1));
+    for b in 0..n {
+        let xs = &xv[b * ci * v_in..(b + 1) * ci * v_in];
+        let dst = OutPtr(out[b * co * v_out..].as_mut_ptr());
+        (0..v_in.div_ceil(blen)).into_par_iter().for_each_init(
+            || vec![0f32; co * blen],
+            |buf, bi| {
+                let q0 = bi * blen;
+                let len = blen.min(v_in - q0);
+                for t in 0..taps {
+                    // SAFETY: reads stay inside `xs` (rows of length v_in, columns q0..q0+len).
+                    unsafe {
+                        gemm::gemm(
+                            co,
+                            len,
+                            ci,
+                            buf.as_mut_ptr(),
+                            1,
+                            len as isize,
+                            false,
+                            wp.as_ptr().add(t * co * ci),
+                            1,
+                            ci as isize,
+                            xs.as_ptr().add(q0),
+                            1,
+                            v_in as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    let (a, bb, c) = (t / (kh * kw), (t / kw) % kh, t % kw);
+                    for o in 0..co {
+                        let bias_o = bv.as_ref().map_or(0.0, |v| v[o]);
+                        for r in 0..len {
+                            let q = q0 + r;
+                            let (z, y, xx) = (q / (h * wd), (q / wd) % h, q % wd);
+                            let oi = ((o * d2 + kd * z + a) * h2 + kh * y + bb) * w2 + kw * xx + c;
+                            // SAFETY: (o, position, tap) maps to a unique output element.
+                            unsafe { *dst.get().add(oi) = buf[o * len + r] + bias_o };
+                        }
+                    }
+                }
+            },
+        );
+    }
+    Ok(Tensor::from_vec(out, (n, co, d2, h2, w2), x.device())?)
+}
+
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         None => Ok(y),
@@ -672,6 +823,10 @@ impl ConvTranspose3d {
 
 impl Module for ConvTranspose3d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::layers::fused::fusable(&[Some(x), Some(&self.weight), self.bias.as_ref()]) {
+            return conv_transpose_cpu(x, &self.weight, self.bias.as_ref())
+                .map_err(candle_core::Error::wrap);
+        }
         let y = conv_transpose3d_k_eq_s(x, &self.weight).map_err(candle_core::Error::wrap)?;
         add_bias(y, self.bias.as_ref()).map_err(candle_core::Error::wrap)
     }

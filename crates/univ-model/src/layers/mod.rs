@@ -4,12 +4,14 @@
 //! has a backward pass (checked by finite differences in the tests) so training can use them.
 
 pub mod conv;
+pub mod fused;
 pub mod norm;
 pub mod pool;
 
 pub use conv::{Conv3d, ConvTranspose3d, conv_transpose3d_k_eq_s, conv3d, conv3d_patchify};
+pub use fused::{Act, NormKind};
 pub use norm::{
-    GroupNorm, LayerNorm, batch_norm_batch_stats, group_norm, instance_norm, layer_norm,
+    GroupNorm, LayerNorm, batch_norm_batch_stats, group_norm, instance_norm, layer_norm, norm_act,
 };
 pub use pool::{adaptive_avg_pool3d_1, max_pool3d_2};
 

@@ -188,7 +188,7 @@ impl GroupNorm {
         channels: usize,
         eps: f64,
     ) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::Config(format!(
                 "GroupNorm: {channels} channels in {groups} groups"
             )));
@@ -202,15 +202,63 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        group_norm(
+impl GroupNorm {
+    /// The normalisation followed by an activation (fused on the CPU at inference).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward_act(&self, x: &Tensor, act: crate::layers::fused::Act) -> Result<Tensor> {
+        norm_act(
             x,
-            self.groups,
+            crate::layers::fused::NormKind::Group(self.groups),
             Some(&self.weight),
             Some(&self.bias),
             self.eps,
+            act,
         )
-        .map_err(candle_core::Error::wrap)
     }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_act(x, crate::layers::fused::Act::Identity)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// Normalisation, per-channel affine and activation in one call: the fused CPU kernel when no
+/// input needs a gradient, else the composed, differentiable operations.
+///
+/// # Shapes
+/// `(N, C, ...)` → same.
+///
+/// # Errors
+/// Invalid group counts or tensor errors.
+pub fn norm_act(
+    x: &Tensor,
+    kind: crate::layers::fused::NormKind,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    act: crate::layers::fused::Act,
+) -> Result<Tensor> {
+    use crate::layers::fused::{NormKind, fusable, norm_act_cpu};
+    if let NormKind::Group(g) = kind {
+        let c = x.dim(1)?;
+        if g == 0 || c % g != 0 {
+            return Err(Error::shape(
+                "group_norm",
+                format!("{c} channels in {g} groups"),
+            ));
+        }
+    }
+    if fusable(&[Some(x), weight, bias]) {
+        return norm_act_cpu(x, kind, weight, bias, eps, act);
+    }
+    let y = match kind {
+        NormKind::Batch => batch_norm_batch_stats(x, weight, bias, eps)?,
+        NormKind::Instance => channel_affine(instance_norm(x, eps)?, weight, bias)?,
+        NormKind::Group(g) => group_norm(x, g, weight, bias, eps)?,
+    };
+    act.apply_tensor(y)
 }

@@ -2,6 +2,7 @@
 //! `AdaptiveAvgPool3d(1)`.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -24,34 +25,46 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
 fn argmax_windows(x: &[f32], s: [usize; 5]) -> (Vec<f32>, Vec<usize>) {
     let [n, c, d, h, w] = s;
     let (od, oh, ow) = (d / 2, h / 2, w / 2);
-    let mut vals = Vec::with_capacity(n * c * od * oh * ow);
-    let mut idx = Vec::with_capacity(vals.capacity());
-    for nc in 0..n * c {
-        let base = nc * d * h * w;
-        for z in 0..od {
-            for y in 0..oh {
-                for xx in 0..ow {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut bi = base + ((2 * z) * h + 2 * y) * w + 2 * xx;
-                    let mut first = true;
-                    for dz in 0..2 {
-                        for dy in 0..2 {
-                            for dx in 0..2 {
-                                let i = base + ((2 * z + dz) * h + 2 * y + dy) * w + 2 * xx + dx;
-                                let v = x[i];
-                                if first || v > best || v.is_nan() {
-                                    best = v;
-                                    bi = i;
-                                    first = false;
+    let per = od * oh * ow;
+    let parts: Vec<(Vec<f32>, Vec<usize>)> = (0..n * c)
+        .into_par_iter()
+        .map(|nc| {
+            let mut vals = Vec::with_capacity(per);
+            let mut idx = Vec::with_capacity(per);
+            let base = nc * d * h * w;
+            for z in 0..od {
+                for y in 0..oh {
+                    for xx in 0..ow {
+                        let mut best = f32::NEG_INFINITY;
+                        let mut bi = base + ((2 * z) * h + 2 * y) * w + 2 * xx;
+                        let mut first = true;
+                        for dz in 0..2 {
+                            for dy in 0..2 {
+                                for dx in 0..2 {
+                                    let i =
+                                        base + ((2 * z + dz) * h + 2 * y + dy) * w + 2 * xx + dx;
+                                    let v = x[i];
+                                    if first || v > best || v.is_nan() {
+                                        best = v;
+                                        bi = i;
+                                        first = false;
+                                    }
                                 }
                             }
                         }
+                        vals.push(best);
+                        idx.push(bi);
                     }
-                    vals.push(best);
-                    idx.push(bi);
                 }
             }
-        }
+            (vals, idx)
+        })
+        .collect();
+    let mut vals = Vec::with_capacity(n * c * per);
+    let mut idx = Vec::with_capacity(n * c * per);
+    for (v, i) in parts {
+        vals.extend(v);
+        idx.extend(i);
     }
     (vals, idx)
 }

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::layers::{
-    Conv3d, ConvTranspose3d, LayerNorm, Linear, instance_norm, layer_norm, leaky_relu,
+    Act, Conv3d, ConvTranspose3d, LayerNorm, Linear, NormKind, layer_norm, leaky_relu, norm_act,
 };
 
 /// Swin UNETR hyper-parameters.
@@ -62,7 +62,7 @@ impl SwinUnetrConfig {
     pub fn validate(&self) -> Result<()> {
         for (s, h) in self.num_heads.iter().enumerate() {
             let dim = self.feature_size << s;
-            if *h == 0 || dim % h != 0 {
+            if *h == 0 || !dim.is_multiple_of(*h) {
                 return Err(Error::Config(format!(
                     "stage {} width {dim} is not divisible by {h} heads",
                     s + 1
@@ -505,10 +505,11 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = leaky_relu(&instance_norm(&self.conv1.forward(x)?, IN_EPS)?, 0.01)?;
-        let y = instance_norm(&self.conv2.forward(&y)?, IN_EPS)?;
+        let inorm = |t: &Tensor, act| norm_act(t, NormKind::Instance, None, None, IN_EPS, act);
+        let y = inorm(&self.conv1.forward(x)?, Act::LeakyRelu(0.01))?;
+        let y = inorm(&self.conv2.forward(&y)?, Act::Identity)?;
         let res = match &self.conv3 {
-            Some(c) => instance_norm(&c.forward(x)?, IN_EPS)?,
+            Some(c) => inorm(&c.forward(x)?, Act::Identity)?,
             None => x.clone(),
         };
         leaky_relu(&(y + res)?, 0.01)

@@ -9,7 +9,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::layers::{Conv3d, ConvTranspose3d, batch_norm_batch_stats, max_pool3d_2};
+use crate::layers::{Act, Conv3d, ConvTranspose3d, NormKind, max_pool3d_2, norm_act};
 
 /// Width of the U-Net.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +58,14 @@ impl LuConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
-        let y = batch_norm_batch_stats(&y, Some(&self.bn_weight), Some(&self.bn_bias), BN_EPS)?;
-        Ok(y.relu()?)
+        norm_act(
+            &y,
+            NormKind::Batch,
+            Some(&self.bn_weight),
+            Some(&self.bn_bias),
+            BN_EPS,
+            Act::Relu,
+        )
     }
 }
 

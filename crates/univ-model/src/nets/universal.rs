@@ -10,7 +10,7 @@ use candle_core::{D, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::layers::{Conv3d, GroupNorm, adaptive_avg_pool3d_1};
+use crate::layers::{Act, Conv3d, GroupNorm, adaptive_avg_pool3d_1};
 use crate::nets::swin_unetr::{SwinUnetr, SwinUnetrConfig};
 use crate::nets::unet::{Unet3d, UnetConfig};
 
@@ -309,7 +309,7 @@ impl UniversalModel {
         let b = deep.dim(0)?;
         let k = self.organ_embedding.dim(0)?;
         // Image vector per sample.
-        let g = self.gap_norm.forward(&deep)?.relu()?;
+        let g = self.gap_norm.forward_act(&deep, Act::Relu)?;
         let g = self.gap_conv.forward(&adaptive_avg_pool3d_1(&g)?)?;
         let gap = g.flatten_from(1)?; // (B, 256)
         let task = self.task_encoding()?; // (K, 256)
@@ -322,7 +322,7 @@ impl UniversalModel {
             .broadcast_matmul(&wc)?
             .broadcast_add(&self.controller_b)?; // (B, K, 153)
         // Features for the head.
-        let f = self.precls_norm.forward(&decoder)?.relu()?;
+        let f = self.precls_norm.forward_act(&decoder, Act::Relu)?;
         let precls = self.precls_conv.forward(&f)?; // (B, 8, D, H, W)
         let logits = dynamic_head(&precls, &params)?;
         Ok(ForwardParts {
@@ -356,6 +356,9 @@ pub fn dynamic_head(features: &Tensor, params: &Tensor) -> Result<Tensor> {
                 params.dims()
             ),
         ));
+    }
+    if crate::layers::fused::fusable(&[Some(features), Some(params)]) {
+        return crate::layers::fused::dynamic_head_cpu(features, params);
     }
     let v = d * h * w;
     let mut outs = Vec::with_capacity(b);

@@ -1,0 +1,238 @@
+//! One 96³ window through the full-size networks on the CPU (U-Net base 32, Swin UNETR feature
+//! size 48, 32 classes, random weights): time, FLOPs (2 per multiply-add, counted from the
+//! architecture), achieved GFLOP/s, and the machine's measured FMA peak for comparison.
+//!
+//! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet]`
+
+use std::time::Instant;
+
+/// mimalloc's option number for `purge_delay` (see mimalloc.h).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory mapped: every window allocates and frees the same large buffers, and
+/// returning them to the OS would make each new window fault in (and zero) fresh pages.
+fn keep_freed_memory() {
+    // SAFETY: setting an option is thread-safe and valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use univ_model::nets::{BackboneConfig, SwinUnetrConfig, UnetConfig};
+use univ_model::{UniversalConfig, UniversalModel};
+
+/// Multiply-adds of one forward pass of the U-Net model on an `s³` input.
+fn unet_macs(b: u64, s: u64, classes: u64) -> u64 {
+    let v = |div: u64| (s / div).pow(3);
+    let k = 27;
+    let mut m = 0;
+    m += k * (b + b * 2 * b) * v(1);
+    m += k * (4 * b * b + 8 * b * b) * v(2);
+    m += k * (16 * b * b + 32 * b * b) * v(4);
+    m += k * (64 * b * b + 128 * b * b) * v(8);
+    m += 256 * b * b * 8 * v(8) + k * (24 * b * 8 * b + 64 * b * b) * v(4);
+    m += 64 * b * b * 8 * v(4) + k * (48 * b * b + 16 * b * b) * v(2);
+    m += 16 * b * b * 8 * v(2) + k * (12 * b * b + 4 * b * b) * v(1);
+    m + head_macs(2 * b, 16 * b, s, classes)
+}
+
+/// Multiply-adds of the Universal head: precls 1×1 conv, GAP conv, controller, dynamic head.
+fn head_macs(c_dec: u64, c_deep: u64, s: u64, classes: u64) -> u64 {
+    c_dec * 8 * s.pow(3) + c_deep * 256 + classes * 512 * 153 + classes * (64 + 64 + 8) * s.pow(3)
+}
+
+/// Multiply-adds of one forward pass of the Swin UNETR model on an `s³` input.
+fn swin_macs(fs: u64, s: u64, classes: u64) -> u64 {
+    let v = |div: u64| (s / div).pow(3);
+    let k = 27;
+    let mut m = 8 * fs * v(2); // patch embedding
+    for stage in 0..4u32 {
+        let dim = fs << stage;
+        let side = s / (2 << stage);
+        let win = side.min(7);
+        let padded = side.div_ceil(win) * win;
+        let tp = padded.pow(3);
+        let t = side.pow(3);
+        let n = win.pow(3);
+        // Two blocks: qkv + proj on padded tokens, QKᵀ and AV, MLP on real tokens.
+        m += 2 * (4 * dim * dim * tp + 2 * tp * n * dim + 8 * dim * dim * t);
+        m += 8 * dim * 2 * dim * t / 8; // patch merging
+    }
+    m += k * (fs + fs * fs) * v(1) + fs * v(1); // encoder1 (+ 1×1 residual)
+    m += k * 2 * fs * fs * v(2);
+    m += k * 2 * 4 * fs * fs * v(4);
+    m += k * 2 * 16 * fs * fs * v(8);
+    m += k * 2 * 256 * fs * fs * v(32);
+    for (cin, cout, div) in [(16, 8, 16), (8, 4, 8), (4, 2, 4), (2, 1, 2), (1, 1, 1)] {
+        let (ci, co) = (cin * fs, cout * fs);
+        m += ci * co * 8 * v(div * 2); // transposed conv on the coarser grid
+        m += k * (2 * co * co + co * co) * v(div) + 2 * co * co * v(div);
+    }
+    m + head_macs(fs, 16 * fs, s, classes)
+}
+
+/// Measured FMA throughput of this machine (all threads), GFLOP/s.
+fn fma_peak() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run512(iters: u64) -> f32 {
+            let mut acc = [_mm512_set1_ps(0.0); 12];
+            let a = _mm512_set1_ps(0.999_999);
+            let b = _mm512_set1_ps(1e-7);
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, a, b);
+                }
+            }
+            let mut s = 0.0;
+            for x in acc {
+                s += _mm512_reduce_add_ps(x);
+            }
+            s
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run256(iters: u64) -> f32 {
+            let mut acc = [_mm256_set1_ps(0.0); 12];
+            let a = _mm256_set1_ps(0.999_999);
+            let b = _mm256_set1_ps(1e-7);
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm256_fmadd_ps(*x, a, b);
+                }
+            }
+            let mut out = [0f32; 8];
+            let mut s = 0.0;
+            for x in acc {
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x) };
+                s += out.iter().sum::<f32>();
+            }
+            s
+        }
+        let avx512 = is_x86_feature_detected!("avx512f");
+        if !(avx512 || is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return f64::NAN;
+        }
+        let lanes = if avx512 { 16.0 } else { 8.0 };
+        let threads = rayon::current_num_threads();
+        let iters = 50_000_000u64;
+        // Best of five runs (the first ones also let the clock ramp up).
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let sum: f32 = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..threads)
+                    .map(|_| {
+                        sc.spawn(move || unsafe {
+                            if avx512 { run512(iters) } else { run256(iters) }
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            let secs = t.elapsed().as_secs_f64();
+            std::hint::black_box(sum);
+            best = best.max((threads as f64 * iters as f64 * 12.0 * lanes * 2.0) / secs / 1e9);
+        }
+        best
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        f64::NAN
+    }
+}
+
+fn bench(
+    name: &str,
+    cfg: UniversalConfig,
+    macs: u64,
+    size: usize,
+    reps: usize,
+    peak: f64,
+) -> anyhow::Result<()> {
+    // Random weights, then plain tensors (as from a checkpoint: no autograd tracking).
+    let varmap = VarMap::new();
+    UniversalModel::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        cfg,
+    )?;
+    let tensors: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let model = UniversalModel::new(
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        cfg,
+    )?;
+    let x = Tensor::rand(0f32, 1.0, (1, 1, size, size, size), &Device::Cpu)?;
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let y = model.forward(&x)?;
+        std::hint::black_box(y.dims());
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let gflop = 2.0 * macs as f64 / 1e9;
+    println!(
+        "{name:<22} {size}^3 window: best {best:7.2} s of {reps} (all: {times:.2?}); {gflop:7.1} GFLOP; {:6.1} GFLOP/s = {:4.1}% of the measured FMA peak",
+        gflop / best,
+        100.0 * gflop / best / peak
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    keep_freed_memory();
+    let args: Vec<String> = std::env::args().collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let size: usize = get("--size").map(|v| v.parse()).transpose()?.unwrap_or(96);
+    let reps: usize = get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(2);
+    let only = get("--only");
+    let peak = fma_peak();
+    println!(
+        "threads: {}; measured FMA peak: {peak:.1} GFLOP/s",
+        rayon::current_num_threads()
+    );
+    if only.as_deref().is_none_or(|o| o == "unet") {
+        let cfg = UniversalConfig {
+            backbone: BackboneConfig::Unet(UnetConfig::universal_model()),
+            ..UniversalConfig::universal_unet()
+        };
+        bench(
+            "U-Net (base 32)",
+            cfg,
+            unet_macs(32, size as u64, 32),
+            size,
+            reps,
+            peak,
+        )?;
+    }
+    if only.as_deref().is_none_or(|o| o == "swin") {
+        let cfg = UniversalConfig {
+            backbone: BackboneConfig::SwinUnetr(SwinUnetrConfig::universal_model()),
+            ..UniversalConfig::universal_swin_unetr()
+        };
+        bench(
+            "Swin UNETR (fs 48)",
+            cfg,
+            swin_macs(48, size as u64, 32),
+            size,
+            reps,
+            peak,
+        )?;
+    }
+    Ok(())
+}

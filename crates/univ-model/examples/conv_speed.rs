@@ -1,0 +1,37 @@
+//! Throughput of the 3×3×3 convolution kernel on shapes of the full-size networks.
+//!
+//! `cargo run --release -p univ-model --example conv_speed`
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use univ_model::layers::conv3d;
+
+fn main() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    for (c, o, s) in [
+        (64usize, 64usize, 96usize),
+        (192, 64, 96),
+        (48, 48, 96),
+        (96, 48, 96),
+        (256, 256, 24),
+        (512, 512, 12),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (1, c, s, s, s), &dev)?;
+        let w = (Tensor::randn(0f32, 1.0, (o, c, 3, 3, 3), &dev)? * 0.05)?;
+        let _ = conv3d(&x, &w, [1; 3])?; // warm-up
+        let reps = 2;
+        let t = Instant::now();
+        for _ in 0..reps {
+            let y = conv3d(&x, &w, [1; 3])?;
+            assert_eq!(y.dtype(), DType::F32);
+        }
+        let secs = t.elapsed().as_secs_f64() / reps as f64;
+        let gflop = 2.0 * (o * c * 27 * s * s * s) as f64 / 1e9;
+        println!(
+            "conv3d {c:>3}->{o:<3} @ {s}^3: {secs:6.3} s, {gflop:7.1} GFLOP, {:6.1} GFLOP/s",
+            gflop / secs
+        );
+    }
+    Ok(())
+}
