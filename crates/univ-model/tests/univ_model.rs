@@ -3,6 +3,11 @@
 
 #![allow(clippy::needless_range_loop)]
 
+// The tests allocate many large tensors; mimalloc reuses freed memory instead of faulting in
+// fresh pages each time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../../../tests/common/shared.rs"]
 mod shared;
 
@@ -722,4 +727,90 @@ fn fused_transposed_conv_matches_the_composed_path() {
     let y = m.forward(&xv).unwrap();
     assert!(y.track_op());
     assert!(max_abs_diff(&y, &composed) < 1e-5);
+}
+
+#[test]
+fn strided_conv_module_matches_the_sampled_reference() {
+    use candle_core::Module;
+    let x = rand(&[1, 2, 7, 6, 5], 70);
+    let w = rand(&[3, 2, 3, 3, 3], 71);
+    let conv = layers::Conv3d::new(w.clone(), None, 1, 2).unwrap();
+    let y = conv.forward(&x).unwrap();
+    // PyTorch: out = floor((n + 2p - k) / s) + 1.
+    assert_eq!(y.dims(), &[1, 3, 4, 3, 3]);
+    let full = naive_conv3d(&x, &w, 1);
+    let pick = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
+    let want = full
+        .index_select(&pick(&[0, 2, 4, 6]), 2)
+        .unwrap()
+        .index_select(&pick(&[0, 2, 4]), 3)
+        .unwrap()
+        .index_select(&pick(&[0, 2, 4]), 4)
+        .unwrap();
+    assert!(max_abs_diff(&y, &want) < 1e-4);
+    assert!(layers::Conv3d::new(w, None, 3, 2).is_err());
+}
+
+#[test]
+fn every_parameter_of_both_networks_gets_a_gradient() {
+    use univ_model::nets::{BackboneConfig, Encoding, SwinUnetrConfig, UnetConfig};
+    for (cfg, side) in [
+        (
+            univ_model::UniversalConfig {
+                backbone: BackboneConfig::Unet(UnetConfig { base: 4 }),
+                encoding: Encoding::WordEmbedding,
+                num_classes: 3,
+            },
+            16,
+        ),
+        (
+            univ_model::UniversalConfig {
+                backbone: BackboneConfig::SwinUnetr(SwinUnetrConfig::with_feature_size(6)),
+                encoding: Encoding::RandEmbedding,
+                num_classes: 2,
+            },
+            // At 32³ the deepest map is one voxel, where instance norm outputs zeros and the
+            // encoder10 weights rightly get no gradient; 64³ leaves 2³ voxels.
+            64,
+        ),
+    ] {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = univ_model::UniversalModel::new(vb, cfg).unwrap();
+        let x = rand(&[1, 1, side, side, side], 80)
+            .affine(0.5, 0.5)
+            .unwrap();
+        let logits = model.forward(&x).unwrap();
+        let target = rand(logits.dims(), 81)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let loss = candle_nn::loss::binary_cross_entropy_with_logit(&logits, &target).unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let mut missing = Vec::new();
+        for (name, var) in data.iter() {
+            // organ_embedding in word mode is a buffer (CLIP rows), not trained.
+            if name == "organ_embedding" {
+                continue;
+            }
+            match grads.get(var) {
+                Some(g)
+                    if g.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0 => {}
+                _ => missing.push(name.clone()),
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "{:?}: no gradient for {missing:?}",
+            cfg.backbone
+        );
+    }
 }

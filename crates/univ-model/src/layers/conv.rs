@@ -688,6 +688,18 @@ fn conv_transpose_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<T
     Ok(Tensor::from_vec(out, (n, co, d2, h2, w2), x.device())?)
 }
 
+/// Keeps every `s`-th voxel along each spatial axis, starting at 0 (differentiable).
+fn subsample(y: &Tensor, s: usize) -> Result<Tensor> {
+    let mut y = y.clone();
+    for axis in 2..5 {
+        let n = y.dim(axis)?;
+        let idx: Vec<u32> = (0..n).step_by(s).map(|i| i as u32).collect();
+        let idx = Tensor::from_vec(idx, n.div_ceil(s), y.device())?;
+        y = y.index_select(&idx, axis)?;
+    }
+    Ok(y)
+}
+
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         None => Ok(y),
@@ -708,8 +720,12 @@ pub struct Conv3d {
 impl Conv3d {
     /// A convolution from its weight `(O, C, k, k, k)` and optional bias `(O)`.
     ///
+    /// Stride 1 runs the implicit-GEMM kernel; a stride equal to the kernel without padding
+    /// is a patch projection (one matmul); any other stride computes the stride-1 result and
+    /// keeps every `stride`-th voxel (exact, but it spends `stride³` times the work).
+    ///
     /// # Errors
-    /// [`Error::Shape`] for a stride other than 1 or the kernel size, or padding with a stride.
+    /// [`Error::Shape`] for a stride of 0 or a padding not below the kernel.
     pub fn new(
         weight: Tensor,
         bias: Option<Tensor>,
@@ -717,8 +733,8 @@ impl Conv3d {
         stride: usize,
     ) -> Result<Self> {
         let (_, _, kd, kh, kw) = weight.dims5()?;
-        let ok = stride == 1 || (stride == kd && stride == kh && stride == kw && padding == 0);
-        if !ok {
+        let patch = stride == kd && stride == kh && stride == kw && padding == 0;
+        if stride == 0 || (!patch && padding >= kd.min(kh).min(kw)) {
             return Err(Error::shape(
                 "Conv3d",
                 format!(
@@ -777,10 +793,14 @@ impl Conv3d {
 
 impl Module for Conv3d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if self.stride == 1 {
+        let (_, _, kd, kh, kw) = self.weight.dims5()?;
+        let s = self.stride;
+        let y = if s == 1 {
             conv3d(x, &self.weight, [self.padding; 3])
-        } else {
+        } else if s == kd && s == kh && s == kw && self.padding == 0 {
             conv3d_patchify(x, &self.weight)
+        } else {
+            conv3d(x, &self.weight, [self.padding; 3]).and_then(|y| subsample(&y, s))
         };
         let y = y.map_err(candle_core::Error::wrap)?;
         add_bias(y, self.bias.as_ref()).map_err(candle_core::Error::wrap)
