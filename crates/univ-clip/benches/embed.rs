@@ -1,0 +1,43 @@
+//! Embedding the 32 class prompts with a ViT-B/32-shaped text encoder (random weights) on the
+//! CPU: tokenization and the forward pass.
+//!
+//! `cargo bench -p univ-clip --bench embed`
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use criterion::{Criterion, criterion_group, criterion_main};
+use univ_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, universal_prompts};
+
+fn bench(c: &mut Criterion) {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/clip_tokenizer");
+    if !dir.join("derived_vocab.json").exists() {
+        eprintln!("skipping: ../shared/data/clip_tokenizer not found");
+        return;
+    }
+    let tok = ClipTokenizer::from_files(
+        dir.join("derived_vocab.json"),
+        dir.join("derived_merges.txt"),
+    )
+    .unwrap();
+    let varmap = VarMap::new();
+    let model = ClipTextModel::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &ClipTextConfig::vit_b_32(),
+    )
+    .unwrap();
+    let prompts = universal_prompts();
+    let mut g = c.benchmark_group("clip_vit_b_32");
+    g.sample_size(10);
+    g.bench_function("tokenize_32_prompts", |b| {
+        b.iter(|| tok.encode_batch(&prompts, &Device::Cpu).unwrap())
+    });
+    let ids = tok.encode_batch(&prompts, &Device::Cpu).unwrap();
+    g.bench_function("encode_32_prompts_77_tokens", |b| {
+        b.iter(|| model.encode_text(&ids).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,313 @@
+//! Integration tests of univ-clip: tokenizer against OpenAI's golden ids, the text model
+//! against Hugging Face transformers, and the official class embedding.
+
+#[path = "../../../tests/common/shared.rs"]
+mod shared;
+
+use candle_core::{DType, Device, Tensor};
+use univ_clip::{ClassEmbeddings, ClipTextConfig, ClipTextModel, ClipTokenizer, Error};
+
+fn golden() -> Option<serde_json::Value> {
+    let p = shared::shared_file("data/clip_tokenizer/golden_universal_prompts_tokens.json")?;
+    Some(serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check_tokenizer(tok: &ClipTokenizer, g: &serde_json::Value, what: &str) {
+    let mut n = 0;
+    for key in [
+        "prompts_utils_spelling",
+        "prompts_clip_embedding_py_spelling",
+    ] {
+        for case in g[key].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(
+                tok.encode(text).unwrap(),
+                ids(&case["ids_unpadded"]),
+                "{what}: {text}"
+            );
+            assert_eq!(
+                tok.encode_padded(text).unwrap(),
+                ids(&case["ids_77"]),
+                "{what}: {text}"
+            );
+            n += 1;
+        }
+    }
+    for case in g["extra_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            ids(&case["ids_unpadded"]),
+            "{what}: {text:?}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 70);
+}
+
+#[test]
+fn tokenizer_matches_openai_on_every_golden_prompt() {
+    let (Some(g), Some(dir)) = (golden(), shared::shared_dir()) else {
+        return;
+    };
+    let d = dir.join("data/clip_tokenizer");
+    let from_files =
+        ClipTokenizer::from_files(d.join("derived_vocab.json"), d.join("derived_merges.txt"))
+            .unwrap();
+    check_tokenizer(&from_files, &g, "vocab.json + merges.txt");
+    let from_gz = ClipTokenizer::from_bpe_gz(d.join("bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    check_tokenizer(&from_gz, &g, "bpe_simple_vocab_16e6.txt.gz");
+    let from_json =
+        ClipTokenizer::from_tokenizer_json(dir.join("fixtures/clip_text/tokenizer.json")).unwrap();
+    check_tokenizer(&from_json, &g, "tokenizer.json");
+    // A tokenizer.json we save reloads to the same ids.
+    let tmp = tempfile::tempdir().unwrap();
+    let saved = tmp.path().join("tokenizer.json");
+    from_gz.inner().save(&saved, false).unwrap();
+    check_tokenizer(
+        &ClipTokenizer::from_tokenizer_json(&saved).unwrap(),
+        &g,
+        "saved tokenizer.json",
+    );
+}
+
+#[test]
+fn long_prompts_padding_and_truncation() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let d = dir.join("data/clip_tokenizer");
+    let tok = ClipTokenizer::from_files(d.join("derived_vocab.json"), d.join("derived_merges.txt"))
+        .unwrap();
+    let long = "liver ".repeat(100);
+    match tok.encode(&long) {
+        Err(Error::PromptTooLong {
+            tokens, context, ..
+        }) => {
+            assert_eq!(tokens, 102);
+            assert_eq!(context, 77);
+        }
+        other => panic!("{other:?}"),
+    }
+    let t = tok.clone().with_truncation(true).encode(&long).unwrap();
+    assert_eq!(t.len(), 77);
+    assert_eq!(t[0], 49406);
+    assert_eq!(t[76], 49407);
+    let hf = tok
+        .clone()
+        .with_pad_id(49407)
+        .encode_padded("a photo of a cat")
+        .unwrap();
+    assert_eq!(&hf[5..9], &[2368, 49407, 49407, 49407]);
+    let batch = tok.encode_batch(&["a", "b c"], &Device::Cpu).unwrap();
+    assert_eq!(batch.dims(), &[2, 77]);
+    // Missing files are typed errors naming the file.
+    let e =
+        ClipTokenizer::from_files(d.join("nope.json"), d.join("derived_merges.txt")).unwrap_err();
+    assert!(e.to_string().contains("nope.json"), "{e}");
+    let e = ClipTokenizer::from_dir(dir.join("data")).unwrap_err();
+    assert!(matches!(e, Error::File { .. }), "{e}");
+}
+
+fn close(name: &str, a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "{name}");
+    let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let bv = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (x, y) in av.iter().zip(&bv) {
+        let d = (x - y).abs();
+        assert!(d <= 1e-4 + 1e-4 * y.abs(), "{name}: {x} vs {y}");
+        worst = worst.max(d);
+    }
+    worst
+}
+
+#[test]
+fn text_model_matches_hugging_face_transformers() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let fx = dir.join("fixtures/clip_text");
+    let model = ClipTextModel::from_dir(fx.join("model"), &Device::Cpu).unwrap();
+    let cfg = model.config();
+    assert_eq!(
+        (cfg.hidden_size, cfg.num_hidden_layers, cfg.projection_dim),
+        (32, 2, 16)
+    );
+    let inputs =
+        candle_core::safetensors::load(fx.join("inputs.safetensors"), &Device::Cpu).unwrap();
+    let exp =
+        candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let out = model.forward(&inputs["input_ids"]).unwrap();
+    let dh = close(
+        "last_hidden_state",
+        &out.last_hidden_state,
+        &exp["last_hidden_state"],
+    );
+    let dp = close("pooled", &out.pooled, &exp["pooled"]);
+    let de = close("text_embeds", &out.text_embeds, &exp["text_embeds"]);
+    println!("max |Δ| hidden {dh:.2e} pooled {dp:.2e} embeds {de:.2e}");
+
+    // Our tokenizer on the same prompts gives the fixture's input ids.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("meta.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(prompts, univ_clip::universal_prompts());
+    let tok = ClipTokenizer::from_tokenizer_json(fx.join("tokenizer.json")).unwrap();
+    let ours = tok
+        .encode_batch(&prompts, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap();
+    let want = inputs["input_ids"].to_dtype(DType::I64).unwrap();
+    assert_eq!(
+        ours.to_vec2::<i64>().unwrap(),
+        want.to_vec2::<i64>().unwrap()
+    );
+    // End-token padding (Hugging Face style) pools at the same token: the same embeddings.
+    let hf_ids = tok
+        .clone()
+        .with_pad_id(49407)
+        .encode_batch(&prompts, &Device::Cpu)
+        .unwrap();
+    let e2 = model.encode_text(&hf_ids).unwrap();
+    assert!(close("end-token padding", &e2, &out.text_embeds) < 1e-5);
+
+    // Weights that do not fit the configuration are a typed error naming the file.
+    let mut wrong = ClipTextConfig::from_hf_config(fx.join("model/config.json")).unwrap();
+    wrong.hidden_size = 64;
+    wrong.num_attention_heads = 4;
+    let e = ClipTextModel::from_safetensors(
+        &[fx.join("model/model.safetensors")],
+        &wrong,
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Weights { .. }), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn presets_have_the_published_sizes() {
+    let b = ClipTextConfig::vit_b_32();
+    assert_eq!(
+        (
+            b.hidden_size,
+            b.num_hidden_layers,
+            b.num_attention_heads,
+            b.projection_dim
+        ),
+        (512, 12, 8, 512)
+    );
+    let l = ClipTextConfig::vit_l_14();
+    assert_eq!(
+        (
+            l.hidden_size,
+            l.num_hidden_layers,
+            l.num_attention_heads,
+            l.projection_dim
+        ),
+        (768, 12, 12, 768)
+    );
+    // A full-size random ViT-B/32 text tower builds and embeds.
+    let varmap = candle_nn::VarMap::new();
+    let m = ClipTextModel::new(
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &b,
+    )
+    .unwrap();
+    let ids = Tensor::new(&[[49406u32, 320, 1125, 49407, 0]], &Device::Cpu).unwrap();
+    assert_eq!(m.encode_text(&ids).unwrap().dims(), &[1, 512]);
+    let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    // 63,428,096 with the projection, as candle's own CLIP text model.
+    assert_eq!(params, 63_428_096);
+}
+
+#[test]
+fn official_class_embedding_loads_with_its_sanity_values() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let um = dir.join("data/universal_model");
+    let e = ClassEmbeddings::load(um.join("txt_encoding.pth")).unwrap();
+    assert_eq!(e.tensor().dims(), &[32, 512]);
+    let sum = e.tensor().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!((sum - 272.9728).abs() < 1e-3, "{sum}");
+    assert!((e.norms().unwrap()[0] - 8.8561).abs() < 1e-3);
+    assert_eq!(e.names[7], "Aorta");
+    assert_eq!(e.prompts[7], "A computerized tomography of a Arota");
+    assert_eq!(e.prompts[24], "A computerized tomography of a Celiac Truck");
+    // Identical to the f32 dump.
+    let raw = std::fs::read(um.join("txt_encoding_f32_32x512.bin")).unwrap();
+    let want: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        e.tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want
+    );
+    // The continual-learning 38-class file (f32) loads too.
+    let e38 =
+        ClassEmbeddings::load(um.join("word_embedding_38class_ContinualLearning.pth")).unwrap();
+    assert_eq!(e38.tensor().dims(), &[38, 512]);
+
+    // Save with provenance, reload, append a class, similarities.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("emb.safetensors");
+    let mut e = e;
+    e.provenance.insert(
+        "encoder".into(),
+        "openai ViT-B/32 encode_text (official file)".into(),
+    );
+    e.save_safetensors(&p).unwrap();
+    let back = ClassEmbeddings::load(&p).unwrap();
+    assert_eq!(back.names, e.names);
+    assert_eq!(back.prompts, e.prompts);
+    assert_eq!(
+        back.provenance["encoder"],
+        "openai ViT-B/32 encode_text (official file)"
+    );
+    assert_eq!(back.provenance["sha256"], e.sha256().unwrap());
+    assert_eq!(
+        back.tensor().to_vec2::<f32>().unwrap(),
+        e.tensor().to_vec2::<f32>().unwrap()
+    );
+    let row = e38.tensor().get(35).unwrap();
+    let mut grown = back;
+    grown
+        .push("Kidney_LtRV", &univ_clip::prompt("Kidney_LtRV"), &row)
+        .unwrap();
+    assert_eq!(grown.len(), 33);
+    let sim = grown.cosine_similarity().unwrap();
+    assert!((sim[32][32] - 1.0).abs() < 1e-5);
+    assert!((sim[1][2] - sim[2][1]).abs() < 1e-6);
+    assert!(
+        grown
+            .push(
+                "bad",
+                "bad",
+                &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()
+            )
+            .is_err()
+    );
+    // Not a torch file.
+    std::fs::write(tmp.path().join("x.pth"), b"nope").unwrap();
+    assert!(matches!(
+        ClassEmbeddings::load(tmp.path().join("x.pth")),
+        Err(Error::File { .. })
+    ));
+}
