@@ -215,3 +215,88 @@ fn inspect_convert_and_forward_a_checkpoint() {
         .unwrap();
     assert_clean_failure(&o, "clip_driven_universal_swin_unetr.pth");
 }
+
+#[test]
+fn embed_the_universal_bank_and_inspect_it() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/clip_text");
+    // A CLIP folder: the fixture's small random text model and its tokenizer.
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    std::fs::create_dir(&clip).unwrap();
+    for (from, to) in [
+        (fx.join("model/config.json"), "config.json"),
+        (fx.join("model/model.safetensors"), "model.safetensors"),
+        (fx.join("tokenizer.json"), "tokenizer.json"),
+    ] {
+        std::fs::copy(from, clip.join(to)).unwrap();
+    }
+    let out = dir.path().join("bank.safetensors");
+    let o = univ(&[
+        "embed",
+        "--clip",
+        clip.to_str().unwrap(),
+        "--universal",
+        "--class",
+        "Superior Mesenteric Artery",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let bank = univ::clip::ClassEmbeddings::load(&out).unwrap();
+    assert_eq!(bank.len(), 33);
+    assert_eq!(bank.prompts[7], "A computerized tomography of a Arota");
+    assert_eq!(
+        bank.prompts[32],
+        "A computerized tomography of a Superior Mesenteric Artery"
+    );
+    // The 32 rows equal Hugging Face transformers' text_embeds for the same model.
+    let want =
+        candle_core::safetensors::load(fx.join("expected.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let ours = bank.tensor().narrow(0, 0, 32).unwrap();
+    let d = (&ours - &want["text_embeds"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+
+    let o = univ(&["embed", "--inspect", out.to_str().unwrap()]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("33 classes x 16 values"), "{stdout}");
+    assert!(stdout.contains("Superior Mesenteric Artery"), "{stdout}");
+    assert!(stdout.contains("cosine similarity"), "{stdout}");
+
+    // Nothing to embed, and a bad CLIP folder: clear errors.
+    assert_clean_failure(
+        &univ(&[
+            "embed",
+            "--clip",
+            clip.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]),
+        "nothing to embed",
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_univ"))
+        .args([
+            "embed",
+            "--clip",
+            "no/such-repo",
+            "--universal",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "no/such-repo");
+}

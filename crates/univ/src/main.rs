@@ -1,6 +1,7 @@
 //! The `univ` command: inspect and preprocess CT volumes (more subcommands arrive with the
 //! model). Errors are printed as one readable message, without a backtrace, with exit code 1.
 
+mod embed_cmd;
 mod model_cmds;
 
 use std::path::{Path, PathBuf};
@@ -71,6 +72,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Embed class prompts with a CLIP text encoder (`--universal` for the 32-class bank), or
+    /// inspect an embedding file (`--inspect FILE`).
+    Embed {
+        /// A folder with config.json, safetensors weights and tokenizer files, or a Hugging
+        /// Face repository id in the local cache (e.g. openai/clip-vit-base-patch32).
+        #[arg(long)]
+        clip: Option<String>,
+        /// A prompt, embedded as given (repeatable).
+        #[arg(long = "prompt")]
+        prompts: Vec<String>,
+        /// A class name, put into "A computerized tomography of a {}" (repeatable).
+        #[arg(long = "class")]
+        classes: Vec<String>,
+        /// The 32 universal classes with the official prompt strings.
+        #[arg(long)]
+        universal: bool,
+        /// Output safetensors file (tensor `embeddings`, (N, D)).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Print the classes, norms and similarity table of an embedding file.
+        #[arg(long, conflicts_with_all = ["clip", "prompts", "classes", "universal", "output"])]
+        inspect: Option<PathBuf>,
+    },
     /// Rewrite a checkpoint as safetensors with canonical keys (no `module.`, `backbone.`).
     Convert {
         /// A .pth or .safetensors file, or a named official checkpoint.
@@ -136,6 +160,21 @@ fn main() -> ExitCode {
             record,
         }),
         Command::Inspect { checkpoint, json } => model_cmds::inspect(&checkpoint, json),
+        Command::Embed {
+            clip,
+            prompts,
+            classes,
+            universal,
+            output,
+            inspect,
+        } => embed_cmd::run(embed_cmd::EmbedArgs {
+            clip,
+            prompts,
+            classes,
+            universal,
+            output,
+            inspect,
+        }),
         Command::Convert { input, output } => model_cmds::convert(&input, &output),
         Command::Forward {
             checkpoint,

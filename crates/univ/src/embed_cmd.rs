@@ -1,0 +1,124 @@
+//! `univ embed`: class embeddings from prompts with a CLIP text encoder, and their inspection.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use univ::clip::{ClassEmbeddings, ClipTextEncoder, TEMPLATE, UNIVERSAL_CLASSES, prompt};
+
+/// What to embed, in output order: the universal bank, then classes, then raw prompts.
+pub struct EmbedArgs {
+    pub clip: Option<String>,
+    pub prompts: Vec<String>,
+    pub classes: Vec<String>,
+    pub universal: bool,
+    pub output: Option<PathBuf>,
+    pub inspect: Option<PathBuf>,
+}
+
+pub fn run(a: EmbedArgs) -> Result<()> {
+    if let Some(file) = &a.inspect {
+        return inspect(file);
+    }
+    let clip = a
+        .clip
+        .as_deref()
+        .context("--clip DIR_OR_HF_ID is required to embed")?;
+    let output = a
+        .output
+        .as_deref()
+        .context("--output FILE.safetensors is required")?;
+    if output.extension().is_none_or(|e| e != "safetensors") {
+        bail!(
+            "{}: the output must be a .safetensors file",
+            output.display()
+        );
+    }
+    let mut names = Vec::new();
+    let mut prompts = Vec::new();
+    if a.universal {
+        for c in &UNIVERSAL_CLASSES {
+            names.push(c.name.to_string());
+            prompts.push(prompt(c.prompt_name));
+        }
+    }
+    for c in &a.classes {
+        names.push(c.clone());
+        prompts.push(prompt(c));
+    }
+    for p in &a.prompts {
+        names.push(p.clone());
+        prompts.push(p.clone());
+    }
+    if prompts.is_empty() {
+        bail!("nothing to embed: give --prompt, --class or --universal");
+    }
+    let dir = if Path::new(clip).is_dir() {
+        PathBuf::from(clip)
+    } else {
+        univ::clip::hub::resolve_repo(clip).with_context(|| {
+            format!("--clip {clip}: not a folder, and not found as a Hugging Face repository")
+        })?
+    };
+    let encoder = ClipTextEncoder::from_dir(&dir, &Device::Cpu)?;
+    let start = std::time::Instant::now();
+    let emb = encoder.embed(&prompts)?;
+    let mut bank = ClassEmbeddings::new(names, prompts, emb)?;
+    bank.provenance.insert(
+        "encoder".into(),
+        format!("CLIP text encoder from {clip} (encode_text, not normalised)"),
+    );
+    bank.provenance
+        .insert("template".into(), TEMPLATE.to_string());
+    bank.save_safetensors(output)?;
+    println!(
+        "embedded {} prompts ({} values each) in {:.2} s -> {}",
+        bank.len(),
+        bank.dim(),
+        start.elapsed().as_secs_f64(),
+        output.display()
+    );
+    Ok(())
+}
+
+fn inspect(file: &Path) -> Result<()> {
+    let e = ClassEmbeddings::load(file)?;
+    let norms = e.norms()?;
+    println!(
+        "{}: {} classes x {} values, sha256 {}",
+        file.display(),
+        e.len(),
+        e.dim(),
+        e.sha256()?
+    );
+    for (k, v) in &e.provenance {
+        if k != "sha256" {
+            println!("  {k}: {v}");
+        }
+    }
+    println!("{:>3}  {:<30} {:>7}  prompt", "#", "class", "norm");
+    for i in 0..e.len() {
+        println!(
+            "{:>3}  {:<30} {:>7.4}  {}",
+            i + 1,
+            e.names[i],
+            norms[i],
+            e.prompts[i]
+        );
+    }
+    let sim = e.cosine_similarity()?;
+    println!("\ncosine similarity (row i, column j = class j):");
+    print!("{:>4}", "");
+    for j in 0..e.len() {
+        print!("{:>6}", j + 1);
+    }
+    println!();
+    for (i, row) in sim.iter().enumerate() {
+        print!("{:>4}", i + 1);
+        for v in row {
+            print!("{v:>6.3}");
+        }
+        println!();
+    }
+    Ok(())
+}
