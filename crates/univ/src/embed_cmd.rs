@@ -97,14 +97,8 @@ fn inspect(file: &Path) -> Result<()> {
         }
     }
     println!("{:>3}  {:<30} {:>7}  prompt", "#", "class", "norm");
-    for i in 0..e.len() {
-        println!(
-            "{:>3}  {:<30} {:>7.4}  {}",
-            i + 1,
-            e.names[i],
-            norms[i],
-            e.prompts[i]
-        );
+    for (i, ((name, norm), p)) in e.names.iter().zip(&norms).zip(&e.prompts).enumerate() {
+        println!("{:>3}  {:<30} {norm:>7.4}  {p}", i + 1, name);
     }
     let sim = e.cosine_similarity()?;
     println!("\ncosine similarity (row i, column j = class j):");
