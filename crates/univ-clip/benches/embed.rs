@@ -36,6 +36,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("encode_32_prompts_77_tokens", |b| {
         b.iter(|| model.encode_text(&ids).unwrap())
     });
+    // What `ClipTextEncoder::embed` runs: the ids cut after the longest prompt (16 tokens).
+    let cut = ids.narrow(1, 0, 16).unwrap();
+    g.bench_function("encode_32_prompts_16_tokens", |b| {
+        b.iter(|| model.encode_text(&cut).unwrap())
+    });
     g.finish();
 }
 

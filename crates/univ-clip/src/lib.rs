@@ -51,6 +51,12 @@ impl ClipTextEncoder {
         let ids = self
             .tokenizer
             .encode_batch(prompts, self.model.token_device())?;
-        self.model.encode_text(&ids)
+        // Only the tokens up to the longest prompt's end token matter: with the causal mask,
+        // later (padding) positions cannot change the hidden state at the end token.
+        let mut longest = 1;
+        for p in prompts {
+            longest = longest.max(self.tokenizer.encode(p.as_ref())?.len());
+        }
+        self.model.encode_text(&ids.narrow(1, 0, longest)?)
     }
 }

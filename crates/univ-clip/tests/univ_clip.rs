@@ -311,3 +311,20 @@ fn official_class_embedding_loads_with_its_sanity_values() {
         Err(Error::File { .. })
     ));
 }
+
+#[test]
+fn embedding_trims_padding_without_changing_the_result() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let fx = dir.join("fixtures/clip_text");
+    let enc = univ_clip::ClipTextEncoder {
+        tokenizer: ClipTokenizer::from_tokenizer_json(fx.join("tokenizer.json")).unwrap(),
+        model: ClipTextModel::from_dir(fx.join("model"), &Device::Cpu).unwrap(),
+    };
+    let prompts = univ_clip::universal_prompts();
+    let got = enc.embed(&prompts).unwrap();
+    let exp =
+        candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
+    assert!(close("trimmed", &got, &exp["text_embeds"]) < 1e-5);
+}
