@@ -21,13 +21,20 @@ const FILES: [&str; 4] = [
 /// # Errors
 /// [`Error::File`] naming the first file that is neither cached nor downloadable.
 pub fn resolve_repo(repo: &str) -> Result<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    resolve_repo_in(repo, &hf_hub::Cache::from_env(), !offline)
+}
+
+/// [`resolve_repo`] with an explicit cache and download permission.
+///
+/// # Errors
+/// As [`resolve_repo`].
+pub fn resolve_repo_in(repo: &str, cache: &hf_hub::Cache, allow_download: bool) -> Result<PathBuf> {
     let mut dir = None;
     for f in FILES {
         let path = match cache.model(repo.to_string()).get(f) {
             Some(p) => p,
-            None => fetch(&cache, repo, f, offline)?,
+            None => fetch(cache, repo, f, !allow_download)?,
         };
         dir = path.parent().map(PathBuf::from);
     }

@@ -328,3 +328,58 @@ fn embedding_trims_padding_without_changing_the_result() {
         candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
     assert!(close("trimmed", &got, &exp["text_embeds"]) < 1e-5);
 }
+
+#[test]
+fn clip_folder_resolves_from_the_hf_cache_offline() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let fx = dir.join("fixtures/clip_text");
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = hf_hub::Cache::new(tmp.path().to_path_buf());
+    let e =
+        univ_clip::hub::resolve_repo_in("openai/clip-vit-base-patch32", &cache, false).unwrap_err();
+    assert!(e.to_string().contains("config.json"), "{e}");
+    // Lay the files out as hf-hub does, then load the encoder from the snapshot folder.
+    let repo = cache.model("openai/clip-vit-base-patch32".to_string());
+    let hash = "fedcba9876543210fedcba9876543210fedcba98";
+    repo.create_ref(hash).unwrap();
+    let snap = repo.pointer_path(hash);
+    std::fs::create_dir_all(&snap).unwrap();
+    let d = dir.join("data/clip_tokenizer");
+    for (from, to) in [
+        (fx.join("model/config.json"), "config.json"),
+        (fx.join("model/model.safetensors"), "model.safetensors"),
+        (d.join("derived_vocab.json"), "vocab.json"),
+        (d.join("derived_merges.txt"), "merges.txt"),
+    ] {
+        std::fs::copy(from, snap.join(to)).unwrap();
+    }
+    let folder =
+        univ_clip::hub::resolve_repo_in("openai/clip-vit-base-patch32", &cache, false).unwrap();
+    assert_eq!(folder, snap);
+    let enc = univ_clip::ClipTextEncoder::from_dir(&folder, &Device::Cpu).unwrap();
+    let got = enc.embed(&univ_clip::universal_prompts()).unwrap();
+    let exp =
+        candle_core::safetensors::load(fx.join("expected.safetensors"), &Device::Cpu).unwrap();
+    assert!(close("from cache", &got, &exp["text_embeds"]) < 1e-5);
+}
+
+#[test]
+fn npy_embeddings_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("e.npy");
+    let t = Tensor::arange(0f32, 12.0, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 4))
+        .unwrap();
+    t.write_npy(&p).unwrap();
+    let e = ClassEmbeddings::load(&p).unwrap();
+    assert_eq!(e.names, vec!["class_1", "class_2", "class_3"]);
+    assert_eq!(
+        e.tensor().to_vec2::<f32>().unwrap(),
+        t.to_vec2::<f32>().unwrap()
+    );
+    let e = ClassEmbeddings::load(tmp.path().join("e.bin")).unwrap_err();
+    assert!(e.to_string().contains(".pth, .safetensors or .npy"), "{e}");
+}
