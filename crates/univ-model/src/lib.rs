@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod hub;
+pub mod inferers;
 pub mod layers;
 pub mod nets;
 
