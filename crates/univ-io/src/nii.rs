@@ -91,6 +91,8 @@ pub struct NiftiInfo {
     pub description: String,
     /// `vox_offset`.
     pub vox_offset: f32,
+    /// Size of the 4th axis (1 for a 3-D volume).
+    pub channels: usize,
 }
 
 fn datatype_name(t: NiftiType) -> Option<(&'static str, usize)> {
@@ -254,7 +256,12 @@ fn geometry_of(h: &NiftiHeader) -> NiftiGeometry {
 }
 
 /// Checks a parsed header; returns the summary and the on-disk element size.
-fn check_header(path: &Path, h: &NiftiHeader, limits: &Limits) -> Result<(NiftiInfo, usize)> {
+fn check_header(
+    path: &Path,
+    h: &NiftiHeader,
+    limits: &Limits,
+    allow_channels: bool,
+) -> Result<(NiftiInfo, usize)> {
     let ndim = usize::from(h.dim[0]);
     if !(1..=7).contains(&ndim) {
         return Err(bad(
@@ -264,6 +271,7 @@ fn check_header(path: &Path, h: &NiftiHeader, limits: &Limits) -> Result<(NiftiI
         ));
     }
     let mut shape = [1usize; 3];
+    let mut channels = 1usize;
     let mut voxels: u128 = 1;
     for ax in 1..=ndim {
         let d = h.dim[ax];
@@ -278,6 +286,8 @@ fn check_header(path: &Path, h: &NiftiHeader, limits: &Limits) -> Result<(NiftiI
         voxels *= u128::from(d);
         if ax <= 3 {
             shape[ax - 1] = usize::from(d);
+        } else if ax == 4 && allow_channels {
+            channels = usize::from(d);
         } else if d != 1 {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
@@ -367,6 +377,7 @@ fn check_header(path: &Path, h: &NiftiHeader, limits: &Limits) -> Result<(NiftiI
             geometry: geometry_of(h),
             description,
             vox_offset: h.vox_offset,
+            channels,
         },
         elem,
     ))
@@ -385,7 +396,7 @@ pub fn read_header(path: impl AsRef<Path>, limits: &Limits) -> Result<NiftiInfo>
     let path = path.as_ref();
     let mut reader = open(path)?;
     let h = parse_header(path, &mut *reader)?;
-    Ok(check_header(path, &h, limits)?.0)
+    Ok(check_header(path, &h, limits, true)?.0)
 }
 
 /// Options for reading a NIfTI volume.
@@ -421,10 +432,23 @@ impl ReadOptions {
     /// # Errors
     /// A typed error naming the file for every header or data problem.
     pub fn read_image(&self, path: impl AsRef<Path>) -> Result<Volume<f32>> {
-        let path = path.as_ref();
+        let mut v = self.read_inner(path.as_ref(), false)?;
+        Ok(v.remove(0))
+    }
+
+    /// Reads a 4-D file whose 4th axis holds channels (a stack of masks, say) as one volume
+    /// per channel; a 3-D file gives one volume.
+    ///
+    /// # Errors
+    /// As [`read_image`](Self::read_image); data of 5 or more dimensions is unsupported.
+    pub fn read_channels(&self, path: impl AsRef<Path>) -> Result<Vec<Volume<f32>>> {
+        self.read_inner(path.as_ref(), true)
+    }
+
+    fn read_inner(&self, path: &Path, allow_channels: bool) -> Result<Vec<Volume<f32>>> {
         let mut reader = open(path)?;
         let h = parse_header(path, &mut *reader)?;
-        let (info, elem) = check_header(path, &h, &self.limits)?;
+        let (info, elem) = check_header(path, &h, &self.limits, allow_channels)?;
         // Skip the extensions between the header and the voxels.
         let skip = h.vox_offset as u64 - 348;
         let skipped =
@@ -442,7 +466,7 @@ impl ReadOptions {
                 ),
             });
         }
-        let n: usize = info.shape.iter().product();
+        let n: usize = info.shape.iter().product::<usize>() * info.channels;
         let nbytes = n * elem;
         let mut raw = Vec::new();
         raw.try_reserve_exact(nbytes)
@@ -460,20 +484,20 @@ impl ReadOptions {
                 ReadFail::Io(e) => e.to_string(),
             },
         })?;
-        // Header with the extra singleton axes folded away, so the ndarray is 3-D.
-        let mut h3 = h.clone();
-        h3.dim = [
-            3,
+        // Header with the extra singleton axes folded away, so the ndarray is 3-D or 4-D.
+        let mut hd = h.clone();
+        hd.dim = [
+            if info.channels > 1 { 4 } else { 3 },
             info.shape[0] as u16,
             info.shape[1] as u16,
             info.shape[2] as u16,
-            1,
+            info.channels as u16,
             1,
             1,
             1,
         ];
         let vol =
-            nifti::InMemNiftiVolume::from_raw_data(&h3, raw).map_err(|e| Error::InvalidNifti {
+            nifti::InMemNiftiVolume::from_raw_data(&hd, raw).map_err(|e| Error::InvalidNifti {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
@@ -481,21 +505,38 @@ impl ReadOptions {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        // The nifti crate returns a Fortran-order array; its buffer is our memory order.
+        // The nifti crate returns a Fortran-order array; its buffer is our memory order, with
+        // the channels as the slowest axis.
         debug_assert!(arr.t().is_standard_layout());
         let (data, offset) = arr.into_raw_vec_and_offset();
         debug_assert!(offset.unwrap_or(0) == 0);
-        let vol = Volume::from_parts(
-            data,
-            info.shape,
-            info.affine,
-            Some(info.geometry),
-            Some(path.to_path_buf()),
-        );
-        if !self.allow_non_finite {
-            vol.check_finite()?;
+        let per = info.shape.iter().product::<usize>();
+        let mut out = Vec::with_capacity(info.channels);
+        if info.channels == 1 {
+            out.push(data);
+        } else {
+            for c in 0..info.channels {
+                out.push(data[c * per..(c + 1) * per].to_vec());
+            }
         }
-        Ok(vol)
+        let vols: Vec<Volume<f32>> = out
+            .into_iter()
+            .map(|d| {
+                Volume::from_parts(
+                    d,
+                    info.shape,
+                    info.affine,
+                    Some(info.geometry),
+                    Some(path.to_path_buf()),
+                )
+            })
+            .collect();
+        if !self.allow_non_finite {
+            for v in &vols {
+                v.check_finite()?;
+            }
+        }
+        Ok(vols)
     }
 
     /// Reads a label map: every voxel must be an integer in `0..=255` after scaling.

@@ -679,6 +679,19 @@ fn bad_real_4d_data() {
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("dim[4] = 3"), "{e}");
     assert_names_file(&e, &p);
+    // Read on purpose as channels: one volume per entry of the 4th axis.
+    let raw = RawNii::new(&[2, 2, 2, 3], 2, 8, (0..24).collect());
+    let p = raw.write(dir.path(), "4d-channels.nii");
+    let ch = ReadOptions::new().read_channels(&p).unwrap();
+    assert_eq!(ch.len(), 3);
+    assert_eq!(ch[2].get([0, 0, 0]), 16.0);
+    assert_eq!(ch[1].get([1, 1, 1]), 15.0);
+    // 5-D data is still refused.
+    let raw = RawNii::new(&[2, 2, 2, 1, 2], 2, 8, vec![0; 16]);
+    let e = ReadOptions::new()
+        .read_channels(raw.write(dir.path(), "5d.nii"))
+        .unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod inferers;
 pub mod layers;
 pub mod nets;
+pub mod postprocess;
 
 pub use checkpoint::{Checkpoint, LoadReport};
 pub use error::{Error, Result};

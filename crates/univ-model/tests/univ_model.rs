@@ -908,3 +908,55 @@ fn sliding_window_matches_monai_0_9_on_a_real_ct() {
     );
     println!("sliding window: 15 windows, stitched logits max |Δ| {d:.2e}, masks identical");
 }
+
+#[test]
+fn organ_post_processing_matches_the_official_function() {
+    use univ_model::postprocess::{PostprocessOptions, organ_post_process};
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/postprocess");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("meta.json")).unwrap()).unwrap();
+    let list = |k: &str| -> Vec<usize> {
+        meta["organ_lists"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let read = |name: &str| -> (Vec<Vec<bool>>, [usize; 3]) {
+        let ch = univ_io::ReadOptions::new()
+            .read_channels(fx.join(name))
+            .unwrap();
+        let shape = ch[0].shape();
+        (
+            ch.iter()
+                .map(|v| v.data().iter().map(|x| *x > 0.5).collect())
+                .collect(),
+            shape,
+        )
+    };
+    for s in 0..2 {
+        let (pred, shape) = read(&format!("input_s{s}.nii.gz"));
+        assert_eq!(pred.len(), 32);
+        for (key, file) in [
+            ("all", format!("expected_all_s{s}.nii.gz")),
+            ("07", format!("expected_07_s{s}.nii.gz")),
+        ] {
+            let (want, _) = read(&file);
+            let (got, notes) =
+                organ_post_process(&pred, shape, &list(key), &PostprocessOptions::default());
+            for c in 0..32 {
+                let diff = got[c].iter().zip(&want[c]).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    diff,
+                    0,
+                    "sample {s}, organ list {key}, class {}: {diff} voxels differ ({notes:?})",
+                    c + 1
+                );
+            }
+        }
+    }
+}
