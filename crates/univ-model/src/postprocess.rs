@@ -150,7 +150,7 @@ fn box_filter(mask: &[bool], shape: [usize; 3], r: usize, grow: bool) -> Vec<boo
         let mut next = vec![false; cur.len()];
         for start in 0..cur.len() {
             // Visit each line once, from its first voxel.
-            if (start / st) % n != 0 {
+            if !(start / st).is_multiple_of(n) {
                 continue;
             }
             for i in 0..n {
