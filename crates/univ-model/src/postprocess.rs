@@ -321,7 +321,7 @@ mod tests {
         // A full 7×5×5 block eroded by a 5³ box keeps only the voxels at least 2 from every
         // face: x in 2..=4 at (y, z) = (2, 2).
         let shape = [7, 5, 5];
-        let e = box_filter(&vec![true; 175], shape, 2, false);
+        let e = box_filter(&[true; 175], shape, 2, false);
         let kept: Vec<usize> = (0..175).filter(|i| e[*i]).collect();
         assert_eq!(
             kept,
