@@ -300,3 +300,220 @@ fn embed_the_universal_bank_and_inspect_it() {
         .unwrap();
     assert_clean_failure(&o, "no/such-repo");
 }
+
+/// Writes a small CT-like NIfTI: a soft-tissue block in air.
+fn write_small_ct(path: &Path, side: usize) {
+    let shape = [side, side, side / 2];
+    let mut v = univ::io::Volume::filled(-1000f32, shape, univ::io::geometry::IDENTITY).unwrap();
+    for z in 1..shape[2] - 1 {
+        for y in 2..side - 2 {
+            for x in 2..side - 2 {
+                let i = v.index([x, y, z]);
+                v.data_mut()[i] = 40.0 + (x * 7 % 13) as f32;
+            }
+        }
+    }
+    univ::io::write_nifti(
+        path,
+        &v.map(|x| x as i16),
+        &univ::io::WriteOptions::default(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn segment_reproduces_monai_sliding_window_end_to_end() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("case");
+    let ckpt = shared.join("fixtures/model_unet/model.safetensors");
+    let o = univ(&[
+        "segment",
+        shared
+            .join("data/ct/example_ct_sm.nii.gz")
+            .to_str()
+            .unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--save-logits",
+        "--per-class",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // The preprocessed grid is the fixture's input; its stitched logits match MONAI 0.9.0's.
+    let logits =
+        candle_core::safetensors::load(out.join("logits.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let l = &logits["logits"];
+    assert_eq!(l.dims(), &[32, 241, 191, 59]);
+    let fx = candle_core::safetensors::load(
+        shared.join("fixtures/sliding_window/logits_selected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let channels = fx["channels"].to_vec1::<i64>().unwrap();
+    let idx: Vec<Vec<i64>> = ["idx_x", "idx_y", "idx_z"]
+        .iter()
+        .map(|k| fx[*k].to_vec1::<i64>().unwrap())
+        .collect();
+    let want = fx["logits_sub"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let lv = l.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut n = 0;
+    for c in &channels {
+        for x in &idx[0] {
+            for y in &idx[1] {
+                for z in &idx[2] {
+                    let got = lv[(((*c as usize) * 241 + *x as usize) * 191 + *y as usize) * 59
+                        + *z as usize];
+                    let w = want[n];
+                    assert!(
+                        (got - w).abs() <= 2e-3 + 1e-3 * w.abs(),
+                        "channel {c} at ({x},{y},{z}): {got} vs {w}"
+                    );
+                    n += 1;
+                }
+            }
+        }
+    }
+    // Outputs on the input grid with the input's geometry.
+    let input_h = univ::io::read_header(
+        shared.join("data/ct/example_ct_sm.nii.gz"),
+        &univ::io::Limits::default(),
+    )
+    .unwrap();
+    let seg_h = univ::io::read_header(
+        out.join("segmentation.nii.gz"),
+        &univ::io::Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(seg_h.shape, input_h.shape);
+    assert_eq!(seg_h.geometry, input_h.geometry);
+    assert!(
+        out.join("masks/liver.nii.gz").exists() && out.join("masks/liver_tumor.nii.gz").exists()
+    );
+    let classes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("classes.json")).unwrap()).unwrap();
+    assert_eq!(classes["classes"].as_array().unwrap().len(), 32);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["windows"], 15);
+    assert_eq!(report["classes"].as_array().unwrap().len(), 32);
+    assert!(report["lesions"]["liver_tumor"]["present"].is_boolean());
+    assert_eq!(report["checkpoint"]["sha256"].as_str().unwrap().len(), 64);
+    // Existing results are not overwritten without --overwrite.
+    let o = univ(&[
+        "segment",
+        shared
+            .join("data/ct/example_ct_sm.nii.gz")
+            .to_str()
+            .unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "--overwrite");
+}
+
+#[test]
+fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases");
+    std::fs::create_dir(&cases).unwrap();
+    write_small_ct(&cases.join("a.nii.gz"), 24);
+    write_small_ct(&cases.join("c.nii.gz"), 20);
+    std::fs::write(cases.join("b.nii.gz"), b"broken").unwrap();
+    let out = dir.path().join("out");
+    let ckpt = shared.join("fixtures/model_unet/model.safetensors");
+    let o = univ(&[
+        "segment",
+        cases.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--classes",
+        "liver,spleen,kidney tumor",
+        "--probabilities",
+        "--quiet",
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("b.nii.gz") && err.contains("1 of 3 case(s) failed"),
+        "{err}"
+    );
+    for case in ["a", "c"] {
+        let c = out.join(case);
+        assert!(c.join("segmentation.nii.gz").exists(), "{case}");
+        let classes: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c.join("classes.json")).unwrap())
+                .unwrap();
+        let names: Vec<&str> = classes["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["Liver", "Spleen", "Kidney Tumor"]);
+        assert!(c.join("probabilities/liver.nii.gz").exists());
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c.join("report.json")).unwrap()).unwrap();
+        // Kidney tumours need the kidneys, which were not computed: said in the report.
+        assert!(
+            report["notes"].to_string().contains("not computed"),
+            "{}",
+            report["notes"]
+        );
+    }
+    assert!(!out.join("b").exists());
+    // No temporary folders are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // A checkpoint whose shapes do not fit: the error names the key.
+    let tensors = candle_core::safetensors::load(&ckpt, &candle_core::Device::Cpu).unwrap();
+    let mut bad = tensors.clone();
+    bad.insert(
+        "controller.bias".into(),
+        candle_core::Tensor::zeros(7, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    bad.remove("GAP.3.weight");
+    let bad_path = dir.path().join("bad.safetensors");
+    candle_core::safetensors::save(&bad, &bad_path).unwrap();
+    let o = univ(&[
+        "segment",
+        cases.join("a.nii.gz").to_str().unwrap(),
+        "-o",
+        dir.path().join("o2").to_str().unwrap(),
+        "--checkpoint",
+        bad_path.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "GAP.3.weight");
+    assert!(text(&o).1.contains("controller.bias"));
+    // No checkpoint: says what is missing.
+    assert_clean_failure(
+        &univ(&[
+            "segment",
+            cases.join("a.nii.gz").to_str().unwrap(),
+            "-o",
+            dir.path().join("o3").to_str().unwrap(),
+        ]),
+        "--checkpoint",
+    );
+}

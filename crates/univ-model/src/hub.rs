@@ -174,3 +174,19 @@ fn download(cache: &hf_hub::Cache, file: &str, _allow: bool) -> Result<PathBuf> 
         ),
     })
 }
+
+/// SHA-256 (hex) of a tensor's values as little-endian f32, row-major.
+///
+/// # Errors
+/// Tensor errors.
+pub fn sha256_of_tensor(t: &candle_core::Tensor) -> Result<String> {
+    let v = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut h = sha2::Sha256::new();
+    for x in v {
+        h.update(x.to_le_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -10,7 +10,9 @@ pub mod inferers;
 pub mod layers;
 pub mod nets;
 pub mod postprocess;
+pub mod segment;
 
 pub use checkpoint::{Checkpoint, LoadReport};
 pub use error::{Error, Result};
 pub use nets::{UniversalConfig, UniversalModel};
+pub use segment::{SegmentOptions, Segmentation, segment};

@@ -25,10 +25,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod outputs;
+
 pub use univ_clip as clip;
 pub use univ_io as io;
 pub use univ_model as model;
 pub use univ_train as train;
+
+pub use univ_model::segment::{SegmentOptions, Segmentation, segment};
 
 /// The names most programs need.
 pub mod prelude {

@@ -3,6 +3,7 @@
 
 mod embed_cmd;
 mod model_cmds;
+mod segment_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -63,6 +64,54 @@ enum Command {
         /// Also write what was done (JSON), to map results back onto the input grid later.
         #[arg(long)]
         record: Option<PathBuf>,
+    },
+    /// Segment a CT (a NIfTI file, or a folder of them): label map, class table, report, and
+    /// optionally per-class masks, probabilities and logits, on the input's grid.
+    Segment {
+        /// A NIfTI file, or a folder of NIfTI files (one output folder per case).
+        input: PathBuf,
+        /// Output folder.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// A .pth/.safetensors checkpoint, or `unet` / `swinunetr` (official weights).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Only these classes, by name or id (e.g. `liver,spleen` or `6,1`).
+        #[arg(long)]
+        classes: Option<String>,
+        /// Overlap of neighbouring windows.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// Blend windows with equal weights instead of the Gaussian.
+        #[arg(long)]
+        constant_blend: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Also write masks/<class>.nii.gz.
+        #[arg(long)]
+        per_class: bool,
+        /// Also write probabilities/<class>.nii.gz (sigmoid × 255).
+        #[arg(long)]
+        probabilities: bool,
+        /// Skip the organ post-processing.
+        #[arg(long)]
+        no_postprocess: bool,
+        /// The input is already preprocessed (RAS, 1.5 mm, 0..1); outputs stay on its grid.
+        #[arg(long)]
+        no_preprocess: bool,
+        /// Also write the stitched logits (K, X, Y, Z) as logits.safetensors.
+        #[arg(long)]
+        save_logits: bool,
+        /// Replace existing results.
+        #[arg(long)]
+        overwrite: bool,
+        /// No progress bar or summary.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Describe a checkpoint: backbone, widths, classes, parameter count, embedding, keys.
     Inspect {
@@ -160,6 +209,43 @@ fn main() -> ExitCode {
             record,
         }),
         Command::Inspect { checkpoint, json } => model_cmds::inspect(&checkpoint, json),
+        Command::Segment {
+            input,
+            output,
+            checkpoint,
+            classes,
+            overlap,
+            constant_blend,
+            threads,
+            device,
+            per_class,
+            probabilities,
+            no_postprocess,
+            no_preprocess,
+            save_logits,
+            overwrite,
+            quiet,
+        } => {
+            if let Some(n) = threads {
+                set_threads(n);
+            }
+            segment_cmd::run(segment_cmd::SegmentArgs {
+                input,
+                output,
+                checkpoint,
+                classes,
+                overlap,
+                constant_blend,
+                device,
+                per_class,
+                probabilities,
+                no_postprocess,
+                no_preprocess,
+                save_logits,
+                overwrite,
+                quiet,
+            })
+        }
         Command::Embed {
             clip,
             prompts,
@@ -190,6 +276,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Sets the worker thread count for every pool (rayon, candle, univ-io).
+fn set_threads(n: usize) {
+    let n = n.max(1);
+    // SAFETY: called on the main thread before any other thread is started.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("UNIV_NUM_THREADS", n.to_string());
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
 fn info(path: &Path, json: bool) -> Result<()> {

@@ -277,6 +277,26 @@ impl UniversalModel {
         Ok(self)
     }
 
+    /// A model that computes only some classes: `classes` are 1-based rows of the current
+    /// embeddings, in the order wanted. The head then runs for those classes only.
+    ///
+    /// # Errors
+    /// An empty list or a class out of range.
+    pub fn select_classes(&self, classes: &[usize]) -> Result<Self> {
+        let k = self.organ_embedding.dim(0)?;
+        if classes.is_empty() || classes.iter().any(|c| *c == 0 || *c > k) {
+            return Err(Error::Config(format!(
+                "classes {classes:?} must be in 1..={k}"
+            )));
+        }
+        let idx: Vec<u32> = classes.iter().map(|c| (*c - 1) as u32).collect();
+        let idx = Tensor::from_vec(idx, classes.len(), self.organ_embedding.device())?;
+        let mut out = self.clone();
+        out.organ_embedding = self.organ_embedding.index_select(&idx, 0)?;
+        out.cfg.num_classes = classes.len();
+        Ok(out)
+    }
+
     /// Task encodings `(K, 256)`: `ReLU(text_to_vision(E))` in word mode, `E` in rand mode.
     ///
     /// # Errors

@@ -1,0 +1,265 @@
+//! Segmentation of a whole volume: preprocessing, sliding-window inference, thresholds,
+//! post-processing, and mapping the masks back onto the input grid.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use univ_io::{Interpolation, PreprocessOptions, PreprocessRecord, Volume};
+
+use crate::error::{Error, Result};
+use crate::inferers::{SlidingWindowOptions, sliding_window_inference, volume_to_network_layout};
+use crate::nets::UniversalModel;
+use crate::postprocess::{PostprocessOptions, organ_post_process};
+
+/// Universal classes whose lesions are reported (tumours and the kidney cyst).
+pub const LESION_CLASSES: [usize; 7] = [26, 27, 28, 29, 30, 31, 32];
+
+/// Settings of [`segment`]; [`Default`] gives the official pipeline for all classes.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SegmentOptions {
+    /// Preprocessing (the official one by default); `None` when the volume is already
+    /// preprocessed (RAS, 1.5 mm, intensities in [0, 1]); results then stay on its grid.
+    pub preprocess: Option<PreprocessOptions>,
+    /// Sliding-window settings.
+    pub window: SlidingWindowOptions,
+    /// Universal class ids (1-based rows of the model's embeddings) to compute; empty = all.
+    pub classes: Vec<usize>,
+    /// Probability threshold per class id (strict `>`); classes not listed use 0.5.
+    pub thresholds: Vec<(usize, f32)>,
+    /// Post-processing rules.
+    pub postprocess: PostprocessOptions,
+    /// Keep the sigmoid probabilities (quantised to 0..=255) on the input grid.
+    pub keep_probabilities: bool,
+    /// Keep the stitched logits on the network grid.
+    pub keep_logits: bool,
+    /// The device the network runs on.
+    pub device: Device,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions {
+            preprocess: Some(PreprocessOptions::universal_model()),
+            window: SlidingWindowOptions::default(),
+            classes: Vec::new(),
+            thresholds: Vec::new(),
+            postprocess: PostprocessOptions::default(),
+            keep_probabilities: false,
+            keep_logits: false,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// The stitched logits of every computed class on the network grid.
+#[derive(Debug, Clone)]
+pub struct NetworkLogits {
+    /// `(K, X, Y, Z)` in C order (Z fastest).
+    pub data: Vec<f32>,
+    /// `[K, X, Y, Z]`.
+    pub shape: [usize; 4],
+}
+
+/// What [`segment`] produces.
+#[derive(Debug, Clone)]
+pub struct Segmentation {
+    /// The computed class ids, in output order.
+    pub classes: Vec<usize>,
+    /// One 0/1 mask per class on the input grid (with the input's geometry).
+    pub masks: Vec<Volume<u8>>,
+    /// Sigmoid probabilities × 255 on the input grid, per class, when asked for; always kept
+    /// for the lesion classes (for the report).
+    pub probabilities: Vec<Option<Volume<u8>>>,
+    /// The logits on the network grid, when asked for.
+    pub logits: Option<NetworkLogits>,
+    /// What preprocessing did (absent without preprocessing).
+    pub record: Option<PreprocessRecord>,
+    /// Number of windows run.
+    pub windows: usize,
+    /// Seconds per stage, in order.
+    pub timings: Vec<(String, f64)>,
+    /// Notes: rules that could not be applied, suspicious input.
+    pub notes: Vec<String>,
+}
+
+fn sigmoid_u8(l: f32) -> u8 {
+    let p = 1.0 / (1.0 + (-l).exp());
+    (p * 255.0).round() as u8
+}
+
+/// Segments a CT volume (see the module docs). `progress(done, total)` is called after each
+/// window.
+///
+/// # Errors
+/// Preprocessing errors (no foreground, NaN voxels), invalid classes, model errors.
+pub fn segment(
+    image: &Volume<f32>,
+    model: &UniversalModel,
+    opts: &SegmentOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Segmentation> {
+    let mut timings = Vec::new();
+    let mut notes = Vec::new();
+    let t = Instant::now();
+    let k_all = model.config().num_classes;
+    let classes: Vec<usize> = if opts.classes.is_empty() {
+        (1..=k_all).collect()
+    } else {
+        opts.classes.clone()
+    };
+    let model = if classes.len() == k_all && classes.iter().enumerate().all(|(i, c)| *c == i + 1) {
+        model.clone()
+    } else {
+        model.select_classes(&classes)?
+    };
+    let (pre_image, record) = match &opts.preprocess {
+        Some(p) => {
+            let pre = univ_io::preprocess(image.clone(), None, p)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            (pre.image, Some(pre.record))
+        }
+        None => {
+            let (lo, hi) = image.min_max();
+            if lo < -0.01 || hi > 1.01 {
+                notes.push(format!(
+                    "the volume's intensities span {lo}..{hi}, not the preprocessed 0..1 range"
+                ));
+            }
+            (image.clone(), None)
+        }
+    };
+    timings.push(("preprocess".to_string(), t.elapsed().as_secs_f64()));
+
+    let t = Instant::now();
+    let dims = pre_image.shape();
+    let n = dims.iter().product::<usize>();
+    let k = classes.len();
+    let threshold = |c: usize| {
+        opts.thresholds
+            .iter()
+            .find(|(id, _)| *id == c)
+            .map_or(0.5f32, |(_, t)| *t)
+    };
+    // Threshold on the logit: sigmoid(l) > t  <=>  l > logit(t).
+    let cut: Vec<f32> = classes
+        .iter()
+        .map(|c| {
+            let t = threshold(*c).clamp(1e-6, 1.0 - 1e-6);
+            (t / (1.0 - t)).ln()
+        })
+        .collect();
+    let keep_prob: Vec<bool> = classes
+        .iter()
+        .map(|c| opts.keep_probabilities || LESION_CLASSES.contains(c))
+        .collect();
+    let mut masks_pre: Vec<Vec<bool>> = vec![vec![false; n]; k];
+    let mut probs_pre: Vec<Vec<u8>> = keep_prob
+        .iter()
+        .map(|keep| if *keep { vec![0u8; n] } else { Vec::new() })
+        .collect();
+    let mut logits = opts.keep_logits.then(|| vec![0f32; k * n]);
+    let input = volume_to_network_layout(&pre_image);
+    let mut windows = 0;
+    let (nx, ny, nz) = (dims[0], dims[1], dims[2]);
+    sliding_window_inference(
+        &input,
+        dims,
+        &opts.window,
+        &opts.device,
+        |x| model.forward(x),
+        |x0, planes| {
+            let m = planes.len() / (k * ny * nz);
+            for c in 0..k {
+                for i in 0..m {
+                    let x = x0 + i;
+                    for y in 0..ny {
+                        let src = ((c * m + i) * ny + y) * nz;
+                        for z in 0..nz {
+                            let l = planes[src + z];
+                            let v = x + nx * (y + ny * z);
+                            masks_pre[c][v] = l > cut[c];
+                            if keep_prob[c] {
+                                probs_pre[c][v] = sigmoid_u8(l);
+                            }
+                        }
+                        if let Some(buf) = logits.as_mut() {
+                            let dst = ((c * nx + x) * ny + y) * nz;
+                            buf[dst..dst + nz].copy_from_slice(&planes[src..src + nz]);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+        |d, total| {
+            windows = d;
+            progress(d, total)
+        },
+    )?;
+    timings.push(("sliding window".to_string(), t.elapsed().as_secs_f64()));
+
+    // Post-processing by universal class id.
+    let t = Instant::now();
+    let max_id = classes.iter().copied().max().unwrap_or(0).max(32);
+    let mut by_id: Vec<Vec<bool>> = vec![Vec::new(); max_id];
+    for (c, m) in classes.iter().zip(masks_pre) {
+        by_id[c - 1] = m;
+    }
+    let mut order = classes.clone();
+    order.sort_unstable();
+    for (tumour, organs) in [(26usize, [2usize, 3].as_slice()), (27, [6].as_slice())] {
+        if opts.postprocess.tumour_in_organ
+            && classes.contains(&tumour)
+            && !organs.iter().all(|o| classes.contains(o))
+        {
+            notes.push(format!("class {tumour} is kept only inside its organ (classes {organs:?}), which was not computed: it will be empty"));
+        }
+    }
+    let (processed, pnotes) = organ_post_process(&by_id, dims, &order, &opts.postprocess);
+    notes.extend(pnotes);
+    timings.push(("post-process".to_string(), t.elapsed().as_secs_f64()));
+
+    // Back onto the input grid.
+    let t = Instant::now();
+    let to_input = |data: Vec<u8>| -> Result<Volume<u8>> {
+        let v = pre_image
+            .with_data(data)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        match &record {
+            Some(r) => r
+                .invert(&v, Interpolation::Nearest)
+                .map_err(|e| Error::Config(e.to_string())),
+            None => Ok(v),
+        }
+    };
+    let mut masks = Vec::with_capacity(k);
+    let mut probabilities = Vec::with_capacity(k);
+    for (i, c) in classes.iter().enumerate() {
+        let m: Vec<u8> = processed[c - 1].iter().map(|b| u8::from(*b)).collect();
+        masks.push(to_input(m)?);
+        let p = std::mem::take(&mut probs_pre[i]);
+        probabilities.push(if p.is_empty() {
+            None
+        } else {
+            Some(to_input(p)?)
+        });
+    }
+    timings.push((
+        "map back to the input grid".to_string(),
+        t.elapsed().as_secs_f64(),
+    ));
+    Ok(Segmentation {
+        classes,
+        masks,
+        probabilities,
+        logits: logits.map(|data| NetworkLogits {
+            data,
+            shape: [k, nx, ny, nz],
+        }),
+        record,
+        windows,
+        timings,
+        notes,
+    })
+}
