@@ -107,7 +107,7 @@ pub fn distance_transform(features: &[bool], shape: [usize; 3], spacing: [f64; 3
         let st = strides[ax];
         let w2 = spacing[ax] * spacing[ax];
         for start in 0..d.len() {
-            if (start / st) % n != 0 {
+            if !(start / st).is_multiple_of(n) {
                 continue;
             }
             f.clear();
