@@ -139,20 +139,33 @@ pub fn keep_largest(mask: &[bool], shape: [usize; 3], k: usize) -> Vec<bool> {
     labels.iter().map(|l| *l != 0 && keep.contains(l)).collect()
 }
 
+/// The 1-D lines of a grid along `axis` (first axis fastest in memory): for each line, the
+/// index of its first voxel; consecutive voxels of a line are `stride` apart, `len` of them.
+/// Returns `(starts, stride, len)`.
+pub fn grid_lines(shape: [usize; 3], axis: usize) -> (Vec<usize>, usize, usize) {
+    let strides = [1, shape[0], shape[0] * shape[1]];
+    let (a, b) = match axis {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let mut starts = Vec::with_capacity(shape[a] * shape[b]);
+    for j in 0..shape[b] {
+        for i in 0..shape[a] {
+            starts.push(i * strides[a] + j * strides[b]);
+        }
+    }
+    (starts, strides[axis], shape[axis])
+}
+
 /// Binary dilation (`grow = true`) or erosion with a `(2r+1)³` box, voxels outside the volume
 /// counting as 0 (scipy's `border_value=0`), as three separable 1-D passes.
 fn box_filter(mask: &[bool], shape: [usize; 3], r: usize, grow: bool) -> Vec<bool> {
     let mut cur = mask.to_vec();
-    let strides = [1, shape[0], shape[0] * shape[1]];
     for ax in 0..3 {
-        let n = shape[ax];
-        let st = strides[ax];
+        let (starts, st, n) = grid_lines(shape, ax);
         let mut next = vec![false; cur.len()];
-        for start in 0..cur.len() {
-            // Visit each line once, from its first voxel.
-            if !(start / st).is_multiple_of(n) {
-                continue;
-            }
+        for start in starts {
             for i in 0..n {
                 let lo = i as isize - r as isize;
                 let hi = i + r;

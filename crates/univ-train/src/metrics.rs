@@ -97,19 +97,14 @@ pub fn distance_transform(features: &[bool], shape: [usize; 3], spacing: [f64; 3
         .iter()
         .map(|f| if *f { 0.0 } else { f64::INFINITY })
         .collect();
-    let strides = [1, shape[0], shape[0] * shape[1]];
     let mut f = Vec::new();
     let mut out = Vec::new();
     let mut v = Vec::new();
     let mut zb = Vec::new();
     for ax in 0..3 {
-        let n = shape[ax];
-        let st = strides[ax];
+        let (starts, st, n) = univ_model::postprocess::grid_lines(shape, ax);
         let w2 = spacing[ax] * spacing[ax];
-        for start in 0..d.len() {
-            if !(start / st).is_multiple_of(n) {
-                continue;
-            }
+        for start in starts {
             f.clear();
             f.extend((0..n).map(|i| d[start + i * st]));
             lower_envelope(&f, w2, &mut out, &mut v, &mut zb);

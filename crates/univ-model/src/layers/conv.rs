@@ -358,6 +358,27 @@ fn weight_grad(
     out
 }
 
+/// The CPU body of the correlation ops: `(input, weight)` → output. With `transposed`, the
+/// weight is used flipped with its in/out channels swapped (the input gradient).
+fn correlate_op(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    pad: [usize; 3],
+    transposed: bool,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let xs = dims5(l1, "conv3d input")?;
+    let ws = dims5(l2, "conv3d weight")?;
+    let x = contiguous_f32(s1, l1, "conv3d input")?;
+    let w = contiguous_f32(s2, l2, "conv3d weight")?;
+    let k = [ws[2], ws[3], ws[4]];
+    let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), transposed);
+    let out_channels = if transposed { ws[1] } else { ws[0] };
+    let (out, shape) = correlate(x, xs, &wp, out_channels, k, pad);
+    Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+}
+
 /// The stride-1 3-D correlation as a candle custom op on `(input, weight)`.
 #[derive(Debug, Clone, Copy)]
 struct Conv3dS1 {
@@ -376,14 +397,7 @@ impl CustomOp2 for Conv3dS1 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let xs = dims5(l1, "conv3d input")?;
-        let ws = dims5(l2, "conv3d weight")?;
-        let x = contiguous_f32(s1, l1, "conv3d input")?;
-        let w = contiguous_f32(s2, l2, "conv3d weight")?;
-        let k = [ws[2], ws[3], ws[4]];
-        let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), false);
-        let (out, shape) = correlate(x, xs, &wp, ws[0], k, self.pad);
-        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+        correlate_op(s1, l1, s2, l2, self.pad, false)
     }
 
     fn bwd(
@@ -430,14 +444,7 @@ impl CustomOp2 for Conv3dInputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let gs = dims5(l1, "conv3d grad")?;
-        let ws = dims5(l2, "conv3d weight")?;
-        let g = contiguous_f32(s1, l1, "conv3d grad")?;
-        let w = contiguous_f32(s2, l2, "conv3d weight")?;
-        let k = [ws[2], ws[3], ws[4]];
-        let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), true);
-        let (out, shape) = correlate(g, gs, &wp, ws[1], k, self.pad);
-        Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
+        correlate_op(s1, l1, s2, l2, self.pad, true)
     }
 }
 
