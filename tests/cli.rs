@@ -517,3 +517,79 @@ fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
         "--checkpoint",
     );
 }
+
+#[test]
+fn evaluate_label_maps_and_folders() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let gt = shared.join("data/ct/example_seg.nii.gz");
+    let pred = shared.join("data/ct/example_seg_fast.nii.gz");
+    let o = univ(&[
+        "evaluate",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--gt",
+        gt.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let labels = v["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 41);
+    let l1 = &labels[0];
+    assert_eq!(l1["label"], 1);
+    assert!((l1["dice"].as_f64().unwrap() - 0.9773608636411277).abs() < 1e-9);
+    assert!((l1["nsd_1mm"].as_f64().unwrap() - 0.8392785787582397).abs() < 1e-6);
+    assert_eq!(l1["hd95_mm"], 3.0);
+    // An empty prediction of a label: Hausdorff is undefined, written as a string.
+    let l13 = labels.iter().find(|l| l["label"] == 13).unwrap();
+    assert_eq!(l13["hd95_mm"], "NaN");
+
+    // Folders, with a label map, and tumour detection.
+    let dir = tempfile::tempdir().unwrap();
+    let (p, g) = (dir.path().join("pred"), dir.path().join("gt"));
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::create_dir_all(&g).unwrap();
+    let base = univ::io::read_label(&gt).unwrap();
+    // Case 1: a "liver tumour" (label 27) in both; case 2: only in the reference.
+    let with_tumour = base.map(|v| if v == 5 { 27 } else { v });
+    let without = base.map(|v| if v == 5 { 0 } else { v });
+    let wo = univ::io::WriteOptions::default();
+    univ::io::write_nifti(g.join("c1.nii.gz"), &with_tumour, &wo).unwrap();
+    univ::io::write_nifti(p.join("c1.nii.gz"), &with_tumour, &wo).unwrap();
+    univ::io::write_nifti(g.join("c2.nii.gz"), &with_tumour, &wo).unwrap();
+    univ::io::write_nifti(p.join("c2.nii.gz"), &without, &wo).unwrap();
+    let map = dir.path().join("map.json");
+    std::fs::write(&map, r#"{"27": 27, "1": 1}"#).unwrap();
+    let o = univ(&[
+        "evaluate",
+        "--pred",
+        p.to_str().unwrap(),
+        "--gt",
+        g.to_str().unwrap(),
+        "--label-map",
+        map.to_str().unwrap(),
+        "--no-surface",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let det = &v["tumour_detection"]["27"];
+    assert_eq!((det["tp"].as_u64(), det["fn"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(det["sensitivity"], 0.5);
+    // Only the mapped reference ids are compared.
+    let c1 = v["cases"]["c1"]["labels"].as_array().unwrap();
+    assert!(c1.iter().all(|l| l["voxels_gt"].as_u64().unwrap() == 0
+        || [1, 27].contains(&l["label"].as_u64().unwrap())));
+    // Grids that differ are a clear error.
+    let small = shared.join("data/ct/derived_example_ct_seg_fast_um32.nii.gz");
+    assert_clean_failure(
+        &univ(&[
+            "evaluate",
+            "--pred",
+            small.to_str().unwrap(),
+            "--gt",
+            gt.to_str().unwrap(),
+        ]),
+        "grid",
+    );
+}

@@ -2,6 +2,7 @@
 //! model). Errors are printed as one readable message, without a backtrace, with exit code 1.
 
 mod embed_cmd;
+mod evaluate_cmd;
 mod model_cmds;
 mod segment_cmd;
 
@@ -113,6 +114,25 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Compare predicted label maps with references: Dice, official Dice, surface Dice, HD95
+    /// per label (JSON); for two folders also case-level tumour detection.
+    Evaluate {
+        /// A label map, or a folder of them (or of `univ segment` outputs).
+        #[arg(long)]
+        pred: PathBuf,
+        /// The reference label map, or a folder of them.
+        #[arg(long)]
+        gt: PathBuf,
+        /// JSON object mapping reference ids to prediction ids (others are ignored).
+        #[arg(long)]
+        label_map: Option<PathBuf>,
+        /// Surface-Dice tolerances in mm.
+        #[arg(long, default_value = "1,3")]
+        tolerance: String,
+        /// Dice only (skip NSD and HD95).
+        #[arg(long)]
+        no_surface: bool,
+    },
     /// Describe a checkpoint: backbone, widths, classes, parameter count, embedding, keys.
     Inspect {
         /// A .pth or .safetensors file, or a named official checkpoint (unet, swinunetr).
@@ -209,6 +229,13 @@ fn main() -> ExitCode {
             record,
         }),
         Command::Inspect { checkpoint, json } => model_cmds::inspect(&checkpoint, json),
+        Command::Evaluate {
+            pred,
+            gt,
+            label_map,
+            tolerance,
+            no_surface,
+        } => evaluate_cmd::run(&pred, &gt, label_map.as_ref(), &tolerance, no_surface),
         Command::Segment {
             input,
             output,

@@ -1,0 +1,134 @@
+//! Evaluation of label maps: per-label Dice, surface Dice and HD95, and case-level tumour
+//! detection over folders.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::json;
+use univ_io::Volume;
+use univ_train::metrics::{hausdorff, overlap, surface_dice};
+
+/// Universal tumour classes, for case-level detection.
+pub const TUMOUR_CLASSES: [u8; 6] = [26, 27, 28, 29, 30, 31];
+
+/// Settings of [`evaluate_pair`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EvalOptions {
+    /// Surface-Dice tolerances in mm.
+    pub tolerances: Vec<f64>,
+    /// Reference label id → prediction label id; ids not listed are ignored. `None` compares
+    /// ids as they are.
+    pub label_map: Option<BTreeMap<u8, u8>>,
+    /// Compute the surface metrics (NSD, HD95), slower than Dice.
+    pub surface: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            tolerances: vec![1.0, 3.0],
+            label_map: None,
+            surface: true,
+        }
+    }
+}
+
+fn jnum(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        json!(v.to_string())
+    }
+}
+
+/// Maps the reference's ids through the label map (unlisted ids become 0).
+pub fn remap(gt: &Volume<u8>, map: &BTreeMap<u8, u8>) -> Volume<u8> {
+    gt.map(|v| {
+        if v == 0 {
+            0
+        } else {
+            map.get(&v).copied().unwrap_or(0)
+        }
+    })
+}
+
+/// Metrics per label between a prediction and a reference on the same grid: every id > 0
+/// present in either (after the label map). Infinite or undefined values are written as
+/// strings (`"inf"`, `"NaN"`).
+///
+/// # Errors
+/// The grids differ.
+pub fn evaluate_pair(
+    pred: &Volume<u8>,
+    gt: &Volume<u8>,
+    opts: &EvalOptions,
+) -> Result<serde_json::Value, univ_io::Error> {
+    gt.check_same_grid(pred)?;
+    let gt = match &opts.label_map {
+        Some(m) => remap(gt, m),
+        None => gt.clone(),
+    };
+    let ids: BTreeSet<u8> = pred
+        .data()
+        .iter()
+        .chain(gt.data())
+        .copied()
+        .filter(|v| *v > 0)
+        .collect();
+    let shape = gt.shape();
+    let spacing = gt.spacing();
+    let mut labels = Vec::new();
+    for id in ids {
+        let p: Vec<bool> = pred.data().iter().map(|v| *v == id).collect();
+        let g: Vec<bool> = gt.data().iter().map(|v| *v == id).collect();
+        let o = overlap(&p, &g);
+        let mut row = json!({
+            "label": id,
+            "voxels_pred": o.pred,
+            "voxels_gt": o.gt,
+            "tp": o.tp,
+            "dice": jnum(o.dice()),
+            "dice_official": jnum(o.dice_official()),
+        });
+        if opts.surface {
+            for t in &opts.tolerances {
+                row[format!("nsd_{t}mm")] = jnum(surface_dice(&p, &g, shape, spacing, *t));
+            }
+            row["hd95_mm"] = jnum(hausdorff(&p, &g, shape, spacing, Some(95.0)));
+        }
+        labels.push(row);
+    }
+    Ok(json!({"spacing_mm": spacing, "labels": labels}))
+}
+
+/// Case-level tumour detection: for each tumour class, a case is positive when any voxel of
+/// the class is there (spec §8). Returns sensitivity and specificity over `cases` of
+/// (prediction, reference) label maps.
+pub fn tumour_detection(cases: &[(Volume<u8>, Volume<u8>)]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for t in TUMOUR_CLASSES {
+        let (mut tp, mut fn_, mut tn, mut fp) = (0usize, 0usize, 0usize, 0usize);
+        for (p, g) in cases {
+            let pp = p.data().contains(&t);
+            let gp = g.data().contains(&t);
+            match (gp, pp) {
+                (true, true) => tp += 1,
+                (true, false) => fn_ += 1,
+                (false, false) => tn += 1,
+                (false, true) => fp += 1,
+            }
+        }
+        let ratio = |a: usize, b: usize| {
+            if a + b == 0 {
+                f64::NAN
+            } else {
+                a as f64 / (a + b) as f64
+            }
+        };
+        out.insert(
+            t.to_string(),
+            json!({"tp": tp, "fn": fn_, "tn": tn, "fp": fp, "sensitivity": jnum(ratio(tp, fn_)), "specificity": jnum(ratio(tn, fp))}),
+        );
+    }
+    serde_json::Value::Object(out)
+}

@@ -1,0 +1,105 @@
+//! `univ evaluate`: metrics between predicted and reference label maps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use univ::evaluate::{EvalOptions, evaluate_pair, remap, tumour_detection};
+
+fn read_map(path: &Path) -> Result<BTreeMap<u8, u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let raw: BTreeMap<String, u64> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON object {{\"reference id\": prediction id}}",
+            path.display()
+        )
+    })?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let k: u8 = k
+                .parse()
+                .with_context(|| format!("{}: key {k:?} is not a label id", path.display()))?;
+            let v = u8::try_from(v)
+                .with_context(|| format!("{}: id {v} is out of range", path.display()))?;
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn is_nifti(p: &Path) -> bool {
+    let n = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    n.ends_with(".nii") || n.ends_with(".nii.gz")
+}
+
+pub fn run(
+    pred: &Path,
+    gt: &Path,
+    label_map: Option<&PathBuf>,
+    tolerances: &str,
+    no_surface: bool,
+) -> Result<()> {
+    let mut opts = EvalOptions::default();
+    opts.label_map = label_map.map(|p| read_map(p)).transpose()?;
+    opts.surface = !no_surface;
+    opts.tolerances = tolerances
+        .split(',')
+        .map(|t| t.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--tolerance {tolerances:?}: expected numbers in mm"))?;
+    let out = if pred.is_dir() && gt.is_dir() {
+        let mut cases = Vec::new();
+        let mut per_case = serde_json::Map::new();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(gt)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_nifti(p))
+            .collect();
+        names.sort();
+        for g in names {
+            let name = g.file_name().expect("a file").to_owned();
+            // The prediction: same file name, or <case>/segmentation.nii.gz from `univ segment`.
+            let stem = name
+                .to_string_lossy()
+                .trim_end_matches(".gz")
+                .trim_end_matches(".nii")
+                .to_string();
+            let cand = [
+                pred.join(&name),
+                pred.join(&stem).join("segmentation.nii.gz"),
+            ];
+            let Some(p) = cand.iter().find(|p| p.exists()) else {
+                eprintln!("warning: no prediction for {}", g.display());
+                continue;
+            };
+            let pv = univ::io::read_label(p)?;
+            let gv = univ::io::read_label(&g)?;
+            per_case.insert(stem, evaluate_pair(&pv, &gv, &opts)?);
+            let gv = match &opts.label_map {
+                Some(m) => remap(&gv, m),
+                None => gv,
+            };
+            cases.push((pv, gv));
+        }
+        if cases.is_empty() {
+            bail!(
+                "no case of {} has a prediction in {}",
+                gt.display(),
+                pred.display()
+            );
+        }
+        serde_json::json!({"cases": per_case, "tumour_detection": tumour_detection(&cases)})
+    } else if pred.is_file() && gt.is_file() {
+        evaluate_pair(
+            &univ::io::read_label(pred)?,
+            &univ::io::read_label(gt)?,
+            &opts,
+        )?
+    } else {
+        bail!("--pred and --gt must both be files or both be folders");
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
