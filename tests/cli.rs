@@ -593,3 +593,44 @@ fn evaluate_label_maps_and_folders() {
         "grid",
     );
 }
+
+#[test]
+fn preview_png_of_a_reference_segmentation() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let ct = univ::io::read_image(shared.join("data/ct/example_ct.nii.gz")).unwrap();
+    let lab = univ::io::read_label(shared.join("data/ct/derived_example_ct_seg_fast_um32.nii.gz"))
+        .unwrap();
+    let masks: Vec<(usize, String, univ::io::Volume<u8>)> = (1..=32usize)
+        .map(|id| {
+            (
+                id,
+                univ::outputs::class_name(id),
+                lab.map(|v| u8::from(usize::from(v) == id)),
+            )
+        })
+        .collect();
+    let refs: Vec<(usize, String, &univ::io::Volume<u8>)> =
+        masks.iter().map(|(i, n, m)| (*i, n.clone(), m)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("preview.png");
+    univ::preview::write_preview(&p, &ct, &refs).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert!(w > 300 && h > 200, "{w}x{h}");
+    // Every chunk's CRC is valid.
+    let mut i = 8;
+    while i < bytes.len() {
+        let len = u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
+        let crc = u32::from_be_bytes(bytes[i + 8 + len..i + 12 + len].try_into().unwrap());
+        assert_eq!(crc32fast::hash(&bytes[i + 4..i + 8 + len]), crc);
+        i += 12 + len;
+    }
+    if let Some(keep) = std::env::var_os("UNIV_PREVIEW_OUT") {
+        std::fs::copy(&p, keep).unwrap();
+    }
+}

@@ -27,6 +27,7 @@
 
 pub mod evaluate;
 pub mod outputs;
+pub mod preview;
 
 pub use univ_clip as clip;
 pub use univ_io as io;

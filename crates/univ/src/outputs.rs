@@ -313,6 +313,14 @@ pub fn write_outputs(
                 safetensors::serialize([("logits", view)], Some(meta)).map_err(|e| werr(&p, e))?;
             std::fs::write(&p, data).map_err(|e| werr(&p, e))?;
         }
+        let named: Vec<(usize, String, &Volume<u8>)> = seg
+            .classes
+            .iter()
+            .zip(&seg.masks)
+            .map(|(id, m)| (*id, class_name(*id), m))
+            .collect();
+        let p = tmp.join("preview.png");
+        crate::preview::write_preview(&p, image, &named).map_err(|e| werr(&p, e))?;
         let mut rep = report(image, seg);
         if let serde_json::Value::Object(m) = &mut rep {
             for (k, v) in &opts.report_extra {

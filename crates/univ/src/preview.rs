@@ -1,0 +1,377 @@
+//! `preview.png`: axial, coronal and sagittal slices through the largest organ, with coloured
+//! outlines of every class and a legend. A PNG writer and a 5×7 bitmap font are included so
+//! that no image crate is needed.
+
+use std::io::Write;
+use std::path::Path;
+
+use univ_io::{OrientTransform, Volume};
+
+/// 32 distinguishable colours, one per universal class (cycled beyond).
+const PALETTE: [[u8; 3]; 32] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [210, 245, 60],
+    [250, 190, 212],
+    [0, 128, 128],
+    [220, 190, 255],
+    [170, 110, 40],
+    [255, 250, 200],
+    [128, 0, 0],
+    [170, 255, 195],
+    [128, 128, 0],
+    [255, 215, 180],
+    [0, 0, 128],
+    [128, 128, 128],
+    [255, 255, 255],
+    [255, 99, 71],
+    [64, 224, 208],
+    [218, 112, 214],
+    [255, 0, 0],
+    [255, 255, 0],
+    [0, 255, 0],
+    [0, 255, 255],
+    [255, 0, 255],
+    [255, 128, 0],
+    [128, 255, 0],
+    [0, 128, 255],
+];
+
+/// The colour of a class id.
+pub fn class_colour(id: usize) -> [u8; 3] {
+    PALETTE[(id.max(1) - 1) % PALETTE.len()]
+}
+
+/// 5×7 glyphs (rows top to bottom, bit 4 = leftmost column) for the characters the legend uses.
+fn glyph(c: char) -> [u8; 7] {
+    match c.to_ascii_uppercase() {
+        'A' => [14, 17, 17, 31, 17, 17, 17],
+        'B' => [30, 17, 17, 30, 17, 17, 30],
+        'C' => [14, 17, 16, 16, 16, 17, 14],
+        'D' => [30, 17, 17, 17, 17, 17, 30],
+        'E' => [31, 16, 16, 30, 16, 16, 31],
+        'F' => [31, 16, 16, 30, 16, 16, 16],
+        'G' => [14, 17, 16, 23, 17, 17, 15],
+        'H' => [17, 17, 17, 31, 17, 17, 17],
+        'I' => [14, 4, 4, 4, 4, 4, 14],
+        'J' => [7, 2, 2, 2, 2, 18, 12],
+        'K' => [17, 18, 20, 24, 20, 18, 17],
+        'L' => [16, 16, 16, 16, 16, 16, 31],
+        'M' => [17, 27, 21, 21, 17, 17, 17],
+        'N' => [17, 17, 25, 21, 19, 17, 17],
+        'O' => [14, 17, 17, 17, 17, 17, 14],
+        'P' => [30, 17, 17, 30, 16, 16, 16],
+        'Q' => [14, 17, 17, 17, 21, 18, 13],
+        'R' => [30, 17, 17, 30, 20, 18, 17],
+        'S' => [15, 16, 16, 14, 1, 1, 30],
+        'T' => [31, 4, 4, 4, 4, 4, 4],
+        'U' => [17, 17, 17, 17, 17, 17, 14],
+        'V' => [17, 17, 17, 17, 17, 10, 4],
+        'W' => [17, 17, 17, 21, 21, 21, 10],
+        'X' => [17, 17, 10, 4, 10, 17, 17],
+        'Y' => [17, 17, 10, 4, 4, 4, 4],
+        'Z' => [31, 1, 2, 4, 8, 16, 31],
+        '0' => [14, 17, 19, 21, 25, 17, 14],
+        '1' => [4, 12, 4, 4, 4, 4, 14],
+        '2' => [14, 17, 1, 2, 4, 8, 31],
+        '3' => [31, 2, 4, 2, 1, 17, 14],
+        '4' => [2, 6, 10, 18, 31, 2, 2],
+        '5' => [31, 16, 30, 1, 1, 17, 14],
+        '6' => [6, 8, 16, 30, 17, 17, 14],
+        '7' => [31, 1, 2, 4, 8, 8, 8],
+        '8' => [14, 17, 17, 14, 17, 17, 14],
+        '9' => [14, 17, 17, 15, 1, 2, 12],
+        '-' => [0, 0, 0, 31, 0, 0, 0],
+        '.' => [0, 0, 0, 0, 0, 12, 12],
+        '(' => [2, 4, 8, 8, 8, 4, 2],
+        ')' => [8, 4, 2, 2, 2, 4, 8],
+        ':' => [0, 12, 12, 0, 12, 12, 0],
+        '/' => [1, 1, 2, 4, 8, 16, 16],
+        _ => [0; 7],
+    }
+}
+
+/// An RGB canvas.
+struct Canvas {
+    w: usize,
+    h: usize,
+    px: Vec<[u8; 3]>,
+}
+
+impl Canvas {
+    fn new(w: usize, h: usize) -> Self {
+        Canvas {
+            w,
+            h,
+            px: vec![[0, 0, 0]; w * h],
+        }
+    }
+
+    fn set(&mut self, x: usize, y: usize, c: [u8; 3]) {
+        if x < self.w && y < self.h {
+            self.px[y * self.w + x] = c;
+        }
+    }
+
+    fn text(&mut self, x: usize, y: usize, s: &str, c: [u8; 3], scale: usize) {
+        for (i, ch) in s.chars().enumerate() {
+            let g = glyph(ch);
+            for (row, bits) in g.iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (1 << (4 - col)) != 0 {
+                        for dy in 0..scale {
+                            for dx in 0..scale {
+                                self.set(x + (i * 6 + col) * scale + dx, y + row * scale + dy, c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_png(&self, path: &Path) -> std::io::Result<()> {
+        fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(kind);
+            crc.update(data);
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            out.extend_from_slice(&crc.finalize().to_be_bytes());
+        }
+        let mut raw = Vec::with_capacity(self.h * (1 + 3 * self.w));
+        for row in self.px.chunks(self.w) {
+            raw.push(0); // filter: none
+            for p in row {
+                raw.extend_from_slice(p);
+            }
+        }
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&raw)?;
+        let idat = z.finish()?;
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&(self.w as u32).to_be_bytes());
+        ihdr.extend_from_slice(&(self.h as u32).to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+        chunk(&mut out, b"IHDR", &ihdr);
+        chunk(&mut out, b"IDAT", &idat);
+        chunk(&mut out, b"IEND", &[]);
+        std::fs::write(path, out)
+    }
+}
+
+/// A 2-D slice: values at (col, row), with the physical size of a pixel along each.
+struct Slice<T> {
+    w: usize,
+    h: usize,
+    at: Vec<T>,
+    mm: [f64; 2],
+}
+
+/// Extracts the three orthogonal slices of an RAS-oriented volume through `c`, displayed in
+/// the radiological convention: the patient's right on the image's left, anterior and
+/// superior up; the sagittal view has anterior on the left.
+fn slices<T: Copy + Default>(
+    v: &[T],
+    shape: [usize; 3],
+    sp: [f64; 3],
+    c: [usize; 3],
+) -> [Slice<T>; 3] {
+    let [nx, ny, nz] = shape;
+    let idx = |x: usize, y: usize, z: usize| x + nx * (y + ny * z);
+    // RAS x grows towards the patient's right, which the radiological view puts on the
+    // image's left: column 0 is the largest x.
+    let mut axial = Vec::with_capacity(nx * ny);
+    for row in 0..ny {
+        for col in 0..nx {
+            axial.push(v[idx(nx - 1 - col, ny - 1 - row, c[2])]);
+        }
+    }
+    let mut coronal = Vec::with_capacity(nx * nz);
+    for row in 0..nz {
+        for col in 0..nx {
+            coronal.push(v[idx(nx - 1 - col, c[1], nz - 1 - row)]);
+        }
+    }
+    let mut sagittal = Vec::with_capacity(ny * nz);
+    for row in 0..nz {
+        for col in 0..ny {
+            sagittal.push(v[idx(c[0], ny - 1 - col, nz - 1 - row)]);
+        }
+    }
+    [
+        Slice {
+            w: nx,
+            h: ny,
+            at: axial,
+            mm: [sp[0], sp[1]],
+        },
+        Slice {
+            w: nx,
+            h: nz,
+            at: coronal,
+            mm: [sp[0], sp[2]],
+        },
+        Slice {
+            w: ny,
+            h: nz,
+            at: sagittal,
+            mm: [sp[1], sp[2]],
+        },
+    ]
+}
+
+/// Writes `preview.png` for a CT and its class masks (on the CT's grid).
+///
+/// # Errors
+/// I/O errors, or masks on another grid.
+pub fn write_preview(
+    path: &Path,
+    ct: &Volume<f32>,
+    masks: &[(usize, String, &Volume<u8>)],
+) -> std::io::Result<()> {
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let orient = OrientTransform::to_axcodes(ct.affine(), ct.shape(), "RAS")
+        .map_err(|e| bad(e.to_string()))?;
+    let ct = orient.apply(ct.clone()).map_err(|e| bad(e.to_string()))?;
+    let shape = ct.shape();
+    let sp = ct.spacing();
+    let ras: Vec<(usize, &String, Volume<u8>)> = masks
+        .iter()
+        .map(|(id, n, m)| {
+            Ok((
+                *id,
+                n,
+                orient.apply((*m).clone()).map_err(|e| bad(e.to_string()))?,
+            ))
+        })
+        .collect::<std::io::Result<_>>()?;
+    // Centre on the largest organ (classes 1–25), else the volume's centre.
+    let largest = ras
+        .iter()
+        .filter(|(id, _, _)| *id <= 25)
+        .max_by_key(|(_, _, m)| m.data().iter().filter(|v| **v > 0).count());
+    let mut centre = shape.map(|s| s / 2);
+    if let Some((_, _, m)) = largest {
+        let (mut s, mut n) = ([0f64; 3], 0f64);
+        for (i, v) in m.data().iter().enumerate() {
+            if *v > 0 {
+                let p = m.unravel(i);
+                for a in 0..3 {
+                    s[a] += p[a] as f64;
+                }
+                n += 1.0;
+            }
+        }
+        if n > 0.0 {
+            centre = [0, 1, 2].map(|a| (s[a] / n).round() as usize);
+        }
+    }
+    let gray: Vec<u8> = ct
+        .data()
+        .iter()
+        .map(|v| (((v + 175.0) / 425.0).clamp(0.0, 1.0) * 255.0) as u8)
+        .collect();
+    let ct_slices = slices(&gray, shape, sp, centre);
+    let mask_slices: Vec<(usize, [Slice<u8>; 3])> = ras
+        .iter()
+        .map(|(id, _, m)| (*id, slices(m.data(), shape, sp, centre)))
+        .collect();
+    // Each panel is drawn at a common pixel size: the finest spacing, at most 400 px a side.
+    let px_mm = sp.iter().cloned().fold(f64::INFINITY, f64::min);
+    let size = |s: &Slice<u8>| {
+        [
+            (s.w as f64 * s.mm[0] / px_mm) as usize,
+            (s.h as f64 * s.mm[1] / px_mm) as usize,
+        ]
+    };
+    let sizes: Vec<[usize; 2]> = ct_slices.iter().map(size).collect();
+    let fit = sizes
+        .iter()
+        .map(|s| 400.0 / s[0].max(s[1]) as f64)
+        .fold(f64::INFINITY, f64::min)
+        .min(2.0);
+    let dims: Vec<[usize; 2]> = sizes
+        .iter()
+        .map(|s| {
+            [
+                ((s[0] as f64) * fit) as usize,
+                ((s[1] as f64) * fit) as usize,
+            ]
+        })
+        .collect();
+    let present: Vec<&(usize, &String, Volume<u8>)> = ras
+        .iter()
+        .filter(|(_, _, m)| m.data().iter().any(|v| *v > 0))
+        .collect();
+    let legend_h = 16 + 12 * present.len().div_ceil(3);
+    let w = dims.iter().map(|d| d[0]).sum::<usize>() + 40;
+    let h = dims.iter().map(|d| d[1]).max().unwrap_or(1) + 30 + legend_h;
+    let mut cv = Canvas::new(w.max(300), h);
+    let mut x0 = 10;
+    for (p, title) in ["AXIAL", "CORONAL", "SAGITTAL"].iter().enumerate() {
+        let [pw, ph] = dims[p];
+        let s = &ct_slices[p];
+        let src = |px: usize, py: usize| -> (usize, usize) {
+            (
+                (px * s.w / pw.max(1)).min(s.w - 1),
+                (py * s.h / ph.max(1)).min(s.h - 1),
+            )
+        };
+        for py in 0..ph {
+            for px in 0..pw {
+                let (sx, sy) = src(px, py);
+                let g = s.at[sy * s.w + sx];
+                cv.set(x0 + px, 20 + py, [g, g, g]);
+            }
+        }
+        // Outlines: pixels whose class differs from a 4-neighbour's.
+        for (id, ms) in &mask_slices {
+            let m = &ms[p];
+            let on = |px: usize, py: usize| {
+                let (sx, sy) = src(px, py);
+                m.at[sy * m.w + sx] > 0
+            };
+            let col = class_colour(*id);
+            for py in 0..ph {
+                for px in 0..pw {
+                    if !on(px, py) {
+                        continue;
+                    }
+                    let edge = px == 0
+                        || py == 0
+                        || px + 1 == pw
+                        || py + 1 == ph
+                        || !on(px - 1, py)
+                        || !on(px + 1, py)
+                        || !on(px, py - 1)
+                        || !on(px, py + 1);
+                    if edge {
+                        cv.set(x0 + px, 20 + py, col);
+                    }
+                }
+            }
+        }
+        cv.text(x0, 6, title, [255, 255, 255], 1);
+        x0 += pw + 10;
+    }
+    let top = dims.iter().map(|d| d[1]).max().unwrap_or(1) + 30;
+    for (i, (id, name, _)) in present.iter().enumerate() {
+        let (cx, cy) = (10 + (i % 3) * ((w.max(300) - 20) / 3), top + (i / 3) * 12);
+        for dy in 0..8 {
+            for dx in 0..8 {
+                cv.set(cx + dx, cy + dy, class_colour(*id));
+            }
+        }
+        cv.text(cx + 12, cy, &format!("{id} {name}"), [230, 230, 230], 1);
+    }
+    cv.write_png(path)
+}
