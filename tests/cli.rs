@@ -445,6 +445,8 @@ fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
         ckpt.to_str().unwrap(),
         "--classes",
         "liver,spleen,kidney tumor",
+        "--sw-batch",
+        "2",
         "--probabilities",
         "--quiet",
     ]);

@@ -37,6 +37,9 @@ pub struct SlidingWindowOptions {
     pub overlap: f64,
     /// Blending.
     pub mode: BlendMode,
+    /// Windows per network call (1 in the official code; with batch-statistics BatchNorm a
+    /// larger batch changes the results, exactly as in MONAI).
+    pub sw_batch_size: usize,
 }
 
 impl Default for SlidingWindowOptions {
@@ -45,6 +48,7 @@ impl Default for SlidingWindowOptions {
             roi: [96; 3],
             overlap: 0.5,
             mode: BlendMode::Gaussian { sigma_scale: 0.125 },
+            sw_batch_size: 1,
         }
     }
 }
@@ -104,8 +108,9 @@ pub fn window_starts(size: usize, roi: usize, overlap: f64) -> Vec<usize> {
 /// `sink(x0, planes)` with `planes` = `(K, n, Y, Z)` C-order logits of planes `x0..x0+n`
 /// (in order, each plane exactly once).
 ///
-/// `predictor` maps a `(1, 1, rx, ry, rz)` window to `(1, K, rx, ry, rz)` logits; `progress`
-/// is called after each window with (done, total).
+/// `predictor` maps `(B, 1, rx, ry, rz)` windows (B = `sw_batch_size`, fewer at the end) to
+/// `(B, K, rx, ry, rz)` logits; consecutive windows are batched as MONAI batches them.
+/// `progress` is called after each batch with (windows done, total).
 ///
 /// # Errors
 /// Invalid options, a predictor error, or predictor outputs of the wrong shape.
@@ -119,10 +124,10 @@ pub fn sliding_window_inference(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
     let roi = opts.roi;
-    if !(0.0..1.0).contains(&opts.overlap) || roi.contains(&0) {
+    if !(0.0..1.0).contains(&opts.overlap) || roi.contains(&0) || opts.sw_batch_size == 0 {
         return Err(Error::Config(format!(
-            "roi {roi:?} and overlap {} are invalid",
-            opts.overlap
+            "roi {roi:?}, overlap {} and batch {} are invalid",
+            opts.overlap, opts.sw_batch_size
         )));
     }
     if input.len() != dims.iter().product::<usize>() || dims.contains(&0) {
@@ -136,15 +141,32 @@ pub fn sliding_window_inference(
     let starts: Vec<Vec<usize>> = (0..3)
         .map(|a| window_starts(padded[a], roi[a], opts.overlap))
         .collect();
-    let total = starts[0].len() * starts[1].len() * starts[2].len();
+    let mut windows = Vec::new();
+    for &sx in &starts[0] {
+        for &sy in &starts[1] {
+            for &sz in &starts[2] {
+                windows.push([sx, sy, sz]);
+            }
+        }
+    }
+    let total = windows.len();
+    let batches: Vec<&[[usize; 3]]> = windows.chunks(opts.sw_batch_size).collect();
+    // The slab spans the windows of one batch along the first axis.
+    let slab = roi[0]
+        + batches
+            .iter()
+            .map(|b| b[b.len() - 1][0] - b[0][0])
+            .max()
+            .unwrap_or(0);
     let weights = importance_map(roi, opts.mode);
     let (py, pz) = (padded[1], padded[2]);
     let plane = py * pz;
-    let mut num: Vec<f32> = Vec::new(); // (K, roi_x, PY, PZ), allocated once K is known
-    let mut den = vec![0f32; roi[0] * plane];
+    let mut num: Vec<f32> = Vec::new(); // (K, slab, PY, PZ), allocated once K is known
+    let mut den = vec![0f32; slab * plane];
     let mut k = 0usize;
     let mut s0 = 0usize; // padded x of the slab's first plane
-    let mut patch = vec![0f32; roi.iter().product()];
+    let wlen: usize = roi.iter().product();
+    let mut patch = vec![0f32; wlen * opts.sw_batch_size];
     let mut done = 0;
 
     // Hands planes [s0, upto) of the slab to the sink (those inside the unpadded volume) and
@@ -159,7 +181,6 @@ pub fn sliding_window_inference(
         if n == 0 {
             return Ok(());
         }
-        // Planes inside the volume.
         let lo = (*s0).max(before[0]);
         let hi = upto.min(before[0] + dims[0]);
         if lo < hi && k > 0 {
@@ -169,7 +190,7 @@ pub fn sliding_window_inference(
                 for (i, px) in (lo..hi).enumerate() {
                     let sx = px - *s0;
                     for y in 0..dims[1] {
-                        let row = (c * roi[0] + sx) * plane + (y + before[1]) * pz + before[2];
+                        let row = (c * slab + sx) * plane + (y + before[1]) * pz + before[2];
                         let drow = sx * plane + (y + before[1]) * pz + before[2];
                         let o = ((c * m + i) * dims[1] + y) * dims[2];
                         for z in 0..dims[2] {
@@ -181,92 +202,93 @@ pub fn sliding_window_inference(
             sink(lo - before[0], &out)?;
         }
         // Shift the slab by n planes and clear the freed tail.
-        let keep = roi[0].saturating_sub(n);
+        let keep = slab.saturating_sub(n);
         for c in 0..k {
-            let base = c * roi[0] * plane;
-            num.copy_within(base + n.min(roi[0]) * plane..base + roi[0] * plane, base);
-            num[base + keep * plane..base + roi[0] * plane].fill(0.0);
+            let base = c * slab * plane;
+            num.copy_within(base + n.min(slab) * plane..base + slab * plane, base);
+            num[base + keep * plane..base + slab * plane].fill(0.0);
         }
-        den.copy_within(n.min(roi[0]) * plane..roi[0] * plane, 0);
+        den.copy_within(n.min(slab) * plane..slab * plane, 0);
         den[keep * plane..].fill(0.0);
         *s0 = upto;
         Ok(())
     };
 
-    for &sx in &starts[0] {
-        flush(&mut num, &mut den, &mut s0, sx, k)?;
-        for &sy in &starts[1] {
-            for &sz in &starts[2] {
-                // Gather the window (zeros outside the volume).
-                for x in 0..roi[0] {
-                    let ox = (sx + x) as isize - before[0] as isize;
-                    for y in 0..roi[1] {
-                        let oy = (sy + y) as isize - before[1] as isize;
-                        let dst =
-                            &mut patch[(x * roi[1] + y) * roi[2]..(x * roi[1] + y + 1) * roi[2]];
-                        if ox < 0 || ox >= dims[0] as isize || oy < 0 || oy >= dims[1] as isize {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        let srow = (ox as usize * dims[1] + oy as usize) * dims[2];
-                        for (z, d) in dst.iter_mut().enumerate() {
-                            let oz = (sz + z) as isize - before[2] as isize;
-                            *d = if oz < 0 || oz >= dims[2] as isize {
-                                0.0
-                            } else {
-                                input[srow + oz as usize]
-                            };
-                        }
+    for batch in batches {
+        flush(&mut num, &mut den, &mut s0, batch[0][0], k)?;
+        // Gather the windows (zeros outside the volume).
+        for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
+            let win = &mut patch[j * wlen..(j + 1) * wlen];
+            for x in 0..roi[0] {
+                let ox = (sx + x) as isize - before[0] as isize;
+                for y in 0..roi[1] {
+                    let oy = (sy + y) as isize - before[1] as isize;
+                    let dst = &mut win[(x * roi[1] + y) * roi[2]..(x * roi[1] + y + 1) * roi[2]];
+                    if ox < 0 || ox >= dims[0] as isize || oy < 0 || oy >= dims[1] as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let srow = (ox as usize * dims[1] + oy as usize) * dims[2];
+                    for (z, d) in dst.iter_mut().enumerate() {
+                        let oz = (sz + z) as isize - before[2] as isize;
+                        *d = if oz < 0 || oz >= dims[2] as isize {
+                            0.0
+                        } else {
+                            input[srow + oz as usize]
+                        };
                     }
                 }
-                let x = Tensor::from_slice(&patch, (1, 1, roi[0], roi[1], roi[2]), device)?;
-                let y = predictor(&x)?;
-                let (b, kk, a1, a2, a3) = y.dims5()?;
-                if b != 1 || [a1, a2, a3] != roi {
-                    return Err(Error::shape(
-                        "sliding window",
-                        format!("predictor returned {:?}", y.dims()),
-                    ));
-                }
-                if k == 0 {
-                    k = kk;
-                    num = vec![0f32; k * roi[0] * plane];
-                } else if kk != k {
-                    return Err(Error::shape(
-                        "sliding window",
-                        format!("{kk} channels after {k}"),
-                    ));
-                }
-                let logits = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                for c in 0..k {
-                    for x in 0..roi[0] {
-                        for yy in 0..roi[1] {
-                            let src = ((c * roi[0] + x) * roi[1] + yy) * roi[2];
-                            let w = (x * roi[1] + yy) * roi[2];
-                            let dst = ((c * roi[0] + (sx + x - s0)) * py + sy + yy) * pz + sz;
-                            for z in 0..roi[2] {
-                                num[dst + z] += weights[w + z] * logits[src + z];
-                            }
-                        }
-                    }
-                }
-                for x in 0..roi[0] {
-                    for yy in 0..roi[1] {
-                        let w = (x * roi[1] + yy) * roi[2];
-                        let dst = ((sx + x - s0) * py + sy + yy) * pz + sz;
-                        for z in 0..roi[2] {
-                            den[dst + z] += weights[w + z];
-                        }
-                    }
-                }
-                done += 1;
-                progress(done, total);
             }
         }
+        let nb = batch.len();
+        let x = Tensor::from_slice(&patch[..nb * wlen], (nb, 1, roi[0], roi[1], roi[2]), device)?;
+        let y = predictor(&x)?;
+        let (b, kk, a1, a2, a3) = y.dims5()?;
+        if b != nb || [a1, a2, a3] != roi {
+            return Err(Error::shape(
+                "sliding window",
+                format!("predictor returned {:?} for {nb} windows", y.dims()),
+            ));
+        }
+        if k == 0 {
+            k = kk;
+            num = vec![0f32; k * slab * plane];
+        } else if kk != k {
+            return Err(Error::shape(
+                "sliding window",
+                format!("{kk} channels after {k}"),
+            ));
+        }
+        let logits = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
+            let lj = &logits[j * k * wlen..(j + 1) * k * wlen];
+            for c in 0..k {
+                for x in 0..roi[0] {
+                    for yy in 0..roi[1] {
+                        let src = ((c * roi[0] + x) * roi[1] + yy) * roi[2];
+                        let w = (x * roi[1] + yy) * roi[2];
+                        let dst = ((c * slab + (sx + x - s0)) * py + sy + yy) * pz + sz;
+                        for z in 0..roi[2] {
+                            num[dst + z] += weights[w + z] * lj[src + z];
+                        }
+                    }
+                }
+            }
+            for x in 0..roi[0] {
+                for yy in 0..roi[1] {
+                    let w = (x * roi[1] + yy) * roi[2];
+                    let dst = ((sx + x - s0) * py + sy + yy) * pz + sz;
+                    for z in 0..roi[2] {
+                        den[dst + z] += weights[w + z];
+                    }
+                }
+            }
+        }
+        done += nb;
+        progress(done, total);
     }
     // The last windows end at the padded border: everything left is final.
-    let end = padded[0];
-    flush(&mut num, &mut den, &mut s0, end, k)
+    flush(&mut num, &mut den, &mut s0, padded[0], k)
 }
 
 /// The voxels of a volume in the network's layout: `(X, Y, Z)` in C order (Z fastest), as
@@ -314,32 +336,35 @@ mod tests {
         // With a predictor that echoes its window, any blend reproduces the input.
         let dims = [5, 7, 3];
         let input: Vec<f32> = (0..105).map(|i| i as f32).collect();
-        let opts = SlidingWindowOptions {
-            roi: [4, 4, 4],
-            overlap: 0.5,
-            mode: BlendMode::Gaussian { sigma_scale: 0.125 },
-        };
-        let mut got = vec![f32::NAN; 105];
-        let mut next = 0;
-        sliding_window_inference(
-            &input,
-            dims,
-            &opts,
-            &Device::Cpu,
-            |x| Ok(x.clone()),
-            |x0, planes| {
-                assert_eq!(x0, next);
-                let n = planes.len() / (7 * 3);
-                got[x0 * 21..(x0 + n) * 21].copy_from_slice(planes);
-                next += n;
-                Ok(())
-            },
-            |_, _| {},
-        )
-        .unwrap();
-        assert_eq!(next, 5);
-        for (a, b) in got.iter().zip(&input) {
-            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        for batch in [1, 3] {
+            let opts = SlidingWindowOptions {
+                roi: [4, 4, 4],
+                overlap: 0.5,
+                mode: BlendMode::Gaussian { sigma_scale: 0.125 },
+                sw_batch_size: batch,
+            };
+            let mut got = vec![f32::NAN; 105];
+            let mut next = 0;
+            sliding_window_inference(
+                &input,
+                dims,
+                &opts,
+                &Device::Cpu,
+                |x| Ok(x.clone()),
+                |x0, planes| {
+                    assert_eq!(x0, next);
+                    let n = planes.len() / (7 * 3);
+                    got[x0 * 21..(x0 + n) * 21].copy_from_slice(planes);
+                    next += n;
+                    Ok(())
+                },
+                |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(next, 5);
+            for (a, b) in got.iter().zip(&input) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
         }
     }
 }

@@ -83,6 +83,10 @@ enum Command {
         /// Overlap of neighbouring windows.
         #[arg(long, default_value_t = 0.5)]
         overlap: f64,
+        /// Windows per network call (1 as the official code; the U-Net's batch statistics
+        /// then pool over the batch).
+        #[arg(long, default_value_t = 1)]
+        sw_batch: usize,
         /// Blend windows with equal weights instead of the Gaussian.
         #[arg(long)]
         constant_blend: bool,
@@ -242,6 +246,7 @@ fn main() -> ExitCode {
             checkpoint,
             classes,
             overlap,
+            sw_batch,
             constant_blend,
             threads,
             device,
@@ -262,6 +267,7 @@ fn main() -> ExitCode {
                 checkpoint,
                 classes,
                 overlap,
+                sw_batch,
                 constant_blend,
                 device,
                 per_class,

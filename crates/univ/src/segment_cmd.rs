@@ -18,6 +18,7 @@ pub struct SegmentArgs {
     pub checkpoint: Option<String>,
     pub classes: Option<String>,
     pub overlap: f64,
+    pub sw_batch: usize,
     pub constant_blend: bool,
     pub device: String,
     pub per_class: bool,
@@ -91,6 +92,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     let mut opts = SegmentOptions::default();
     opts.window = SlidingWindowOptions {
         overlap: a.overlap,
+        sw_batch_size: a.sw_batch,
         mode: if a.constant_blend {
             BlendMode::Constant
         } else {
@@ -122,6 +124,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
         "settings".to_string(),
         serde_json::json!({
             "overlap": a.overlap,
+            "sw_batch_size": a.sw_batch,
             "blend": if a.constant_blend { "constant" } else { "gaussian" },
             "classes": opts.classes,
             "postprocess": !a.no_postprocess,
