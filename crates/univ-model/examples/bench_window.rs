@@ -167,6 +167,13 @@ fn bench(
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
+    if let Some(dir) = std::env::var_os("UNIV_SAVE_RANDOM_MODELS") {
+        // Keep the random weights (canonical keys) to benchmark whole pipelines with them.
+        let path =
+            std::path::Path::new(&dir).join(format!("random_{}.safetensors", cfg.backbone.name()));
+        candle_core::safetensors::save(&tensors, &path)?;
+        println!("saved {}", path.display());
+    }
     let model = UniversalModel::new(
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
         cfg,
