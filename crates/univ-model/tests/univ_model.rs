@@ -960,3 +960,22 @@ fn organ_post_processing_matches_the_official_function() {
         }
     }
 }
+
+#[test]
+fn convolution_of_a_concatenation_needs_no_copy_and_matches() {
+    let a = rand(&[1, 3, 6, 5, 4], 90);
+    let b = rand(&[1, 2, 6, 5, 4], 91);
+    let w = rand(&[4, 5, 3, 3, 3], 92);
+    let cat = Tensor::cat(&[&a, &b], 1).unwrap();
+    let want = layers::conv3d(&cat, &w, [1; 3]).unwrap();
+    let got = layers::conv::conv3d_concat(&[&a, &b], &w, [1; 3]).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-5);
+    // Tracked inputs take the concatenating, differentiable path.
+    let av = Var::from_tensor(&a).unwrap();
+    let g = layers::conv::conv3d_concat(&[&av, &b], &w, [1; 3]).unwrap();
+    assert!(g.track_op());
+    assert!(max_abs_diff(&g, &want) < 1e-5);
+    let w1 = rand(&[4, 5, 1, 1, 1], 93);
+    let got1 = layers::conv::conv3d_concat(&[&a, &b], &w1, [0; 3]).unwrap();
+    assert!(max_abs_diff(&got1, &layers::conv3d(&cat, &w1, [0; 3]).unwrap()) < 1e-5);
+}

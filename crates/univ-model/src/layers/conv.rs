@@ -39,71 +39,29 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
-/// Scratch buffers reused across calls, so that large padded copies do not fault in fresh
-/// pages from the operating system on every convolution.
-static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
-
-fn take_scratch(len: usize) -> Vec<f32> {
-    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    // The smallest pooled buffer that is large enough, else the largest one (grown).
-    let pick = pool
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.capacity() >= len)
-        .min_by_key(|(_, b)| b.capacity())
-        .map(|(i, _)| i)
-        .or_else(|| (0..pool.len()).max_by_key(|i| pool[*i].capacity()));
-    let mut v = pick.map(|i| pool.swap_remove(i)).unwrap_or_default();
-    drop(pool);
-    v.clear();
-    v.reserve(len);
-    v
-}
-
-fn give_scratch(v: Vec<f32>) {
-    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < 4 {
-        pool.push(v);
-    }
-}
-
-/// Frees the scratch buffers the convolutions keep for reuse.
-pub fn release_scratch() {
-    SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).clear();
-}
-
-/// Zero-pads one sample `(C, D, H, W)` to `(C, D+2p, H+2p, W+2p)` in a pooled buffer.
-fn pad_sample(x: &[f32], c: usize, dhw: [usize; 3], pad: [usize; 3]) -> (Vec<f32>, [usize; 3]) {
+/// Zero-pads one sample to `(C, D+2p, H+2p, W+2p)`; `channel(ci)` gives channel `ci`'s
+/// `D·H·W` voxels (so that several tensors can be padded as if concatenated).
+fn pad_sample<'a>(
+    channel: impl Fn(usize) -> &'a [f32] + Sync,
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+) -> (Vec<f32>, [usize; 3]) {
     let [d, h, w] = dhw;
     let p = [d + 2 * pad[0], h + 2 * pad[1], w + 2 * pad[2]];
     let vp = p[0] * p[1] * p[2];
-    let mut out = take_scratch(c * vp);
-    if pad == [0, 0, 0] {
-        out.extend_from_slice(x);
-        return (out, p);
-    }
-    // SAFETY: every element is written below (borders zero-filled, interior copied) before
-    // the buffer is read.
-    unsafe { out.set_len(c * vp) };
+    let mut out = vec![0f32; c * vp];
     out.par_chunks_mut(vp).enumerate().for_each(|(ci, dst)| {
-        let src = &x[ci * d * h * w..(ci + 1) * d * h * w];
-        // Zero only the border; the interior is overwritten.
-        for z in 0..p[0] {
-            let plane = &mut dst[z * p[1] * p[2]..(z + 1) * p[1] * p[2]];
-            if z < pad[0] || z >= pad[0] + d {
-                plane.fill(0.0);
-                continue;
-            }
-            for y in 0..p[1] {
-                let row = &mut plane[y * p[2]..(y + 1) * p[2]];
-                if y < pad[1] || y >= pad[1] + h {
-                    row.fill(0.0);
-                    continue;
-                }
-                row[..pad[2]].fill(0.0);
-                row[pad[2] + w..].fill(0.0);
-                let s = ((z - pad[0]) * h + y - pad[1]) * w;
-                row[pad[2]..pad[2] + w].copy_from_slice(&src[s..s + w]);
+        let src = channel(ci);
+        if pad == [0, 0, 0] {
+            dst.copy_from_slice(src);
+            return;
+        }
+        for z in 0..d {
+            for y in 0..h {
+                let s = (z * h + y) * w;
+                let o = ((z + pad[0]) * p[1] + y + pad[1]) * p[2] + pad[2];
+                dst[o..o + w].copy_from_slice(&src[s..s + w]);
             }
         }
     });
@@ -245,7 +203,9 @@ fn correlate(
     let per_in = c * d * h * w;
     let mut out = vec![0f32; n * per_out];
     for b in 0..n {
-        let (xp, p) = pad_sample(&x[b * per_in..(b + 1) * per_in], c, [d, h, w], pad);
+        let sample = &x[b * per_in..(b + 1) * per_in];
+        let dhw = d * h * w;
+        let (xp, p) = pad_sample(|ci| &sample[ci * dhw..(ci + 1) * dhw], c, [d, h, w], pad);
         correlate_sample(
             &xp,
             c,
@@ -255,7 +215,6 @@ fn correlate(
             k,
             &mut out[b * per_out..(b + 1) * per_out],
         );
-        give_scratch(xp);
     }
     (out, [n, o, od[0], od[1], od[2]])
 }
@@ -281,7 +240,9 @@ fn weight_grad(
     let per_in = c * d * h * w;
     let mut total = vec![0f32; taps * o * c];
     for b in 0..n {
-        let (xp, p) = pad_sample(&x[b * per_in..(b + 1) * per_in], c, [d, h, w], pad);
+        let sample = &x[b * per_in..(b + 1) * per_in];
+        let dhw = d * h * w;
+        let (xp, p) = pad_sample(|ci| &sample[ci * dhw..(ci + 1) * dhw], c, [d, h, w], pad);
         let vp = p[0] * p[1] * p[2];
         let plane = p[1] * p[2];
         let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
@@ -344,7 +305,6 @@ fn weight_grad(
                 *a += v;
             }
         }
-        give_scratch(xp);
     }
     // (taps, O, C) -> (O, C, taps)
     let mut out = vec![0f32; taps * o * c];
@@ -518,6 +478,85 @@ pub fn conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
         }
         _ => conv3d_composed(x, w, pad),
     }
+}
+
+/// A stride-1 convolution of the channel-wise concatenation of `inputs`, without
+/// materialising the concatenation on the CPU at inference (the inputs are padded straight
+/// into the convolution's buffer); elsewhere, and for batches or tracked tensors, the inputs
+/// are concatenated and [`conv3d`] is used.
+///
+/// # Errors
+/// As [`conv3d`].
+pub fn conv3d_concat(inputs: &[&Tensor], w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
+    let fast = inputs.len() > 1
+        && crate::layers::fused::fusable(&[Some(w)])
+        && inputs.iter().all(|t| {
+            crate::layers::fused::fusable(&[Some(*t)]) && t.rank() == 5 && t.dim(0).ok() == Some(1)
+        });
+    if !fast {
+        let cat = Tensor::cat(inputs, 1)?;
+        return conv3d(&cat, w, pad);
+    }
+    let (_, _, d, h, wd) = inputs[0].dims5()?;
+    let mut chans = Vec::new();
+    let contiguous: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    // Borrow the inputs' storage (no copies): read guards held while the padding is made.
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let mut datas: Vec<&[f32]> = Vec::new();
+    for (t, (storage, layout)) in contiguous.iter().zip(&guards) {
+        let (_, c, td, th, tw) = t.dims5()?;
+        if [td, th, tw] != [d, h, wd] {
+            return Err(Error::shape(
+                "conv3d_concat",
+                format!("inputs {:?} and {:?}", inputs[0].dims(), t.dims()),
+            ));
+        }
+        chans.push(c);
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::shape("conv3d_concat", "not contiguous"))?;
+        match &**storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => datas.push(&v[a..b]),
+            _ => return Err(Error::shape("conv3d_concat", "expected f32 CPU tensors")),
+        }
+    }
+    let c: usize = chans.iter().sum();
+    let (o, wc, kd, kh, kw) = w.dims5()?;
+    if wc != c {
+        return Err(Error::shape(
+            "conv3d_concat",
+            format!("{c} input channels, weight expects {wc}"),
+        ));
+    }
+    let k = [kd, kh, kw];
+    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+    let wp = pack_weights(&wv, o, c, kd * kh * kw, false);
+    let dhw = d * h * wd;
+    let channel = |ci: usize| -> &[f32] {
+        let mut ci = ci;
+        for (t, cn) in chans.iter().enumerate() {
+            if ci < *cn {
+                return &datas[t][ci * dhw..(ci + 1) * dhw];
+            }
+            ci -= cn;
+        }
+        unreachable!("channel index within the total")
+    };
+    let (xp, p) = pad_sample(channel, c, [d, h, wd], pad);
+    drop(datas);
+    drop(guards);
+    let od = [p[0] + 1 - kd, p[1] + 1 - kh, p[2] + 1 - kw];
+    let mut out = vec![0f32; o * od.iter().product::<usize>()];
+    correlate_sample(&xp, c, p, &wp, o, k, &mut out);
+    drop(xp);
+    Ok(Tensor::from_vec(
+        out,
+        (1, o, od[0], od[1], od[2]),
+        inputs[0].device(),
+    )?)
 }
 
 /// The same convolution composed from candle's `conv2d` over depth taps: works on every device
@@ -795,6 +834,23 @@ impl Conv3d {
         let (o, c, kd, kh, kw) = self.weight.dims5().unwrap_or((0, 0, 0, 0, 0));
         let out: usize = dhw.iter().map(|s| s / self.stride).product();
         (o * c * kd * kh * kw * out) as u64
+    }
+}
+
+impl Conv3d {
+    /// The convolution of the channel-wise concatenation of `inputs` (stride 1), without
+    /// materialising it at inference (see [`conv3d_concat`]).
+    ///
+    /// # Errors
+    /// Shape mismatches, or a stride other than 1.
+    pub fn forward_concat(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        if self.stride != 1 {
+            return Err(Error::shape("Conv3d", "forward_concat needs stride 1"));
+        }
+        add_bias(
+            conv3d_concat(inputs, &self.weight, [self.padding; 3])?,
+            self.bias.as_ref(),
+        )
     }
 }
 

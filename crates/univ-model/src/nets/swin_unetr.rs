@@ -505,12 +505,25 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_concat(&[x])
+    }
+
+    /// The block on the channel-wise concatenation of `inputs` (read without a copy).
+    fn forward_concat(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let inorm = |t: &Tensor, act| norm_act(t, NormKind::Instance, None, None, IN_EPS, act);
-        let y = inorm(&self.conv1.forward(x)?, Act::LeakyRelu(0.01))?;
+        let conv = |c: &Conv3d| -> Result<Tensor> {
+            if inputs.len() == 1 {
+                Ok(c.forward(inputs[0])?)
+            } else {
+                c.forward_concat(inputs)
+            }
+        };
+        let y = inorm(&conv(&self.conv1)?, Act::LeakyRelu(0.01))?;
         let y = inorm(&self.conv2.forward(&y)?, Act::Identity)?;
         let res = match &self.conv3 {
-            Some(c) => inorm(&c.forward(x)?, Act::Identity)?,
-            None => x.clone(),
+            Some(c) => inorm(&conv(c)?, Act::Identity)?,
+            None if inputs.len() == 1 => inputs[0].clone(),
+            None => Tensor::cat(inputs, 1)?,
         };
         leaky_relu(&(y + res)?, 0.01)
     }
@@ -532,7 +545,7 @@ impl UpBlock {
 
     fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
         let up = self.transp.forward(x)?;
-        self.block.forward(&Tensor::cat(&[&up, skip], 1)?)
+        self.block.forward_concat(&[&up, skip])
     }
 }
 

@@ -57,7 +57,16 @@ impl LuConv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
+        self.forward_concat(&[x])
+    }
+
+    /// The block on the channel-wise concatenation of `inputs`.
+    fn forward_concat(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let y = if inputs.len() == 1 {
+            self.conv.forward(inputs[0])?
+        } else {
+            self.conv.forward_concat(inputs)?
+        };
         norm_act(
             &y,
             NormKind::Batch,
@@ -105,7 +114,10 @@ impl UpTransition {
 
     fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
         let up = self.up.forward(x)?;
-        self.ops.forward(&Tensor::cat(&[&up, skip], 1)?)
+        // The first convolution reads [up, skip] without a concatenated copy.
+        let y = self.ops.a.forward_concat(&[&up, skip])?;
+        drop(up);
+        self.ops.b.forward(&y)
     }
 }
 
