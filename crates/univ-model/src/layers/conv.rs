@@ -21,14 +21,18 @@ fn block_len(out_channels: usize) -> usize {
     target.clamp(512, 8192).next_multiple_of(64)
 }
 
-fn dims5(l: &Layout, what: &str) -> candle_core::Result<[usize; 5]> {
+pub(crate) fn dims5(l: &Layout, what: &str) -> candle_core::Result<[usize; 5]> {
     match l.dims() {
         &[a, b, c, d, e] => Ok([a, b, c, d, e]),
         other => candle_core::bail!("{what}: expected a 5-D tensor, got shape {other:?}"),
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         _ => candle_core::bail!("{what}: only f32 is supported on the CPU"),
@@ -70,12 +74,12 @@ fn pad_sample<'a>(
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: every task writes a disjoint set of output elements.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::layers::conv::OutPtr;
 
 /// Which statistics a normalisation uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,16 +188,6 @@ fn head_sample(f: &[f32], v: usize, p: &[f32], k: usize, out: &mut [f32]) {
             }
         }
     });
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[inline(always)]

@@ -6,19 +6,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-fn dims5(l: &Layout) -> candle_core::Result<[usize; 5]> {
-    match l.dims() {
-        &[a, b, c, d, e] => Ok([a, b, c, d, e]),
-        other => candle_core::bail!("max_pool3d: expected 5-D, got {other:?}"),
-    }
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("max_pool3d: expected a contiguous f32 tensor"),
-    }
-}
+use crate::layers::conv::{contiguous_f32, dims5};
 
 /// For each output voxel, the input index of the first maximum of its 2×2×2 window (scan order
 /// z, y, x as PyTorch), and the maximum.
@@ -77,8 +65,8 @@ impl CustomOp1 for MaxPool2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims5(l)?;
-        let (vals, _) = argmax_windows(f32s(s, l)?, d);
+        let d = dims5(l, "max_pool3d")?;
+        let (vals, _) = argmax_windows(contiguous_f32(s, l, "max_pool3d")?, d);
         Ok((
             CpuStorage::F32(vals),
             Shape::from(vec![d[0], d[1], d[2] / 2, d[3] / 2, d[4] / 2]),
@@ -111,9 +99,9 @@ impl CustomOp2 for MaxPool2Grad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims5(l1)?;
-        let (_, idx) = argmax_windows(f32s(s1, l1)?, d);
-        let g = f32s(s2, l2)?;
+        let d = dims5(l1, "max_pool3d")?;
+        let (_, idx) = argmax_windows(contiguous_f32(s1, l1, "max_pool3d")?, d);
+        let g = contiguous_f32(s2, l2, "max_pool3d")?;
         let mut out = vec![0f32; d.iter().product()];
         for (i, gi) in idx.iter().zip(g) {
             out[*i] += gi;
