@@ -54,21 +54,40 @@ fn pad_sample<'a>(
     let [d, h, w] = dhw;
     let p = [d + 2 * pad[0], h + 2 * pad[1], w + 2 * pad[2]];
     let vp = p[0] * p[1] * p[2];
-    let mut out = vec![0f32; c * vp];
+    // Every element is written once below (borders zeroed, interior copied), so the buffer
+    // starts uninitialised instead of being zero-filled and then overwritten.
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(c * vp);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { out.set_len(c * vp) };
+    let zero = std::mem::MaybeUninit::new(0f32);
     out.par_chunks_mut(vp).enumerate().for_each(|(ci, dst)| {
         let src = channel(ci);
-        if pad == [0, 0, 0] {
-            dst.copy_from_slice(src);
-            return;
-        }
-        for z in 0..d {
-            for y in 0..h {
-                let s = (z * h + y) * w;
-                let o = ((z + pad[0]) * p[1] + y + pad[1]) * p[2] + pad[2];
-                dst[o..o + w].copy_from_slice(&src[s..s + w]);
+        for z in 0..p[0] {
+            let plane = &mut dst[z * p[1] * p[2]..(z + 1) * p[1] * p[2]];
+            if z < pad[0] || z >= pad[0] + d {
+                plane.fill(zero);
+                continue;
+            }
+            for y in 0..p[1] {
+                let row = &mut plane[y * p[2]..(y + 1) * p[2]];
+                if y < pad[1] || y >= pad[1] + h {
+                    row.fill(zero);
+                    continue;
+                }
+                row[..pad[2]].fill(zero);
+                row[pad[2] + w..].fill(zero);
+                let s = ((z - pad[0]) * h + y - pad[1]) * w;
+                for (o, v) in row[pad[2]..pad[2] + w].iter_mut().zip(&src[s..s + w]) {
+                    o.write(*v);
+                }
             }
         }
     });
+    // SAFETY: every element was written above; `MaybeUninit<f32>` and `f32` share a layout.
+    let out = unsafe {
+        let mut out = std::mem::ManuallyDrop::new(out);
+        Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity())
+    };
     (out, p)
 }
 
