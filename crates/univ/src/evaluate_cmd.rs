@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use univ::evaluate::{EvalOptions, evaluate_pair, remap, tumour_detection};
 
+use crate::segment_cmd::is_nifti;
+
 fn read_map(path: &Path) -> Result<BTreeMap<u8, u8>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
@@ -25,14 +27,6 @@ fn read_map(path: &Path) -> Result<BTreeMap<u8, u8>> {
             Ok((k, v))
         })
         .collect()
-}
-
-fn is_nifti(p: &Path) -> bool {
-    let n = p
-        .file_name()
-        .map(|n| n.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    n.ends_with(".nii") || n.ends_with(".nii.gz")
 }
 
 pub fn run(

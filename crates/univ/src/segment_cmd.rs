@@ -57,7 +57,8 @@ fn parse_classes(spec: &str, k: usize) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-fn is_nifti(p: &Path) -> bool {
+/// `true` for a `.nii` or `.nii.gz` file name.
+pub fn is_nifti(p: &Path) -> bool {
     let n = p
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
