@@ -13,6 +13,20 @@ fn univ(args: &[&str]) -> Output {
         .expect("run the univ binary")
 }
 
+/// Largest absolute difference between two tensors of the same shape.
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).to_string(),
@@ -191,16 +205,7 @@ fn inspect_convert_and_forward_a_checkpoint() {
     let want =
         candle_core::safetensors::load(fx.join("expected.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
-    let d = (&got["logits"] - &want["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&got["logits"], &want["logits"]);
     assert!(d < 1e-3, "logits differ by {d}");
 
     // A file that is not a checkpoint, and a name that is not cached offline.
@@ -257,15 +262,7 @@ fn embed_the_universal_bank_and_inspect_it() {
         candle_core::safetensors::load(fx.join("expected.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
     let ours = bank.tensor().narrow(0, 0, 32).unwrap();
-    let d = (&ours - &want["text_embeds"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+    assert!(max_abs_diff(&ours, &want["text_embeds"]) < 1e-4);
 
     let o = univ(&["embed", "--inspect", out.to_str().unwrap()]);
     let (stdout, err) = text(&o);
@@ -329,12 +326,10 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("case");
     let ckpt = shared.join("fixtures/model_unet/model.safetensors");
+    let ct_sm = shared.join("data/ct/example_ct_sm.nii.gz");
     let o = univ(&[
         "segment",
-        shared
-            .join("data/ct/example_ct_sm.nii.gz")
-            .to_str()
-            .unwrap(),
+        ct_sm.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--checkpoint",
@@ -411,10 +406,7 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
     // Existing results are not overwritten without --overwrite.
     let o = univ(&[
         "segment",
-        shared
-            .join("data/ct/example_ct_sm.nii.gz")
-            .to_str()
-            .unwrap(),
+        ct_sm.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--checkpoint",
