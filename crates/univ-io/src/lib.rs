@@ -8,6 +8,7 @@ pub mod error;
 pub mod geometry;
 pub mod nii;
 pub mod parallel;
+pub mod png;
 pub mod preprocess;
 pub mod transforms;
 pub mod volume;

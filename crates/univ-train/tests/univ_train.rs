@@ -183,3 +183,485 @@ fn partial_label_loss_matches_the_official_loss_and_its_gradient() {
         assert_close(grad_key, &g, &w, 1e-7, 1e-4);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training: data assembly, optimiser, schedule, loop, resume, extension.
+
+mod training {
+    use std::path::{Path, PathBuf};
+
+    use candle_core::Device;
+    use univ_io::{Volume, WriteOptions, write_nifti};
+    use univ_train::{TrainConfig, Trainer};
+
+    /// A small synthetic CT (3 mm voxels): air around a soft-tissue body holding two
+    /// "organs" (raw labels 1 and 2) and a "tumour" (raw 3) inside organ 1. `shift` moves the
+    /// organs so that cases differ.
+    fn synthetic_case(dir: &Path, name: &str, shift: i64) -> (PathBuf, PathBuf) {
+        let shape = [24usize, 24, 16];
+        let affine = [
+            [3.0, 0.0, 0.0, 0.0],
+            [0.0, 3.0, 0.0, 0.0],
+            [0.0, 0.0, 3.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ];
+        let mut img = Vec::new();
+        let mut lab = Vec::new();
+        for z in 0..shape[2] as i64 {
+            for y in 0..shape[1] as i64 {
+                for x in 0..shape[0] as i64 {
+                    let body = (x - 12).pow(2) + (y - 12).pow(2) < 100;
+                    let o1 = (x - 8 - shift).pow(2) + (y - 12).pow(2) + (z - 8).pow(2) < 16;
+                    let t = (x - 8 - shift).pow(2) + (y - 12).pow(2) + (z - 8).pow(2) < 3;
+                    let o2 = (x - 16).pow(2) + (y - 12 - shift).pow(2) + (z - 8).pow(2) < 9;
+                    let (hu, l) = if t {
+                        (20.0, 3u8)
+                    } else if o1 {
+                        (120.0, 1)
+                    } else if o2 {
+                        (-60.0, 2)
+                    } else if body {
+                        (40.0, 0)
+                    } else {
+                        (-1000.0, 0)
+                    };
+                    img.push(hu);
+                    lab.push(l);
+                }
+            }
+        }
+        let ip = dir.join(format!("{name}_ct.nii.gz"));
+        let lp = dir.join(format!("{name}_seg.nii.gz"));
+        let opts = WriteOptions::default();
+        write_nifti(&ip, &Volume::from_vec(img, shape, affine).unwrap(), &opts).unwrap();
+        write_nifti(&lp, &Volume::from_vec(lab, shape, affine).unwrap(), &opts).unwrap();
+        (ip, lp)
+    }
+
+    const MANIFEST: &str = r#"
+[[dataset]]
+name = "synthetic"
+root = "data"
+images = "case*_ct.nii.gz"
+labels = "case*_seg.nii.gz"
+label_map = [1, 2]
+classes = [1, 2, 3]
+tumours = [{ raw = 3, class = 3, merge_into = 1 }]
+
+[[dataset]]
+name = "held-out"
+role = "validation"
+root = "data"
+cases = [["val_ct.nii.gz", "val_seg.nii.gz"]]
+label_map = [1, 2]
+classes = [1, 2, 3]
+tumours = [{ raw = 3, class = 3, merge_into = 1 }]
+"#;
+
+    fn setup(dir: &Path, train: &str) -> TrainConfig {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        for (i, s) in [0, 1, 2].iter().enumerate() {
+            synthetic_case(&data, &format!("case{i}"), *s);
+        }
+        synthetic_case(&data, "val", 1);
+        std::fs::write(dir.join("datasets.toml"), MANIFEST).unwrap();
+        let text = format!(
+            r#"
+[model]
+backbone = "unet"
+width = 4
+encoding = "learned"
+classes = 3
+
+[data]
+manifest = "datasets.toml"
+cache = "cache"
+roi = [32, 32, 32]
+num_samples = 2
+workers = 2
+
+[train]
+output = "run"
+{train}
+"#
+        );
+        TrainConfig::parse(&text, dir, &dir.join("train.toml")).unwrap()
+    }
+
+    fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+        t.weights()
+            .into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn labels_are_mapped_split_and_merged_as_the_rules_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(dir.path(), "steps = 1");
+        let m = univ_train::data::Manifest::load(&cfg.data.manifest).unwrap();
+        assert_eq!(m.datasets.len(), 2);
+        assert_eq!(m.datasets[0].cases.len(), 3);
+        let d = &m.datasets[0];
+        let c = &d.cases[0];
+        let case = univ_train::data::prepare_case(
+            &c.id,
+            0,
+            &c.image,
+            &c.label,
+            &d.rules,
+            &univ_io::PreprocessOptions::universal_model(),
+            [32; 3],
+        )
+        .unwrap();
+        // 1.5 mm grid, cropped to the body, padded to 32.
+        assert!(case.shape.iter().all(|s| *s >= 32), "{:?}", case.shape);
+        let n = |f: &dyn Fn(usize) -> bool| (0..case.organ.len()).filter(|i| f(*i)).count();
+        let tumour = n(&|i| case.lesion[i] == 3);
+        assert!(tumour > 0);
+        // The tumour is merged into organ 1: every tumour voxel is also organ 1.
+        assert_eq!(n(&|i| case.lesion[i] == 3 && case.organ[i] == 1), tumour);
+        assert!(n(&|i| case.organ[i] == 2) > 0);
+        assert!(case.image.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn rl_split_names_the_component_towards_patient_left() {
+        // Two blobs along the RAS first axis: the one at small x (patient left) becomes c+1.
+        let shape = [10usize, 3, 3];
+        let mut organ = vec![0u8; 90];
+        for y in 0..3 {
+            for z in 0..3 {
+                organ[1 + 10 * (y + 3 * z)] = 2;
+                organ[8 + 10 * (y + 3 * z)] = 2;
+            }
+        }
+        organ[5] = 2; // a third, smaller component: erased
+        univ_train::data::case::rl_split(&mut organ, shape, 2);
+        assert_eq!(organ[1], 3);
+        assert_eq!(organ[8], 2);
+        assert_eq!(organ[5], 0);
+        // One component stays "right".
+        let mut one = vec![0u8, 2, 2, 0];
+        univ_train::data::case::rl_split(&mut one, [4, 1, 1], 2);
+        assert_eq!(one, vec![0, 2, 2, 0]);
+    }
+
+    #[test]
+    fn manifest_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = setup(dir.path(), "steps = 1");
+        let base = dir.path();
+        let parse = |t: &str| {
+            univ_train::data::Manifest::parse(t, base, &base.join("m.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = parse(
+            "[[dataset]]\nname = \"x\"\npreset = \"99\"\nroot = \"data\"\ncases = [[\"val_ct.nii.gz\", \"val_seg.nii.gz\"]]",
+        );
+        assert!(e.contains("unknown preset \"99\""), "{e}");
+        let e = parse(
+            "[[dataset]]\nname = \"x\"\nroot = \"data\"\ncases = [[\"nope.nii.gz\", \"val_seg.nii.gz\"]]",
+        );
+        assert!(e.contains("nope.nii.gz does not exist"), "{e}");
+        let e = parse(
+            "[[dataset]]\nname = \"x\"\nroot = \"data\"\nimages = \"case*_ct.nii.gz\"\nlabels = \"other*.nii.gz\"",
+        );
+        assert!(e.contains("no label matches"), "{e}");
+        let e = parse(
+            "[[dataset]]\nname = \"x\"\nroot = \"data\"\nclasses = [0]\ncases = [[\"val_ct.nii.gz\", \"val_seg.nii.gz\"]]",
+        );
+        assert!(e.contains("background"), "{e}");
+        let e = parse("[[dataset]]\nname = \"x\"\nbogus = 1\nroot = \"data\"");
+        assert!(e.contains("bogus"), "{e}");
+        // A label id the rules do not map is an error naming the case.
+        let m = univ_train::data::Manifest::parse(
+            "[[dataset]]\nname = \"x\"\nroot = \"data\"\nlabel_map = [1]\nclasses = [1]\ncases = [[\"val_ct.nii.gz\", \"val_seg.nii.gz\"]]",
+            base,
+            &base.join("m.toml"),
+        )
+        .unwrap();
+        let d = &m.datasets[0];
+        let e = univ_train::data::prepare_case(
+            &d.cases[0].id,
+            0,
+            &d.cases[0].image,
+            &d.cases[0].label,
+            &d.rules,
+            &univ_io::PreprocessOptions::universal_model(),
+            [32; 3],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("x/val_ct.nii.gz") && e.contains("label id 2"),
+            "{e}"
+        );
+        // A label on another grid.
+        let other = base.join("data/small_seg.nii.gz");
+        write_nifti(
+            &other,
+            &Volume::from_vec(
+                vec![0u8; 8],
+                [2, 2, 2],
+                [
+                    [1.0, 0.0, 0.0, 0.0],
+                    [0.0, 1.0, 0.0, 0.0],
+                    [0.0, 0.0, 1.0, 0.0],
+                    [0.0, 0.0, 0.0, 1.0],
+                ],
+            )
+            .unwrap(),
+            &WriteOptions::default(),
+        )
+        .unwrap();
+        let e = univ_train::data::prepare_case(
+            "x/mismatch",
+            0,
+            &d.cases[0].image,
+            &other,
+            &d.rules,
+            &univ_io::PreprocessOptions::universal_model(),
+            [32; 3],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("x/mismatch"), "{e}");
+    }
+
+    #[test]
+    fn resumed_training_is_bit_for_bit_the_uninterrupted_run() {
+        let dir_a = tempfile::tempdir().unwrap();
+        let dir_b = tempfile::tempdir().unwrap();
+        let train = "steps = 4\nwarmup = 2\nschedule_unit = \"step\"\ncheckpoint_every = 2\nseed = 7\nlr = 1e-3";
+        let cfg_a = setup(dir_a.path(), train);
+        let mut a = Trainer::new(cfg_a, Device::Cpu, |_| {}).unwrap();
+        let mut losses_a = Vec::new();
+        a.run(None, |s| losses_a.push(s.loss), |_| {}).unwrap();
+        assert_eq!(a.step(), 4);
+
+        let cfg_b = setup(dir_b.path(), train);
+        let mut b = Trainer::new(cfg_b.clone(), Device::Cpu, |_| {}).unwrap();
+        let mut losses_b = Vec::new();
+        b.run(Some(3), |s| losses_b.push(s.loss), |_| {}).unwrap();
+        assert_eq!(b.step(), 3);
+        drop(b); // as if the process died after step 3 (last checkpoint: step 2)
+        let mut b = Trainer::new(cfg_b, Device::Cpu, |_| {}).unwrap();
+        assert_eq!(b.resume().unwrap(), Some(2));
+        losses_b.truncate(2);
+        b.run(None, |s| losses_b.push(s.loss), |_| {}).unwrap();
+        assert_eq!(losses_a, losses_b);
+        let (wa, wb) = (weights(&a), weights(&b));
+        assert_eq!(wa.len(), wb.len());
+        for ((ka, va), (kb, vb)) in wa.iter().zip(&wb) {
+            assert_eq!(ka, kb);
+            assert!(va == vb, "{ka} differs after resuming");
+        }
+        // The logs match too (the rows of the abandoned step 3 were dropped on resume).
+        let la = std::fs::read_to_string(dir_a.path().join("run/log.csv")).unwrap();
+        let lb = std::fs::read_to_string(dir_b.path().join("run/log.csv")).unwrap();
+        let strip = |s: &str| -> Vec<String> {
+            s.lines()
+                .map(|l| {
+                    let mut c: Vec<&str> = l.split(',').collect();
+                    c.remove(6); // seconds
+                    c.join(",")
+                })
+                .collect()
+        };
+        assert_eq!(strip(&la), strip(&lb));
+        assert_eq!(la.lines().count(), 5);
+        // The weights file is a checkpoint the model crate loads.
+        let ck = univ_model::Checkpoint::load(dir_a.path().join("run/model.safetensors")).unwrap();
+        let (_, report) = ck.build(&Device::Cpu).unwrap();
+        assert!(report.unexpected.is_empty(), "{report}");
+        assert!(dir_a.path().join("run/curves.png").exists());
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_validation_reports_dice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(
+            dir.path(),
+            "steps = 30\nlr = 3e-3\nwarmup = 3\nschedule_unit = \"step\"\ncheckpoint_every = 0\nvalidate_every = 100",
+        );
+        let mut t = Trainer::new(cfg, Device::Cpu, |_| {}).unwrap();
+        let mut losses = Vec::new();
+        let mut vals = Vec::new();
+        t.run(None, |s| losses.push(s.loss), |v| vals.push(v.clone()))
+            .unwrap();
+        let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+        let last: f32 = losses[25..].iter().sum::<f32>() / 5.0;
+        assert!(last < first * 0.9, "loss {first} → {last}");
+        // Validation ran at the end, on all three classes.
+        assert_eq!(vals.len(), 1);
+        let v = &vals[0];
+        assert_eq!(v.step, 30);
+        assert_eq!(
+            v.per_class.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(v.per_class.iter().all(|(_, d)| (0.0..=1.0).contains(d)));
+        let csv = std::fs::read_to_string(dir.path().join("run/validation.csv")).unwrap();
+        assert!(csv.starts_with("step,epoch,mean_dice"), "{csv}");
+    }
+
+    #[test]
+    fn a_diverging_loss_stops_with_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(dir.path(), "steps = 6\nlr = 1e30\nschedule_unit = \"step\"");
+        let mut t = Trainer::new(cfg, Device::Cpu, |_| {}).unwrap();
+        let e = t.run(None, |_| {}, |_| {}).unwrap_err();
+        match e {
+            univ_train::Error::Diverged { step, value } => {
+                assert!(step >= 2 && !value.is_finite(), "{step} {value}");
+                assert!(e.to_string().contains(&format!("at step {step}")));
+            }
+            other => panic!("expected Diverged, got {other}"),
+        }
+    }
+
+    #[test]
+    fn extending_keeps_trained_rows_and_can_freeze_the_backbone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(dir.path(), "steps = 2\nschedule_unit = \"step\"");
+        let mut t = Trainer::new(cfg, Device::Cpu, |_| {}).unwrap();
+        t.run(None, |_| {}, |_| {}).unwrap();
+        let old = weights(&t);
+        let model = dir.path().join("run/model.safetensors");
+        // Four classes now; the new one has no data here, the point is the bookkeeping.
+        let text = format!(
+            "[model]\nbackbone = \"unet\"\nwidth = 4\nclasses = 4\ninit = {:?}\n\n[data]\nmanifest = \"datasets.toml\"\ncache = \"cache\"\nroi = [32, 32, 32]\n\n[train]\noutput = \"run2\"\nsteps = 2\nschedule_unit = \"step\"\nfreeze_backbone = true\n",
+            model
+        );
+        let cfg2 = TrainConfig::parse(&text, dir.path(), &dir.path().join("t2.toml")).unwrap();
+        let mut t2 = Trainer::new(cfg2, Device::Cpu, |_| {}).unwrap();
+        let r = t2.init_report().clone();
+        assert_eq!(r.grown, vec![("organ_embedding.weight".to_string(), 3, 4)]);
+        assert!(r.fresh.is_empty() && r.mismatched.is_empty(), "{r:?}");
+        assert!(t2.trainable().iter().all(|n| !n.starts_with("backbone.")));
+        t2.run(None, |_| {}, |_| {}).unwrap();
+        let new = weights(&t2);
+        for ((k, a), (_, b)) in old.iter().zip(&new) {
+            if k.starts_with("backbone.") {
+                assert!(a == b, "{k} changed although the backbone is frozen");
+            }
+        }
+        let emb_old = &old
+            .iter()
+            .find(|(k, _)| k == "organ_embedding.weight")
+            .unwrap()
+            .1;
+        let emb_new = &new
+            .iter()
+            .find(|(k, _)| k == "organ_embedding.weight")
+            .unwrap()
+            .1;
+        assert_eq!(emb_new.len(), 4 * 256);
+        assert_eq!(emb_old.len(), 3 * 256);
+    }
+
+    #[test]
+    fn adamw_step_matches_the_pytorch_update() {
+        // p = 1, g = 0.5, lr = 0.1, wd = 0.01, first step: m̂ = 0.5, √v̂ = 0.5 →
+        // p = 1·(1 − 0.001) − 0.1·0.5/(0.5 + 1e-8) = 0.899.
+        let var = candle_core::Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let loss = (var.as_tensor() * 0.5).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let mut opt = univ_train::AdamW::new(
+            vec![("p".into(), var.clone())],
+            univ_train::AdamWConfig {
+                lr: 0.1,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        opt.step(&grads).unwrap();
+        let p = var.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((p - 0.899).abs() < 1e-6, "{p}");
+        assert_eq!(opt.step_count(), 1);
+    }
+
+    #[test]
+    fn schedule_follows_the_closed_form() {
+        let s = univ_train::WarmupCosine::official();
+        assert_eq!(s.lr(0), 0.0);
+        assert!((s.lr(1) - 1e-4 / 99.0).abs() < 1e-18);
+        assert!((s.lr(99) - 1e-4).abs() < 1e-18);
+        assert!((s.lr(100) - 1e-4).abs() < 1e-18);
+        assert!((s.lr(1050) - 0.5e-4).abs() < 1e-15);
+        assert_eq!(s.lr(2000), 0.0);
+    }
+}
+
+#[test]
+fn presets_match_the_official_tables() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let t: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared.join("data/universal_model/templates_and_mappings.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let list = |v: &serde_json::Value| -> Vec<usize> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let sup = t["TEMPLATE_utils (supervised/evaluated universal classes per dataset key)"]
+        .as_object()
+        .unwrap();
+    let maps = t["TEMPLATE_label_transfer (raw label id r -> universal class TEMPLATE[key][r-1]; 0 = dropped)"]
+        .as_object()
+        .unwrap();
+    let tumours = t["POST_TUMOR_DICT_label_transfer ((raw id, universal tumor class))"]
+        .as_object()
+        .unwrap();
+    let mut checked = 0;
+    for p in univ_train::data::presets::PRESETS {
+        if p.key == "universal" {
+            continue;
+        }
+        assert_eq!(p.supervised, list(&sup[p.key]).as_slice(), "{}", p.key);
+        let map_key = if p.key == "01_2" { "01" } else { p.key };
+        assert_eq!(p.label_map, list(&maps[map_key]).as_slice(), "{}", p.key);
+        let want: Vec<(u8, usize)> = tumours
+            .get(p.key)
+            .map(|v| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|pair| {
+                        let l = list(pair);
+                        (l[0] as u8, l[1])
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let got: Vec<(u8, usize)> = p.tumours.iter().map(|t| (t.raw, t.class)).collect();
+        assert_eq!(got, want, "{}", p.key);
+        checked += 1;
+    }
+    assert_eq!(checked, 17);
+    // Key rule of the loss, with its BTCV override.
+    use univ_train::data::presets::template_key;
+    assert_eq!(
+        template_key("01_Multi-Atlas_Labeling/label/label0061").unwrap(),
+        "01_2"
+    );
+    assert_eq!(
+        template_key("01_Multi-Atlas_Labeling/label/label0001").unwrap(),
+        "01"
+    );
+    assert_eq!(
+        template_key("10_Decathlon/Task07_Pancreas/labelsTr/pancreas_001").unwrap(),
+        "10_07"
+    );
+    assert_eq!(template_key("05_KiTS/label/00001").unwrap(), "05");
+}

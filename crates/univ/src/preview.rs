@@ -1,10 +1,9 @@
 //! `preview.png`: axial, coronal and sagittal slices through the largest organ, with coloured
-//! outlines of every class and a legend. A PNG writer and a 5×7 bitmap font are included so
-//! that no image crate is needed.
+//! outlines of every class and a legend, drawn with [`univ_io::png::Canvas`].
 
-use std::io::Write;
 use std::path::Path;
 
+use univ_io::png::Canvas;
 use univ_io::{OrientTransform, Volume};
 
 /// 32 distinguishable colours, one per universal class (cycled beyond).
@@ -46,126 +45,6 @@ const PALETTE: [[u8; 3]; 32] = [
 /// The colour of a class id.
 pub fn class_colour(id: usize) -> [u8; 3] {
     PALETTE[(id.max(1) - 1) % PALETTE.len()]
-}
-
-/// 5×7 glyphs (rows top to bottom, bit 4 = leftmost column) for the characters the legend uses.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        'A' => [14, 17, 17, 31, 17, 17, 17],
-        'B' => [30, 17, 17, 30, 17, 17, 30],
-        'C' => [14, 17, 16, 16, 16, 17, 14],
-        'D' => [30, 17, 17, 17, 17, 17, 30],
-        'E' => [31, 16, 16, 30, 16, 16, 31],
-        'F' => [31, 16, 16, 30, 16, 16, 16],
-        'G' => [14, 17, 16, 23, 17, 17, 15],
-        'H' => [17, 17, 17, 31, 17, 17, 17],
-        'I' => [14, 4, 4, 4, 4, 4, 14],
-        'J' => [7, 2, 2, 2, 2, 18, 12],
-        'K' => [17, 18, 20, 24, 20, 18, 17],
-        'L' => [16, 16, 16, 16, 16, 16, 31],
-        'M' => [17, 27, 21, 21, 17, 17, 17],
-        'N' => [17, 17, 25, 21, 19, 17, 17],
-        'O' => [14, 17, 17, 17, 17, 17, 14],
-        'P' => [30, 17, 17, 30, 16, 16, 16],
-        'Q' => [14, 17, 17, 17, 21, 18, 13],
-        'R' => [30, 17, 17, 30, 20, 18, 17],
-        'S' => [15, 16, 16, 14, 1, 1, 30],
-        'T' => [31, 4, 4, 4, 4, 4, 4],
-        'U' => [17, 17, 17, 17, 17, 17, 14],
-        'V' => [17, 17, 17, 17, 17, 10, 4],
-        'W' => [17, 17, 17, 21, 21, 21, 10],
-        'X' => [17, 17, 10, 4, 10, 17, 17],
-        'Y' => [17, 17, 10, 4, 4, 4, 4],
-        'Z' => [31, 1, 2, 4, 8, 16, 31],
-        '0' => [14, 17, 19, 21, 25, 17, 14],
-        '1' => [4, 12, 4, 4, 4, 4, 14],
-        '2' => [14, 17, 1, 2, 4, 8, 31],
-        '3' => [31, 2, 4, 2, 1, 17, 14],
-        '4' => [2, 6, 10, 18, 31, 2, 2],
-        '5' => [31, 16, 30, 1, 1, 17, 14],
-        '6' => [6, 8, 16, 30, 17, 17, 14],
-        '7' => [31, 1, 2, 4, 8, 8, 8],
-        '8' => [14, 17, 17, 14, 17, 17, 14],
-        '9' => [14, 17, 17, 15, 1, 2, 12],
-        '-' => [0, 0, 0, 31, 0, 0, 0],
-        '.' => [0, 0, 0, 0, 0, 12, 12],
-        '(' => [2, 4, 8, 8, 8, 4, 2],
-        ')' => [8, 4, 2, 2, 2, 4, 8],
-        ':' => [0, 12, 12, 0, 12, 12, 0],
-        '/' => [1, 1, 2, 4, 8, 16, 16],
-        _ => [0; 7],
-    }
-}
-
-/// An RGB canvas.
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<[u8; 3]>,
-}
-
-impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
-        Canvas {
-            w,
-            h,
-            px: vec![[0, 0, 0]; w * h],
-        }
-    }
-
-    fn set(&mut self, x: usize, y: usize, c: [u8; 3]) {
-        if x < self.w && y < self.h {
-            self.px[y * self.w + x] = c;
-        }
-    }
-
-    fn text(&mut self, x: usize, y: usize, s: &str, c: [u8; 3], scale: usize) {
-        for (i, ch) in s.chars().enumerate() {
-            let g = glyph(ch);
-            for (row, bits) in g.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (1 << (4 - col)) != 0 {
-                        for dy in 0..scale {
-                            for dx in 0..scale {
-                                self.set(x + (i * 6 + col) * scale + dx, y + row * scale + dy, c);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn write_png(&self, path: &Path) -> std::io::Result<()> {
-        fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(kind);
-            crc.update(data);
-            out.extend_from_slice(kind);
-            out.extend_from_slice(data);
-            out.extend_from_slice(&crc.finalize().to_be_bytes());
-        }
-        let mut raw = Vec::with_capacity(self.h * (1 + 3 * self.w));
-        for row in self.px.chunks(self.w) {
-            raw.push(0); // filter: none
-            for p in row {
-                raw.extend_from_slice(p);
-            }
-        }
-        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        z.write_all(&raw)?;
-        let idat = z.finish()?;
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&(self.w as u32).to_be_bytes());
-        ihdr.extend_from_slice(&(self.h as u32).to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
-        chunk(&mut out, b"IHDR", &ihdr);
-        chunk(&mut out, b"IDAT", &idat);
-        chunk(&mut out, b"IEND", &[]);
-        std::fs::write(path, out)
-    }
 }
 
 /// A 2-D slice: values at (col, row), with the physical size of a pixel along each.
