@@ -108,6 +108,14 @@ pub enum Error {
     },
 
     // ----- unsupported -----
+    /// A DICOM file or series that cannot be read as one CT volume.
+    #[error("{path}: {reason}")]
+    Dicom {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A valid file that this crate does not handle (real 4-D data, complex voxels, ...).
     #[error("{path}: unsupported: {reason}")]
     Unsupported {

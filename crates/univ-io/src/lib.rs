@@ -4,6 +4,8 @@
 // Index loops read better than iterator chains in 3×3/4×4 matrix and grid code.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(feature = "dicom")]
+pub mod dicom;
 pub mod error;
 pub mod geometry;
 pub mod nii;

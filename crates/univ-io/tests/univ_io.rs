@@ -869,3 +869,91 @@ fn preprocess_inverse_on_an_oblique_lps_volume() {
     let rec: univ_io::PreprocessRecord = serde_json::from_str(&json).unwrap();
     assert_eq!(rec, pre.record);
 }
+
+// ---------------------------------------------------------------------------------------------
+// DICOM series.
+
+#[cfg(feature = "dicom")]
+mod dicom {
+    use super::shared;
+    use univ_io::dicom::{DicomReadOptions, read_dicom_series};
+    use univ_io::{OrientTransform, read_label};
+
+    #[test]
+    fn the_j2k_and_uncompressed_series_give_one_volume_on_the_reference_grid() {
+        let Some(shared) = shared::shared_dir() else {
+            return;
+        };
+        let d = shared.join("data/dicom");
+        let opts = DicomReadOptions::default();
+        let j2k = read_dicom_series(&d.join("example_ct_dicom_j2k"), &opts).unwrap();
+        let raw = read_dicom_series(&d.join("example_ct_dicom_uncompressed"), &opts).unwrap();
+        assert_eq!(j2k.volume.shape(), [512, 512, 20]);
+        assert_eq!(
+            j2k.volume.data(),
+            raw.volume.data(),
+            "decoded voxels differ"
+        );
+        assert_eq!(j2k.volume.affine(), raw.volume.affine());
+        assert_eq!(j2k.slices.len(), 20);
+        assert_eq!(j2k.modality, "CT");
+        assert!(
+            j2k.transfer_syntax.starts_with("1.2.840.10008.1.2.4.90"),
+            "{}",
+            j2k.transfer_syntax
+        );
+        let gaps = j2k.slice_gap_range;
+        assert!(
+            (gaps[0] - 2.0).abs() < 1e-3 && (gaps[1] - 2.0).abs() < 1e-3,
+            "{gaps:?}"
+        );
+        // The reference segmentation made on this series: same grid after orienting both.
+        let seg = read_label(shared.join("data/ct/example_seg_dicom.nii.gz")).unwrap();
+        let to_ras = |shape, affine| OrientTransform::to_axcodes(affine, shape, "RAS").unwrap();
+        let a = to_ras(j2k.volume.shape(), j2k.volume.affine());
+        let b = to_ras(seg.shape(), seg.affine());
+        assert_eq!(a.out_shape(), b.out_shape());
+        let (fa, fb) = (
+            a.out_affine(j2k.volume.affine()),
+            b.out_affine(seg.affine()),
+        );
+        for r in 0..3 {
+            for c in 0..4 {
+                assert!(
+                    (fa[r][c] - fb[r][c]).abs() < 1e-3,
+                    "affine differs at [{r}][{c}]: {fa:?} vs {fb:?}"
+                );
+            }
+        }
+        // The liver (TotalSegmentator id 5) lands on liver-range HU.
+        let vol = a.apply(j2k.volume.clone()).unwrap();
+        let seg = b.apply(seg).unwrap();
+        let liver: Vec<f32> = vol
+            .data()
+            .iter()
+            .zip(seg.data())
+            .filter(|(_, l)| **l == 5)
+            .map(|(v, _)| *v)
+            .collect();
+        assert!(liver.len() > 10_000, "{} liver voxels", liver.len());
+        let mut sorted = liver.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = sorted[sorted.len() / 2];
+        assert!((20.0..=200.0).contains(&median), "liver median {median} HU");
+    }
+
+    #[test]
+    fn a_single_file_reads_as_one_slice_in_hounsfield_units() {
+        let Some(shared) = shared::shared_dir() else {
+            return;
+        };
+        let s = read_dicom_series(
+            &shared.join("data/dicom/CT_small.dcm"),
+            &DicomReadOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(s.volume.shape(), [128, 128, 1]);
+        let (lo, hi) = s.volume.min_max();
+        assert!(lo < -500.0 && hi > 500.0 && hi < 4000.0, "{lo}..{hi}");
+    }
+}

@@ -979,3 +979,196 @@ fn convolution_of_a_concatenation_needs_no_copy_and_matches() {
     let got1 = layers::conv::conv3d_concat(&[&a, &b], &w1, [0; 3]).unwrap();
     assert!(max_abs_diff(&got1, &layers::conv3d(&cat, &w1, [0; 3]).unwrap()) < 1e-5);
 }
+
+/// The fused training operations (used for f32 tensors on the CPU when gradients are needed)
+/// against the composed operations in f64.
+#[test]
+fn fused_training_operations_have_the_composed_gradients() {
+    use univ_model::layers::{Act, NormKind};
+    let sh = [2usize, 4, 3, 3, 2];
+    let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
+        let a = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let b = b
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    for kind in [NormKind::Batch, NormKind::Instance, NormKind::Group(2)] {
+        for act in [Act::Identity, Act::Relu, Act::LeakyRelu(0.01)] {
+            let x = Var::from_tensor(&rand(&sh, 40)).unwrap();
+            let w = Var::from_tensor(&rand(&[4], 41)).unwrap();
+            let b = Var::from_tensor(&rand(&[4], 42)).unwrap();
+            let r = rand(&sh, 43);
+            let y = layers::norm_act(
+                x.as_tensor(),
+                kind,
+                Some(w.as_tensor()),
+                Some(b.as_tensor()),
+                1e-5,
+                act,
+            )
+            .unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            // Composed reference in f64.
+            let to64 = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F64).unwrap()).unwrap();
+            let (x64, w64, b64) = (
+                to64(x.as_tensor()),
+                to64(w.as_tensor()),
+                to64(b.as_tensor()),
+            );
+            let z = match kind {
+                NormKind::Batch => layers::batch_norm_batch_stats(
+                    x64.as_tensor(),
+                    Some(w64.as_tensor()),
+                    Some(b64.as_tensor()),
+                    1e-5,
+                ),
+                NormKind::Instance => layers::instance_norm(x64.as_tensor(), 1e-5).map(|n| {
+                    n.broadcast_mul(&w64.as_tensor().reshape((1, 4, 1, 1, 1)).unwrap())
+                        .unwrap()
+                        .broadcast_add(&b64.as_tensor().reshape((1, 4, 1, 1, 1)).unwrap())
+                        .unwrap()
+                }),
+                NormKind::Group(gr) => layers::group_norm(
+                    x64.as_tensor(),
+                    gr,
+                    Some(w64.as_tensor()),
+                    Some(b64.as_tensor()),
+                    1e-5,
+                ),
+            }
+            .unwrap();
+            let y64 = act.apply_tensor(z).unwrap();
+            let r64 = r.to_dtype(DType::F64).unwrap();
+            let g64 = (&y64 * &r64)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let what = format!("{kind:?} {act:?}");
+            assert!(max_diff(&y, &y64) < 1e-5, "{what}: output");
+            for (v, v64, name) in [(&x, &x64, "x"), (&w, &w64, "weight"), (&b, &b64, "bias")] {
+                let d = max_diff(
+                    g.get(v.as_tensor()).unwrap(),
+                    g64.get(v64.as_tensor()).unwrap(),
+                );
+                assert!(d < 1e-4, "{what}: gradient of {name} differs by {d}");
+            }
+        }
+    }
+    // The dynamic head.
+    let f = Var::from_tensor(&rand(&[2, 8, 3, 4, 5], 50)).unwrap();
+    let p = Var::from_tensor(&rand(&[2, 3, 153], 51)).unwrap();
+    let r = rand(&[2, 3, 3, 4, 5], 52);
+    let y = univ_model::nets::universal::dynamic_head(f.as_tensor(), p.as_tensor()).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let y2 =
+        univ_model::nets::universal::dynamic_head_composed(f.as_tensor(), p.as_tensor()).unwrap();
+    let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(&y, &y2) < 1e-5);
+    for (v, name) in [(&f, "features"), (&p, "params")] {
+        let d = max_diff(
+            g.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-4, "head: gradient of {name} differs by {d}");
+    }
+}
+
+/// Convolution + bias, convolution of a concatenation, and the transposed convolution as
+/// single training operations: values and gradients equal the composed references.
+#[test]
+fn fused_training_convolutions_have_the_composed_gradients() {
+    use candle_core::Module;
+    let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from((x - y).abs()))
+            .fold(0.0, f64::max)
+    };
+    let bias5 = |b: &Tensor| b.reshape((1, b.elem_count(), 1, 1, 1)).unwrap();
+    // Conv3d with bias.
+    let x = Var::from_tensor(&rand(&[2, 3, 5, 4, 6], 60)).unwrap();
+    let w = Var::from_tensor(&rand(&[4, 3, 3, 3, 3], 61)).unwrap();
+    let b = Var::from_tensor(&rand(&[4], 62)).unwrap();
+    let conv =
+        layers::Conv3d::new(w.as_tensor().clone(), Some(b.as_tensor().clone()), 1, 1).unwrap();
+    let y = conv.forward(x.as_tensor()).unwrap();
+    let r = rand(y.dims(), 63);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let y2 = layers::conv::conv3d_composed(x.as_tensor(), w.as_tensor(), [1; 3])
+        .unwrap()
+        .broadcast_add(&bias5(b.as_tensor()))
+        .unwrap();
+    let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(&y, &y2) < 1e-4);
+    for (v, name) in [(&x, "x"), (&w, "w"), (&b, "b")] {
+        let d = max_diff(
+            g.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-3, "conv+bias: gradient of {name} differs by {d}");
+    }
+    // Convolution of a concatenation of two tracked tensors.
+    let a = Var::from_tensor(&rand(&[2, 2, 4, 5, 3], 64)).unwrap();
+    let c = Var::from_tensor(&rand(&[2, 3, 4, 5, 3], 65)).unwrap();
+    let wc = Var::from_tensor(&rand(&[4, 5, 3, 3, 3], 66)).unwrap();
+    let y = layers::conv::conv3d_concat(&[a.as_tensor(), c.as_tensor()], wc.as_tensor(), [1; 3])
+        .unwrap();
+    let r = rand(y.dims(), 67);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let cat = Tensor::cat(&[a.as_tensor(), c.as_tensor()], 1).unwrap();
+    let y2 = layers::conv::conv3d_composed(&cat, wc.as_tensor(), [1; 3]).unwrap();
+    let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(&y, &y2) < 1e-4);
+    for (v, name) in [(&a, "a"), (&c, "c"), (&wc, "w")] {
+        let d = max_diff(
+            g.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-3, "concat conv: gradient of {name} differs by {d}");
+    }
+    // Transposed convolution (k = s = 2) with bias.
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let up = layers::ConvTranspose3d::load(vb, 3, 4, 2, true).unwrap();
+    let x = Var::from_tensor(&rand(&[2, 3, 3, 2, 4], 68)).unwrap();
+    let y = up.forward(x.as_tensor()).unwrap();
+    let r = rand(y.dims(), 69);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let (wt, bt) = (&data["weight"], &data["bias"]);
+    let y2 = layers::conv_transpose3d_k_eq_s(x.as_tensor(), wt.as_tensor())
+        .unwrap()
+        .broadcast_add(&bias5(bt.as_tensor()))
+        .unwrap();
+    let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(&y, &y2) < 1e-5);
+    for (t, name) in [
+        (x.as_tensor(), "x"),
+        (wt.as_tensor(), "w"),
+        (bt.as_tensor(), "b"),
+    ] {
+        let d = max_diff(g.get(t).unwrap(), g2.get(t).unwrap());
+        assert!(
+            d < 1e-4,
+            "transposed conv: gradient of {name} differs by {d}"
+        );
+    }
+}

@@ -56,7 +56,19 @@ pub fn partial_label_loss(
     classes: &[Vec<usize>],
     mode: DiceMode,
 ) -> Result<LossParts> {
-    let (b, k, d, h, w) = logits.dims5()?;
+    if matches!(logits.device(), candle_core::Device::Cpu) && logits.dtype() == DType::F32 {
+        return fused::loss(logits, target, classes, mode);
+    }
+    partial_label_loss_composed(logits, target, classes, mode)
+}
+
+/// Checks shapes and class lists; returns the pairs (sample, class).
+fn pairs_of(
+    logits: &Tensor,
+    target: &Tensor,
+    classes: &[Vec<usize>],
+) -> Result<Vec<(usize, usize)>> {
+    let (b, k, _, _, _) = logits.dims5()?;
     if target.dims() != logits.dims() {
         return Err(Error::shape(
             "partial-label loss",
@@ -74,22 +86,13 @@ pub fn partial_label_loss(
         ));
     }
     let mut pairs = Vec::new();
-    let mut xs = Vec::new();
-    let mut ts = Vec::new();
     for (i, list) in classes.iter().enumerate() {
-        if list.is_empty() {
-            continue;
-        }
         if let Some(c) = list.iter().find(|c| **c == 0 || **c > k) {
             return Err(Error::shape(
                 "partial-label loss",
                 format!("class {c} of sample {i} is outside 1..={k}"),
             ));
         }
-        let idx: Vec<u32> = list.iter().map(|c| (*c - 1) as u32).collect();
-        let idx = Tensor::from_vec(idx, list.len(), logits.device())?;
-        xs.push(logits.get(i)?.index_select(&idx, 0)?);
-        ts.push(target.get(i)?.index_select(&idx, 0)?);
         pairs.extend(list.iter().map(|c| (i, *c)));
     }
     if pairs.is_empty() {
@@ -97,6 +100,33 @@ pub fn partial_label_loss(
             "partial-label loss",
             "no sample supervises any class",
         ));
+    }
+    Ok(pairs)
+}
+
+/// [`partial_label_loss`] with candle operations only (any device; keeps its intermediate
+/// tensors for autograd). The CPU uses a fused operation with the same values.
+///
+/// # Errors
+/// As [`partial_label_loss`].
+pub fn partial_label_loss_composed(
+    logits: &Tensor,
+    target: &Tensor,
+    classes: &[Vec<usize>],
+    mode: DiceMode,
+) -> Result<LossParts> {
+    let (_, _, d, h, w) = logits.dims5()?;
+    let pairs = pairs_of(logits, target, classes)?;
+    let mut xs = Vec::new();
+    let mut ts = Vec::new();
+    for (i, list) in classes.iter().enumerate() {
+        if list.is_empty() {
+            continue;
+        }
+        let idx: Vec<u32> = list.iter().map(|c| (*c - 1) as u32).collect();
+        let idx = Tensor::from_vec(idx, list.len(), logits.device())?;
+        xs.push(logits.get(i)?.index_select(&idx, 0)?);
+        ts.push(target.get(i)?.index_select(&idx, 0)?);
     }
     let p = pairs.len();
     let x = Tensor::cat(&xs, 0)?.reshape((p, d * h * w))?;
@@ -130,4 +160,186 @@ pub fn partial_label_loss(
         bce_per_pair: bce.detach(),
         dice_per_pair: dice.detach(),
     })
+}
+
+mod fused {
+    //! The loss as one CPU operation: its output is the per-pair BCE and Dice values, and its
+    //! backward pass writes the gradient of the logits directly (zero outside the supervised
+    //! channels), without the dozen `(pairs, voxels)` intermediates of the composed version.
+
+    use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+    use rayon::prelude::*;
+
+    use super::{DiceMode, LossParts, pairs_of};
+    use crate::error::Result;
+
+    struct LossOp {
+        pairs: Vec<(usize, usize)>,
+        k: usize,
+        slices: usize,
+        per: usize,
+    }
+
+    fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => candle_core::bail!("partial-label loss: expected contiguous f32 tensors"),
+        }
+    }
+
+    #[inline]
+    fn sigmoid(x: f32) -> f64 {
+        1.0 / (1.0 + (-f64::from(x)).exp())
+    }
+
+    /// Per pair: (BCE mean, Dice loss, per-slice (I, S + T + 1)).
+    fn pair_stats(x: &[f32], t: &[f32], slices: usize, per: usize) -> (f64, f64, Vec<(f64, f64)>) {
+        let mut bce = 0f64;
+        let mut sl = Vec::with_capacity(slices);
+        for s in 0..slices {
+            let (mut i, mut ps, mut ts) = (0f64, 0f64, 0f64);
+            for j in s * per..(s + 1) * per {
+                let xv = f64::from(x[j]);
+                let tv = f64::from(t[j]);
+                bce += xv.max(0.0) - xv * tv + (-xv.abs()).exp().ln_1p();
+                let p = sigmoid(x[j]);
+                i += p * tv;
+                ps += p;
+                ts += tv;
+            }
+            sl.push((i, ps + ts + 1.0));
+        }
+        let dice = sl.iter().map(|(i, den)| 1.0 - 2.0 * i / den).sum::<f64>() / slices as f64;
+        (bce / (slices * per) as f64, dice, sl)
+    }
+
+    impl CustomOp2 for LossOp {
+        fn name(&self) -> &'static str {
+            "partial-label-loss"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            let x = slice_of(s1, l1)?;
+            let t = slice_of(s2, l2)?;
+            let v = self.slices * self.per;
+            let stats: Vec<(f64, f64)> = self
+                .pairs
+                .par_iter()
+                .map(|(b, c)| {
+                    let off = (b * self.k + c - 1) * v;
+                    let (bce, dice, _) =
+                        pair_stats(&x[off..off + v], &t[off..off + v], self.slices, self.per);
+                    (bce, dice)
+                })
+                .collect();
+            let p = self.pairs.len();
+            let mut out = vec![0f32; 2 * p];
+            for (i, (bce, dice)) in stats.iter().enumerate() {
+                out[i] = *bce as f32;
+                out[p + i] = *dice as f32;
+            }
+            Ok((CpuStorage::F32(out), Shape::from(vec![2 * p])))
+        }
+
+        fn bwd(
+            &self,
+            logits: &Tensor,
+            target: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            let g = grad.to_vec1::<f32>()?;
+            let dx = read_f32(logits, |x| read_f32(target, |t| self.backward(x, t, &g)))??;
+            Ok((
+                Some(Tensor::from_vec(dx, logits.shape(), logits.device())?),
+                None,
+            ))
+        }
+    }
+
+    /// Runs `f` on the f32 CPU data of `t` in place (made contiguous first).
+    fn read_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok(f(slice_of(s, layout)?)),
+            _ => candle_core::bail!("partial-label loss: expected a CPU tensor"),
+        }
+    }
+
+    impl LossOp {
+        /// The gradient of the logits given the gradient `g` of the per-pair values.
+        fn backward(&self, x: &[f32], t: &[f32], g: &[f32]) -> Vec<f32> {
+            let p = self.pairs.len();
+            let v = self.slices * self.per;
+            let mut dx = vec![0f32; x.len()];
+            // Each pair owns one channel of one sample: disjoint slices of dx.
+            let mut owners: Vec<Option<usize>> = vec![None; x.len() / v];
+            for (i, (b, c)) in self.pairs.iter().enumerate() {
+                owners[b * self.k + c - 1] = Some(i);
+            }
+            dx.par_chunks_mut(v).enumerate().for_each(|(ch, dst)| {
+                let Some(i) = owners[ch] else {
+                    return;
+                };
+                let off = ch * v;
+                let (xs, ts) = (&x[off..off + v], &t[off..off + v]);
+                let (_, _, sl) = pair_stats(xs, ts, self.slices, self.per);
+                let gb = f64::from(g[i]) / v as f64;
+                let gd = f64::from(g[p + i]) / self.slices as f64;
+                for s in 0..self.slices {
+                    let (inter, den) = sl[s];
+                    for j in s * self.per..(s + 1) * self.per {
+                        let pr = sigmoid(xs[j]);
+                        let tv = f64::from(ts[j]);
+                        let d_dice = -2.0 * (tv * den - inter) / (den * den);
+                        dst[j] = (gb * (pr - tv) + gd * d_dice * pr * (1.0 - pr)) as f32;
+                    }
+                }
+            });
+            dx
+        }
+    }
+
+    pub(super) fn loss(
+        logits: &Tensor,
+        target: &Tensor,
+        classes: &[Vec<usize>],
+        mode: DiceMode,
+    ) -> Result<LossParts> {
+        let pairs = pairs_of(logits, target, classes)?;
+        let (_, k, d, h, w) = logits.dims5()?;
+        let (slices, per) = match mode {
+            DiceMode::PerSlice => (d, h * w),
+            DiceMode::PerVolume => (1, d * h * w),
+        };
+        let op = LossOp {
+            pairs: pairs.clone(),
+            k,
+            slices,
+            per,
+        };
+        let target = target.detach().to_dtype(DType::F32)?.contiguous()?;
+        let out = logits.contiguous()?.apply_op2(&target, op)?;
+        let p = pairs.len();
+        let bce = out.narrow(0, 0, p)?;
+        let dice = out.narrow(0, p, p)?;
+        let bce_term = bce.mean(0)?;
+        let dice_term = dice.mean(0)?;
+        let total = (&bce_term + &dice_term)?;
+        Ok(LossParts {
+            total,
+            bce: bce_term,
+            dice: dice_term,
+            pairs,
+            bce_per_pair: bce.detach(),
+            dice_per_pair: dice.detach(),
+        })
+    }
 }

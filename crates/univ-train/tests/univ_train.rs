@@ -138,15 +138,22 @@ fn partial_label_loss_matches_the_official_loss_and_its_gradient() {
     assert_eq!(lists, want_lists);
     let logits = candle_core::Var::from_tensor(&inputs["logits"]).unwrap();
     let target = &inputs["target"];
-    for (mode, key, grad_key) in [
+    let cases = [
         (DiceMode::PerSlice, "loss_per_slice", "grad_total_per_slice"),
         (
             DiceMode::PerVolume,
             "loss_per_volume",
             "grad_total_per_volume",
         ),
-    ] {
-        let parts = partial_label_loss(logits.as_tensor(), target, &lists, mode).unwrap();
+    ];
+    // The fused CPU operation and the composed one (other devices) both match.
+    for ((mode, key, grad_key), fused) in cases.into_iter().flat_map(|m| [(m, true), (m, false)]) {
+        let parts = if fused {
+            partial_label_loss(logits.as_tensor(), target, &lists, mode).unwrap()
+        } else {
+            univ_train::loss::partial_label_loss_composed(logits.as_tensor(), target, &lists, mode)
+                .unwrap()
+        };
         let got: Vec<f32> = [&parts.bce, &parts.dice, &parts.total]
             .iter()
             .map(|t| t.to_scalar::<f32>().unwrap())

@@ -5,6 +5,7 @@ mod embed_cmd;
 mod evaluate_cmd;
 mod model_cmds;
 mod segment_cmd;
+mod train_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -136,6 +137,32 @@ enum Command {
         /// Dice only (skip NSD and HD95).
         #[arg(long)]
         no_surface: bool,
+    },
+    /// Train a model with the partial-label loss from a configuration file (see the
+    /// univ-train docs for train.toml and the dataset manifest).
+    Train {
+        /// The training configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the newest checkpoint in the output folder.
+        #[arg(long)]
+        resume: bool,
+        /// Start from this trained checkpoint and add classes (model.classes larger than its
+        /// class count); reports validation Dice before and after in extend_report.json.
+        #[arg(long)]
+        extend: Option<PathBuf>,
+        /// Train only the head and class encodings.
+        #[arg(long)]
+        freeze_backbone: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// No progress output.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Describe a checkpoint: backbone, widths, classes, parameter count, embedding, keys.
     Inspect {
@@ -294,6 +321,27 @@ fn main() -> ExitCode {
             output,
             inspect,
         }),
+        Command::Train {
+            config,
+            resume,
+            extend,
+            freeze_backbone,
+            threads,
+            device,
+            quiet,
+        } => {
+            if let Some(n) = threads {
+                set_threads(n);
+            }
+            train_cmd::run(train_cmd::TrainArgs {
+                config,
+                resume,
+                extend,
+                freeze_backbone,
+                device,
+                quiet,
+            })
+        }
         Command::Convert { input, output } => model_cmds::convert(&input, &output),
         Command::Forward {
             checkpoint,

@@ -9,7 +9,7 @@
 //! and a tap-wise `G · X_shiftedᵀ` product (weight gradient). On other devices the convolution is
 //! composed from candle's `conv2d` over depth taps, with candle's own gradients.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -25,6 +25,16 @@ pub(crate) fn dims5(l: &Layout, what: &str) -> candle_core::Result<[usize; 5]> {
     match l.dims() {
         &[a, b, c, d, e] => Ok([a, b, c, d, e]),
         other => candle_core::bail!("{what}: expected a 5-D tensor, got shape {other:?}"),
+    }
+}
+
+/// Runs `f` on the f32 CPU data of `t` (made contiguous first; no copy when it already is).
+pub(crate) fn read_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("expected a contiguous f32 CPU tensor"),
     }
 }
 
@@ -252,6 +262,29 @@ fn weight_grad(
     k: [usize; 3],
     pad: [usize; 3],
 ) -> Vec<f32> {
+    let [_, c, d, h, w] = xs;
+    let per_in = c * d * h * w;
+    let dhw = d * h * w;
+    weight_grad_with(
+        |b, ci| &x[b * per_in + ci * dhw..b * per_in + (ci + 1) * dhw],
+        xs,
+        g,
+        o,
+        k,
+        pad,
+    )
+}
+
+/// [`weight_grad`] reading channel `ci` of sample `b` through `channel(b, ci)` (so that the
+/// input may be a concatenation that is never materialised).
+fn weight_grad_with<'a>(
+    channel: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    xs: [usize; 5],
+    g: &[f32],
+    o: usize,
+    k: [usize; 3],
+    pad: [usize; 3],
+) -> Vec<f32> {
     let [n, c, d, h, w] = xs;
     let taps = k[0] * k[1] * k[2];
     let od = [
@@ -260,12 +293,9 @@ fn weight_grad(
         w + 2 * pad[2] + 1 - k[2],
     ];
     let n_out = od[0] * od[1] * od[2];
-    let per_in = c * d * h * w;
     let mut total = vec![0f32; taps * o * c];
     for b in 0..n {
-        let sample = &x[b * per_in..(b + 1) * per_in];
-        let dhw = d * h * w;
-        let (xp, p) = pad_sample(|ci| &sample[ci * dhw..(ci + 1) * dhw], c, [d, h, w], pad);
+        let (xp, p) = pad_sample(|ci| channel(b, ci), c, [d, h, w], pad);
         let vp = p[0] * p[1] * p[2];
         let plane = p[1] * p[2];
         let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
@@ -390,23 +420,209 @@ impl CustomOp2 for Conv3dS1 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, _, kd, kh, kw) = w.dims5()?;
-        let back_pad = [
-            kd - 1 - self.pad[0],
-            kh - 1 - self.pad[1],
-            kw - 1 - self.pad[2],
-        ];
-        let grad = grad.contiguous()?;
-        // Input gradient: correlation of the output gradient with the flipped, transposed kernel.
-        let gx = grad.apply_op2_no_bwd(&w.contiguous()?, &Conv3dInputGrad { pad: back_pad })?;
-        let gw = x.contiguous()?.apply_op2_no_bwd(
-            &grad,
-            &Conv3dWeightGrad {
-                pad: self.pad,
-                k: [kd, kh, kw],
-            },
-        )?;
+        let (gx, gw) = conv_grads(x, w, grad, self.pad)?;
         Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// Input and weight gradients of a stride-1 correlation.
+fn conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    pad: [usize; 3],
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (_, _, kd, kh, kw) = w.dims5()?;
+    let back_pad = [kd - 1 - pad[0], kh - 1 - pad[1], kw - 1 - pad[2]];
+    let grad = grad.contiguous()?;
+    // Input gradient: correlation of the output gradient with the flipped, transposed kernel.
+    let gx = grad.apply_op2_no_bwd(&w.contiguous()?, &Conv3dInputGrad { pad: back_pad })?;
+    let gw = x.contiguous()?.apply_op2_no_bwd(
+        &grad,
+        &Conv3dWeightGrad {
+            pad,
+            k: [kd, kh, kw],
+        },
+    )?;
+    Ok((gx, gw))
+}
+
+/// Adds a per-channel bias to a contiguous `(N, C, ...)` buffer.
+fn add_bias_slice(out: &mut [f32], n: usize, c: usize, bias: &[f32]) {
+    let m = out.len() / (n * c).max(1);
+    out.par_chunks_mut(m.max(1))
+        .enumerate()
+        .for_each(|(row, r)| r.iter_mut().for_each(|v| *v += bias[row % c]));
+}
+
+/// Gradient of a per-channel bias: the output gradient summed over all but the channel axis.
+fn bias_grad(grad: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    grad.sum(0)?.flatten_from(1)?.sum(1)?.reshape(bias.shape())
+}
+
+/// A stride-1 correlation and its bias as one operation, so that training keeps one tensor
+/// (the output) instead of two.
+#[derive(Debug, Clone, Copy)]
+struct Conv3dS1Bias {
+    pad: [usize; 3],
+}
+
+impl CustomOp3 for Conv3dS1Bias {
+    fn name(&self) -> &'static str {
+        "univ-conv3d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (st, shape) = correlate_op(s1, l1, s2, l2, self.pad, false)?;
+        let b = contiguous_f32(s3, l3, "conv3d bias")?;
+        let CpuStorage::F32(mut out) = st else {
+            candle_core::bail!("conv3d: f32 output expected")
+        };
+        let d = shape.dims();
+        add_bias_slice(&mut out, d[0], d[1], b);
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = conv_grads(x, w, grad, self.pad)?;
+        Ok((Some(gx), Some(gw), Some(bias_grad(grad, b)?)))
+    }
+}
+
+/// A stride-1 correlation of the channel concatenation of two tensors, without
+/// materialising the concatenation in the forward pass.
+#[derive(Debug, Clone, Copy)]
+struct Conv3dConcat2 {
+    pad: [usize; 3],
+}
+
+impl CustomOp3 for Conv3dConcat2 {
+    fn name(&self) -> &'static str {
+        "univ-conv3d-concat"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [n, ca, d, h, wd] = dims5(l1, "conv3d concat input")?;
+        let [nb, cb, db, hb, wb] = dims5(l2, "conv3d concat input")?;
+        let ws = dims5(l3, "conv3d weight")?;
+        if nb != n || [db, hb, wb] != [d, h, wd] || ws[1] != ca + cb {
+            candle_core::bail!(
+                "conv3d concat: inputs {:?} and {:?}, weight {ws:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let a = contiguous_f32(s1, l1, "conv3d concat input")?;
+        let b = contiguous_f32(s2, l2, "conv3d concat input")?;
+        let w = contiguous_f32(s3, l3, "conv3d weight")?;
+        let (o, c) = (ws[0], ca + cb);
+        let k = [ws[2], ws[3], ws[4]];
+        let wp = pack_weights(w, o, c, k.iter().product(), false);
+        let od = [
+            d + 2 * self.pad[0] + 1 - k[0],
+            h + 2 * self.pad[1] + 1 - k[1],
+            wd + 2 * self.pad[2] + 1 - k[2],
+        ];
+        let dhw = d * h * wd;
+        let per_out = o * od[0] * od[1] * od[2];
+        let mut out = vec![0f32; n * per_out];
+        for s in 0..n {
+            let (sa, sb) = (
+                &a[s * ca * dhw..(s + 1) * ca * dhw],
+                &b[s * cb * dhw..(s + 1) * cb * dhw],
+            );
+            let channel = |ci: usize| -> &[f32] {
+                if ci < ca {
+                    &sa[ci * dhw..(ci + 1) * dhw]
+                } else {
+                    &sb[(ci - ca) * dhw..(ci - ca + 1) * dhw]
+                }
+            };
+            let (xp, p) = pad_sample(channel, c, [d, h, wd], self.pad);
+            correlate_sample(
+                &xp,
+                c,
+                p,
+                &wp,
+                o,
+                k,
+                &mut out[s * per_out..(s + 1) * per_out],
+            );
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(vec![n, o, od[0], od[1], od[2]]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, _, kd, kh, kw) = w.dims5()?;
+        let pad = self.pad;
+        let back_pad = [kd - 1 - pad[0], kh - 1 - pad[1], kw - 1 - pad[2]];
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(&w.contiguous()?, &Conv3dInputGrad { pad: back_pad })?;
+        let [n, ca, d, h, wd] = a.dims5().map(|(n, c, d, h, w)| [n, c, d, h, w])?;
+        let cb = b.dim(1)?;
+        let o = w.dim(0)?;
+        let dhw = d * h * wd;
+        let gw = read_f32(a, |av| {
+            read_f32(b, |bv| {
+                read_f32(&grad, |gv| {
+                    weight_grad_with(
+                        |s, ci| {
+                            if ci < ca {
+                                &av[(s * ca + ci) * dhw..(s * ca + ci + 1) * dhw]
+                            } else {
+                                let cj = ci - ca;
+                                &bv[(s * cb + cj) * dhw..(s * cb + cj + 1) * dhw]
+                            }
+                        },
+                        [n, ca + cb, d, h, wd],
+                        gv,
+                        o,
+                        [kd, kh, kw],
+                        pad,
+                    )
+                })
+            })
+        })???;
+        let gw = Tensor::from_vec(gw, w.shape(), w.device())?;
+        // Views of the one input-gradient tensor, no copies.
+        Ok((
+            Some(gx.narrow(1, 0, ca)?),
+            Some(gx.narrow(1, ca, cb)?),
+            Some(gw),
+        ))
     }
 }
 
@@ -470,6 +686,19 @@ impl CustomOp2 for Conv3dWeightGrad {
 /// # Errors
 /// Shape mismatches, a padding of `k` or more, or a non-f32 CPU tensor.
 pub fn conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
+    check_conv3d(x, w, pad)?;
+    match x.device() {
+        Device::Cpu => {
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            let w = w.to_dtype(DType::F32)?.contiguous()?;
+            Ok(x.apply_op2(&w, Conv3dS1 { pad })?)
+        }
+        _ => conv3d_composed(x, w, pad),
+    }
+}
+
+/// The shape checks of [`conv3d`].
+fn check_conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<()> {
     let (_, c, d, h, wd) = x.dims5()?;
     let (_, wc, kd, kh, kw) = w.dims5()?;
     if c != wc {
@@ -493,14 +722,7 @@ pub fn conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
             format!("input {:?} is smaller than the kernel {k:?}", [d, h, wd]),
         ));
     }
-    match x.device() {
-        Device::Cpu => {
-            let x = x.to_dtype(DType::F32)?.contiguous()?;
-            let w = w.to_dtype(DType::F32)?.contiguous()?;
-            Ok(x.apply_op2(&w, Conv3dS1 { pad })?)
-        }
-        _ => conv3d_composed(x, w, pad),
-    }
+    Ok(())
 }
 
 /// A stride-1 convolution of the channel-wise concatenation of `inputs`, without
@@ -517,6 +739,23 @@ pub fn conv3d_concat(inputs: &[&Tensor], w: &Tensor, pad: [usize; 3]) -> Result<
             crate::layers::fused::fusable(&[Some(*t)]) && t.rank() == 5 && t.dim(0).ok() == Some(1)
         });
     if !fast {
+        if inputs.len() == 2
+            && crate::layers::fused::cpu_f32(&[Some(inputs[0]), Some(inputs[1]), Some(w)])
+        {
+            let (ca, cb) = (inputs[0].dim(1)?, inputs[1].dim(1)?);
+            let (_, wc, _, _, _) = w.dims5()?;
+            if wc != ca + cb {
+                return Err(Error::shape(
+                    "conv3d_concat",
+                    format!("{} input channels, weight expects {wc}", ca + cb),
+                ));
+            }
+            return Ok(inputs[0].contiguous()?.apply_op3(
+                &inputs[1].contiguous()?,
+                &w.contiguous()?,
+                Conv3dConcat2 { pad },
+            )?);
+        }
         let cat = Tensor::cat(inputs, 1)?;
         return conv3d(&cat, w, pad);
     }
@@ -686,12 +925,31 @@ pub fn conv_transpose3d_k_eq_s(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 fn conv_transpose_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (n, ci, d, h, wd) = x.dims5()?;
     let (_, co, kd, kh, kw) = w.dims5()?;
-    let taps = kd * kh * kw;
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
     let bv = bias
         .map(|b| b.flatten_all().and_then(|b| b.to_vec1::<f32>()))
         .transpose()?;
+    let out = conv_transpose_slices(&xv, [n, ci, d, h, wd], &wv, co, [kd, kh, kw], bv.as_deref());
+    Ok(Tensor::from_vec(
+        out,
+        (n, co, d * kd, h * kh, wd * kw),
+        x.device(),
+    )?)
+}
+
+/// The body of [`conv_transpose_cpu`] on buffers.
+fn conv_transpose_slices(
+    xv: &[f32],
+    xs: [usize; 5],
+    wv: &[f32],
+    co: usize,
+    k: [usize; 3],
+    bv: Option<&[f32]>,
+) -> Vec<f32> {
+    let [n, ci, d, h, wd] = xs;
+    let [kd, kh, kw] = k;
+    let taps = kd * kh * kw;
     // Pack as (taps, Co, Ci).
     let mut wp = vec![0f32; taps * co * ci];
     for i in 0..ci {
@@ -741,7 +999,7 @@ fn conv_transpose_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<T
                     }
                     let (a, bb, c) = (t / (kh * kw), (t / kw) % kh, t % kw);
                     for o in 0..co {
-                        let bias_o = bv.as_ref().map_or(0.0, |v| v[o]);
+                        let bias_o = bv.map_or(0.0, |v| v[o]);
                         for r in 0..len {
                             let q = q0 + r;
                             let (z, y, xx) = (q / (h * wd), (q / wd) % h, q % wd);
@@ -754,7 +1012,68 @@ fn conv_transpose_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<T
             },
         );
     }
-    Ok(Tensor::from_vec(out, (n, co, d2, h2, w2), x.device())?)
+    out
+}
+
+/// The transposed convolution with kernel = stride and its bias as one differentiable
+/// operation on `(x, w, b)`; the backward pass regroups the output gradient by tap and uses
+/// two matrix products.
+#[derive(Debug, Clone, Copy)]
+struct ConvTransposeKS;
+
+impl CustomOp3 for ConvTransposeKS {
+    fn name(&self) -> &'static str {
+        "univ-conv-transpose"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xs = dims5(l1, "conv_transpose3d input")?;
+        let ws = dims5(l2, "conv_transpose3d weight")?;
+        let x = contiguous_f32(s1, l1, "conv_transpose3d input")?;
+        let w = contiguous_f32(s2, l2, "conv_transpose3d weight")?;
+        let b = contiguous_f32(s3, l3, "conv_transpose3d bias")?;
+        let k = [ws[2], ws[3], ws[4]];
+        let out = conv_transpose_slices(x, xs, w, ws[1], k, Some(b));
+        let shape = vec![xs[0], ws[1], xs[2] * k[0], xs[3] * k[1], xs[4] * k[2]];
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, ci, d, h, wd) = x.dims5()?;
+        let (_, co, kd, kh, kw) = w.dims5()?;
+        let (x, w) = (x.detach(), w.detach());
+        // (N, Co, D·kd, H·kh, W·kw) → (N, D·H·W, Co·k³): each input voxel's taps side by side.
+        let g = grad
+            .detach()
+            .reshape(vec![n, co, d, kd, h, kh, wd, kw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .contiguous()?
+            .reshape((n, d * h * wd, co * kd * kh * kw))?;
+        let wm = w.reshape((ci, co * kd * kh * kw))?;
+        let gx = g
+            .broadcast_matmul(&wm.t()?.contiguous()?)? // (N, DHW, Ci)
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(x.shape())?;
+        let xm = x.reshape((n, ci, d * h * wd))?.contiguous()?;
+        let gw = xm.matmul(&g)?.sum(0)?.reshape(w.shape())?;
+        Ok((Some(gx), Some(gw), Some(bias_grad(grad, b)?)))
+    }
 }
 
 /// Keeps every `s`-th voxel along each spatial axis, starting at 0 (differentiable).
@@ -881,6 +1200,20 @@ impl Module for Conv3d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, kd, kh, kw) = self.weight.dims5()?;
         let s = self.stride;
+        if s == 1
+            && let Some(b) = &self.bias
+            && crate::layers::fused::cpu_f32(&[Some(x), Some(&self.weight), Some(b)])
+        {
+            // Convolution and bias in one operation.
+            check_conv3d(x, &self.weight, [self.padding; 3]).map_err(candle_core::Error::wrap)?;
+            return x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &b.contiguous()?,
+                Conv3dS1Bias {
+                    pad: [self.padding; 3],
+                },
+            );
+        }
         let y = if s == 1 {
             conv3d(x, &self.weight, [self.padding; 3])
         } else if s == kd && s == kh && s == kw && self.padding == 0 {
@@ -932,6 +1265,22 @@ impl Module for ConvTranspose3d {
         if crate::layers::fused::fusable(&[Some(x), Some(&self.weight), self.bias.as_ref()]) {
             return conv_transpose_cpu(x, &self.weight, self.bias.as_ref())
                 .map_err(candle_core::Error::wrap);
+        }
+        if let Some(b) = &self.bias
+            && crate::layers::fused::cpu_f32(&[Some(x), Some(&self.weight), Some(b)])
+        {
+            let (_, ci, _, _, _) = x.dims5()?;
+            let (wci, _, kd, kh, kw) = self.weight.dims5()?;
+            if ci != wci || kd * kh * kw == 0 {
+                candle_core::bail!(
+                    "conv_transpose3d: input has {ci} channels, weight expects {wci}"
+                );
+            }
+            return x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &b.contiguous()?,
+                ConvTransposeKS,
+            );
         }
         let y = conv_transpose3d_k_eq_s(x, &self.weight).map_err(candle_core::Error::wrap)?;
         add_bias(y, self.bias.as_ref()).map_err(candle_core::Error::wrap)

@@ -35,7 +35,7 @@ pub enum Act {
 
 impl Act {
     #[inline(always)]
-    fn apply(self, v: f32) -> f32 {
+    pub(crate) fn apply(self, v: f32) -> f32 {
         match self {
             Act::Identity => v,
             Act::Relu => v.max(0.0),
@@ -69,8 +69,115 @@ pub(crate) fn fusable(ts: &[Option<&Tensor>]) -> bool {
         .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !t.track_op())
 }
 
-fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+/// `true` when the tensors are f32 on the CPU (the trainable fused operations apply).
+pub(crate) fn cpu_f32(ts: &[Option<&Tensor>]) -> bool {
+    ts.iter()
+        .flatten()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+}
+
+pub(crate) fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Statistics of a normalisation over a contiguous `(N, C, M)` buffer: the group of each
+/// `(sample, channel)` row, and per group the mean and `1/sqrt(var + eps)` (f64, two passes).
+pub(crate) struct NormStats {
+    pub(crate) c: usize,
+    pub(crate) m: usize,
+    pub(crate) kind: NormKind,
+    pub(crate) mean: Vec<f64>,
+    pub(crate) inv: Vec<f64>,
+    pub(crate) count: Vec<usize>,
+}
+
+impl NormStats {
+    #[inline]
+    pub(crate) fn group_of(&self, row: usize) -> usize {
+        let (s, ch) = (row / self.c, row % self.c);
+        match self.kind {
+            NormKind::Batch => ch,
+            NormKind::Instance => row,
+            NormKind::Group(g) => s * g + ch / (self.c / g),
+        }
+    }
+
+    pub(crate) fn compute(data: &[f32], n: usize, c: usize, kind: NormKind, eps: f64) -> Self {
+        let m = data.len() / (n * c).max(1);
+        let ngroups = match kind {
+            NormKind::Batch => c,
+            NormKind::Instance => n * c,
+            NormKind::Group(g) => n * g,
+        };
+        let mut st = NormStats {
+            c,
+            m,
+            kind,
+            mean: vec![0.0; ngroups],
+            inv: vec![0.0; ngroups],
+            count: vec![0; ngroups],
+        };
+        let sums: Vec<f64> = data
+            .par_chunks(m.max(1))
+            .map(|r| r.iter().map(|v| f64::from(*v)).sum())
+            .collect();
+        let mut gsum = vec![0f64; ngroups];
+        for (row, s) in sums.iter().enumerate() {
+            let g = st.group_of(row);
+            gsum[g] += s;
+            st.count[g] += m;
+        }
+        for g in 0..ngroups {
+            st.mean[g] = gsum[g] / st.count[g].max(1) as f64;
+        }
+        let sq: Vec<f64> = data
+            .par_chunks(m.max(1))
+            .enumerate()
+            .map(|(row, r)| {
+                let mu = st.mean[st.group_of(row)];
+                r.iter().map(|v| (f64::from(*v) - mu).powi(2)).sum()
+            })
+            .collect();
+        let mut gsq = vec![0f64; ngroups];
+        for (row, s) in sq.iter().enumerate() {
+            gsq[st.group_of(row)] += s;
+        }
+        for g in 0..ngroups {
+            st.inv[g] = 1.0 / (gsq[g] / st.count[g].max(1) as f64 + eps).sqrt();
+        }
+        st
+    }
+}
+
+/// Normalisation + per-channel affine + activation of a contiguous `(N, C, M)` buffer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_act_slice(
+    data: &[f32],
+    n: usize,
+    c: usize,
+    kind: NormKind,
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+    eps: f64,
+    act: Act,
+) -> Vec<f32> {
+    let st = NormStats::compute(data, n, c, kind, eps);
+    let m = st.m.max(1);
+    let mut out = vec![0f32; data.len()];
+    out.par_chunks_mut(m)
+        .zip(data.par_chunks(m))
+        .enumerate()
+        .for_each(|(row, (o, r))| {
+            let g = st.group_of(row);
+            let ch = row % c;
+            let scale = st.inv[g] * w.map_or(1.0, |w| f64::from(w[ch]));
+            let shift = b.map_or(0.0, |b| f64::from(b[ch])) - st.mean[g] * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            for (ov, v) in o.iter_mut().zip(r) {
+                *ov = act.apply(v * scale + shift);
+            }
+        });
+    out
 }
 
 /// Normalisation (+ per-channel affine) + activation in one pass over a contiguous
@@ -85,7 +192,6 @@ pub(crate) fn norm_act_cpu(
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (n, c) = (dims[0], dims[1]);
-    let m = x.elem_count() / (n * c).max(1);
     let x = x.contiguous()?;
     let w = weight.map(f32_vec).transpose()?;
     let b = bias.map(f32_vec).transpose()?;
@@ -98,75 +204,23 @@ pub(crate) fn norm_act_cpu(
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| Error::shape("norm", "not contiguous"))?;
-        let data = &data[start..end];
-        // Per (sample, channel) row: sum, then the statistics of each row's group.
-        let sums: Vec<f64> = data
-            .par_chunks(m)
-            .map(|r| r.iter().map(|v| f64::from(*v)).sum())
-            .collect();
-        let group_of = |row: usize| -> usize {
-            let (s, ch) = (row / c, row % c);
-            match kind {
-                NormKind::Batch => ch,
-                NormKind::Instance => row,
-                NormKind::Group(g) => s * g + ch / (c / g),
-            }
-        };
-        let ngroups = match kind {
-            NormKind::Batch => c,
-            NormKind::Instance => n * c,
-            NormKind::Group(g) => n * g,
-        };
-        let mut gsum = vec![0f64; ngroups];
-        let mut gcount = vec![0usize; ngroups];
-        for (row, s) in sums.iter().enumerate() {
-            gsum[group_of(row)] += s;
-            gcount[group_of(row)] += m;
-        }
-        let mean: Vec<f64> = gsum
-            .iter()
-            .zip(&gcount)
-            .map(|(s, k)| s / *k as f64)
-            .collect();
-        let sq: Vec<f64> = data
-            .par_chunks(m)
-            .enumerate()
-            .map(|(row, r)| {
-                let mu = mean[group_of(row)];
-                r.iter().map(|v| (f64::from(*v) - mu).powi(2)).sum()
-            })
-            .collect();
-        let mut gsq = vec![0f64; ngroups];
-        for (row, s) in sq.iter().enumerate() {
-            gsq[group_of(row)] += s;
-        }
-        let inv: Vec<f64> = gsq
-            .iter()
-            .zip(&gcount)
-            .map(|(s, k)| 1.0 / (s / *k as f64 + eps).sqrt())
-            .collect();
-        let mut out = vec![0f32; data.len()];
-        out.par_chunks_mut(m)
-            .zip(data.par_chunks(m))
-            .enumerate()
-            .for_each(|(row, (o, r))| {
-                let g = group_of(row);
-                let ch = row % c;
-                let scale = inv[g] * w.as_ref().map_or(1.0, |w| f64::from(w[ch]));
-                let shift = b.as_ref().map_or(0.0, |b| f64::from(b[ch])) - mean[g] * scale;
-                let (scale, shift) = (scale as f32, shift as f32);
-                for (ov, v) in o.iter_mut().zip(r) {
-                    *ov = act.apply(v * scale + shift);
-                }
-            });
-        out
+        norm_act_slice(
+            &data[start..end],
+            n,
+            c,
+            kind,
+            w.as_deref(),
+            b.as_deref(),
+            eps,
+            act,
+        )
     };
     Ok(Tensor::from_vec(out, dims, x.device())?)
 }
 
 /// Logits of the dynamic head for one sample: `features` `(8, V)`, `params` `(K, 153)` →
 /// `(K, V)`.
-fn head_sample(f: &[f32], v: usize, p: &[f32], k: usize, out: &mut [f32]) {
+pub(crate) fn head_sample(f: &[f32], v: usize, p: &[f32], k: usize, out: &mut [f32]) {
     const CHUNK: usize = 1024;
     // Parallel over voxel chunks; each chunk computes every class.
     let nchunks = v.div_ceil(CHUNK);

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod fused;
 pub mod norm;
 pub mod pool;
+pub(crate) mod train_ops;
 
 pub use conv::{Conv3d, ConvTranspose3d, conv_transpose3d_k_eq_s, conv3d, conv3d_patchify};
 pub use fused::{Act, NormKind};

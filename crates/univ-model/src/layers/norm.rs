@@ -255,6 +255,22 @@ pub fn norm_act(
     if fusable(&[Some(x), weight, bias]) {
         return norm_act_cpu(x, kind, weight, bias, eps, act);
     }
+    if crate::layers::fused::cpu_f32(&[Some(x), weight, bias]) {
+        // Training on the CPU: one fused operation whose backward recomputes its statistics.
+        let c = x.dim(1)?;
+        let w = match weight {
+            Some(w) => w.clone(),
+            None => Tensor::ones(c, x.dtype(), x.device())?,
+        };
+        let b = match bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(c, x.dtype(), x.device())?,
+        };
+        let op = crate::layers::train_ops::NormActOp { kind, eps, act };
+        return Ok(x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?);
+    }
     let y = match kind {
         NormKind::Batch => batch_norm_batch_stats(x, weight, bias, eps)?,
         NormKind::Instance => channel_affine(instance_norm(x, eps)?, weight, bias)?,

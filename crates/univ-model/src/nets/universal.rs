@@ -365,8 +365,8 @@ impl UniversalModel {
 /// # Errors
 /// Shape mismatches.
 pub fn dynamic_head(features: &Tensor, params: &Tensor) -> Result<Tensor> {
-    let (b, c, d, h, w) = features.dims5()?;
-    let (pb, k, np) = params.dims3()?;
+    let (b, c, _, _, _) = features.dims5()?;
+    let (pb, _, np) = params.dims3()?;
     if c != HEAD_CHANNELS || pb != b || np != HEAD_PARAMS {
         return Err(Error::shape(
             "dynamic head",
@@ -380,6 +380,23 @@ pub fn dynamic_head(features: &Tensor, params: &Tensor) -> Result<Tensor> {
     if crate::layers::fused::fusable(&[Some(features), Some(params)]) {
         return crate::layers::fused::dynamic_head_cpu(features, params);
     }
+    if crate::layers::fused::cpu_f32(&[Some(features), Some(params)]) {
+        // Training on the CPU: the backward pass recomputes the hidden layers.
+        return Ok(features
+            .contiguous()?
+            .apply_op2(&params.contiguous()?, crate::layers::train_ops::HeadOp)?);
+    }
+    dynamic_head_composed(features, params)
+}
+
+/// [`dynamic_head`] with candle operations only (any device; keeps the hidden layers for
+/// autograd).
+///
+/// # Errors
+/// Shape mismatches.
+pub fn dynamic_head_composed(features: &Tensor, params: &Tensor) -> Result<Tensor> {
+    let (b, _, d, h, w) = features.dims5()?;
+    let (_, k, _) = params.dims3()?;
     let v = d * h * w;
     let mut outs = Vec::with_capacity(b);
     for i in 0..b {

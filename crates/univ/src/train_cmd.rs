@@ -1,0 +1,176 @@
+//! `univ train`: partial-label training from a configuration file, resumable, with optional
+//! extension of a trained model by new classes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use univ::train::{TrainConfig, Trainer, ValidationLog};
+
+pub struct TrainArgs {
+    pub config: PathBuf,
+    pub resume: bool,
+    pub extend: Option<PathBuf>,
+    pub freeze_backbone: bool,
+    pub device: String,
+    pub quiet: bool,
+}
+
+fn dice_table(v: &ValidationLog) -> String {
+    v.per_class
+        .iter()
+        .map(|(c, d)| format!("{} {:.3}", univ::outputs::class_name(*c), d))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut cfg = TrainConfig::load(&a.config)?;
+    let old_classes = match &a.extend {
+        Some(ck) => {
+            let c = univ::model::Checkpoint::load(ck)?;
+            let k = c.detect_config()?.num_classes;
+            if k >= cfg.model.classes {
+                bail!(
+                    "--extend: {} has {k} classes and the configuration {}; add classes \
+                     (model.classes) to extend it",
+                    ck.display(),
+                    cfg.model.classes
+                );
+            }
+            cfg.model.init = Some(ck.clone());
+            Some(k)
+        }
+        None => None,
+    };
+    if a.freeze_backbone {
+        cfg.train.freeze_backbone = true;
+    }
+    let out = cfg.train.output.clone();
+    let has_run = out.join("checkpoints/latest.json").exists();
+    if has_run && !a.resume {
+        bail!(
+            "{}: holds a training run; pass --resume to continue it or choose another \
+             train.output",
+            out.display()
+        );
+    }
+    let device = crate::model_cmds::device(&a.device)?;
+    let quiet = a.quiet;
+    let mut trainer = Trainer::new(cfg, device, |m| {
+        if !quiet {
+            eprintln!("{m}");
+        }
+    })?;
+    let r = trainer.init_report();
+    if !r.mismatched.is_empty() {
+        eprintln!(
+            "warning: initial weights with other shapes (drawn at random instead): {:?}",
+            r.mismatched
+        );
+    }
+    if !r.fresh.is_empty() {
+        eprintln!(
+            "note: {} variables not in the initial weights were drawn at random",
+            r.fresh.len()
+        );
+    }
+    if a.resume {
+        match trainer.resume()? {
+            Some(s) => eprintln!("resuming after step {s} of {}", trainer.total_steps()),
+            None => eprintln!(
+                "note: no checkpoint in {}: starting from step 0",
+                out.display()
+            ),
+        }
+    }
+    let before = match old_classes {
+        Some(_) => {
+            let v = trainer.validate().context("validation before extending")?;
+            if !quiet {
+                eprintln!("validation Dice before: {}", dice_table(&v));
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let tty = std::io::stderr().is_terminal() && !quiet;
+    let started = std::time::Instant::now();
+    let first = trainer.step();
+    trainer.run(
+        None,
+        |s| {
+            if quiet {
+                return;
+            }
+            let done = s.step - first;
+            let per = started.elapsed().as_secs_f64() / done.max(1) as f64;
+            let eta = per * (s.total_steps - s.step) as f64;
+            let line = format!(
+                "step {}/{} epoch {} lr {:.2e} loss {:.4} (bce {:.4} dice {:.4}) {:.1} s/step, {:.0} min left",
+                s.step,
+                s.total_steps,
+                s.epoch,
+                s.lr,
+                s.loss,
+                s.bce,
+                s.dice,
+                per,
+                eta / 60.0
+            );
+            if tty {
+                eprint!("\r{line}   ");
+                if s.step == s.total_steps {
+                    eprintln!();
+                }
+            } else if s.step.is_multiple_of(10) || s.step == s.total_steps {
+                eprintln!("{line}");
+            }
+        },
+        |v| {
+            if !quiet {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!(
+                    "validation after step {} (epoch {}): mean Dice {:.3}: {}",
+                    v.step,
+                    v.epoch,
+                    v.mean,
+                    dice_table(v)
+                );
+            }
+        },
+    )?;
+    if let (Some(k_old), Some(before)) = (old_classes, before) {
+        let after = trainer.validate().context("validation after extending")?;
+        let mut rows = Vec::new();
+        for (c, b) in &before.per_class {
+            let a = after.per_class.iter().find(|(x, _)| x == c).map(|x| x.1);
+            rows.push(serde_json::json!({
+                "class": c, "name": univ::outputs::class_name(*c), "old": *c <= k_old,
+                "dice_before": b, "dice_after": a,
+                "change_points": a.map(|a| 100.0 * (a - b)),
+            }));
+        }
+        let report = serde_json::json!({
+            "extended_from": a.extend, "old_classes": k_old,
+            "classes": trainer.model_config().num_classes, "per_class": rows,
+        });
+        let path = out.join("extend_report.json");
+        univ::train::io::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        if !quiet {
+            eprintln!("validation Dice after: {}", dice_table(&after));
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if !quiet {
+        println!(
+            "trained {} steps in {:.1} min; weights in {}",
+            trainer.step() - first,
+            started.elapsed().as_secs_f64() / 60.0,
+            out.join("model.safetensors").display()
+        );
+    }
+    Ok(())
+}
