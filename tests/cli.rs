@@ -628,3 +628,158 @@ fn preview_png_of_a_reference_segmentation() {
         std::fs::copy(&p, keep).unwrap();
     }
 }
+
+#[test]
+fn info_and_segment_read_a_dicom_series_and_evaluate_aligns_its_reference() {
+    let Some(series) = shared::shared_file("data/dicom/example_ct_dicom_j2k") else {
+        return;
+    };
+    let Some(seg) = shared::shared_file("data/ct/derived_example_seg_dicom_um32.nii.gz") else {
+        return;
+    };
+    let o = univ(&["info", series.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("512 x 512 x 20"), "{out}");
+    assert!(
+        out.contains("(20 slices)") && out.contains("1.2.840.10008.1.2.4.90"),
+        "{out}"
+    );
+    // The reference (a NIfTI in another axis order) scored against itself after reorientation:
+    // `evaluate` aligns the grids and every label gets Dice 1.
+    let dir = tempfile::tempdir().unwrap();
+    let pre = dir.path().join("pre.nii.gz");
+    let o = univ(&[
+        "preprocess",
+        series.to_str().unwrap(),
+        pre.to_str().unwrap(),
+        "--label",
+        seg.to_str().unwrap(),
+        "--label-output",
+        dir.path().join("pre_seg.nii.gz").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // The reference put onto the series' own voxel grid (another axis order) and written as a
+    // prediction: `evaluate` aligns the two grids and every label scores Dice 1.
+    let ct = univ::io::read_volume(&series).unwrap();
+    let on_ct = univ::io::align_label_to(univ::io::read_label(&seg).unwrap(), &ct).unwrap();
+    assert_ne!(on_ct.affine(), univ::io::read_label(&seg).unwrap().affine());
+    let pred = dir.path().join("pred.nii.gz");
+    univ::io::write_nifti(&pred, &on_ct, &univ::io::WriteOptions::default()).unwrap();
+    let o = univ(&[
+        "evaluate",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--gt",
+        seg.to_str().unwrap(),
+        "--no-surface",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let labels = v["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 9, "{out}");
+    for m in labels {
+        assert_eq!(m["dice"], 1.0, "{m}");
+    }
+}
+
+/// A tiny synthetic CT and label for training through the command line.
+fn write_training_case(dir: &Path) {
+    let shape = [20usize, 20, 12];
+    let aff = [
+        [3.0, 0.0, 0.0, 0.0],
+        [0.0, 3.0, 0.0, 0.0],
+        [0.0, 0.0, 3.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ];
+    let mut img = Vec::new();
+    let mut lab = Vec::new();
+    for z in 0..shape[2] as i64 {
+        for y in 0..shape[1] as i64 {
+            for x in 0..shape[0] as i64 {
+                let body = (x - 10).pow(2) + (y - 10).pow(2) < 64;
+                let organ = (x - 8).pow(2) + (y - 10).pow(2) + (z - 6).pow(2) < 12;
+                img.push(if organ {
+                    120.0
+                } else if body {
+                    30.0
+                } else {
+                    -1000.0
+                });
+                lab.push(u8::from(organ) * 6);
+            }
+        }
+    }
+    let o = univ::io::WriteOptions::default();
+    univ::io::write_nifti(
+        dir.join("ct.nii.gz"),
+        &univ::io::Volume::from_vec(img, shape, aff).unwrap(),
+        &o,
+    )
+    .unwrap();
+    univ::io::write_nifti(
+        dir.join("seg.nii.gz"),
+        &univ::io::Volume::from_vec(lab, shape, aff).unwrap(),
+        &o,
+    )
+    .unwrap();
+}
+
+#[test]
+fn train_writes_checkpoints_refuses_to_overwrite_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_training_case(dir.path());
+    std::fs::write(
+        dir.path().join("data.toml"),
+        "[[dataset]]\nname = \"tiny\"\ncases = [[\"ct.nii.gz\", \"seg.nii.gz\"]]\nclasses = [6]\n",
+    )
+    .unwrap();
+    let cfg = |steps: u32| {
+        format!(
+            "[model]\nbackbone = \"unet\"\nwidth = 4\nclasses = 8\n\n[data]\nmanifest = \"data.toml\"\n\
+             roi = [32, 32, 32]\nnum_samples = 1\n\n[train]\noutput = \"run\"\nsteps = {steps}\n\
+             checkpoint_every = 1\nschedule_unit = \"step\"\n"
+        )
+    };
+    std::fs::write(dir.path().join("train.toml"), cfg(2)).unwrap();
+    let conf = dir.path().join("train.toml");
+    let o = univ(&["train", "--config", conf.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let run = dir.path().join("run");
+    for f in [
+        "model.safetensors",
+        "log.csv",
+        "curves.png",
+        "checkpoints/latest.json",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    // The weights segment a CT with `univ segment`.
+    let seg = dir.path().join("seg_out");
+    let o = univ(&[
+        "segment",
+        dir.path().join("ct.nii.gz").to_str().unwrap(),
+        "-o",
+        seg.to_str().unwrap(),
+        "--checkpoint",
+        run.join("model.safetensors").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // A second run into the same folder is refused without --resume.
+    let o = univ(&["train", "--config", conf.to_str().unwrap(), "--quiet"]);
+    assert_clean_failure(&o, "--resume");
+    // More steps, resumed: the log continues to step 3.
+    std::fs::write(&conf, cfg(3)).unwrap();
+    let o = univ(&["train", "--config", conf.to_str().unwrap(), "--resume"]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("resuming after step 2 of 3"), "{err}");
+    let log = std::fs::read_to_string(run.join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+    // A configuration error names the file and the field.
+    std::fs::write(&conf, cfg(3).replace("width = 4", "width = 4\nbogus = 1")).unwrap();
+    let o = univ(&["train", "--config", conf.to_str().unwrap()]);
+    assert_clean_failure(&o, "bogus");
+}

@@ -8,6 +8,7 @@
 pub mod dicom;
 pub mod error;
 pub mod geometry;
+pub mod input;
 pub mod nii;
 pub mod parallel;
 pub mod png;
@@ -17,6 +18,7 @@ pub mod volume;
 
 pub use error::{Error, Result};
 pub use geometry::Affine;
+pub use input::{align_label_to, is_dicom, read_image_and_label_any, read_volume};
 pub use nii::{
     Limits, NiftiInfo, NiftiWritable, ReadOptions, WriteOptions, read_header, read_image,
     read_image_and_label, read_label, write_nifti,

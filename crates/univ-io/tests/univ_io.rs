@@ -956,4 +956,176 @@ mod dicom {
         let (lo, hi) = s.volume.min_max();
         assert!(lo < -500.0 && hi > 500.0 && hi < 4000.0, "{lo}..{hi}");
     }
+
+    /// Copies the uncompressed series into a scratch folder, editing files with `edit`.
+    fn scratch_series(
+        shared: &std::path::Path,
+        edit: impl Fn(usize, &std::path::Path, &std::path::Path),
+    ) -> tempfile::TempDir {
+        let src = shared.join("data/dicom/example_ct_dicom_uncompressed");
+        let dir = tempfile::tempdir().unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&src)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for (i, f) in files.iter().enumerate() {
+            let dst = dir.path().join(f.file_name().unwrap());
+            edit(i, f, &dst);
+        }
+        dir
+    }
+
+    fn set_str(
+        src: &std::path::Path,
+        dst: &std::path::Path,
+        tag: dicom_core::Tag,
+        vr: dicom_core::VR,
+        v: &str,
+    ) {
+        let mut obj = dicom_object::open_file(src).unwrap();
+        obj.put_str(tag, vr, v);
+        obj.write_to_file(dst).unwrap();
+    }
+
+    #[test]
+    fn bad_series_get_errors_or_warnings_that_name_the_files() {
+        use dicom_core::VR;
+        use dicom_dictionary_std::tags;
+        let Some(shared) = shared::shared_dir() else {
+            return;
+        };
+        let opts = DicomReadOptions::default();
+        let copy = |_: usize, s: &std::path::Path, d: &std::path::Path| {
+            std::fs::copy(s, d).unwrap();
+        };
+        // A missing slice: the gap is named with its two neighbours.
+        let dir = scratch_series(&shared, |i, s, d| {
+            if i != 7 {
+                copy(i, s, d)
+            }
+        });
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("uneven slice spacing") && e.contains("1 slice(s) missing"),
+            "{e}"
+        );
+        // A duplicated slice position.
+        let dir = scratch_series(&shared, copy);
+        let first = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::copy(&first, dir.path().join("zz_copy.dcm")).unwrap();
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate slice position"), "{e}");
+        // Two series: refused unless one is chosen, then the other is skipped with a warning.
+        let dir = scratch_series(&shared, |i, s, d| {
+            if i < 5 {
+                set_str(
+                    s,
+                    d,
+                    tags::SERIES_INSTANCE_UID,
+                    VR::UI,
+                    "1.2.826.0.1.3680043.99.1",
+                );
+            } else {
+                copy(i, s, d)
+            }
+        });
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds 2 series") && e.contains("1.2.826.0.1.3680043.99.1"),
+            "{e}"
+        );
+        let one = DicomReadOptions {
+            series: Some("1.2.826.0.1.3680043.99.1".into()),
+            ..DicomReadOptions::default()
+        };
+        let s = read_dicom_series(dir.path(), &one).unwrap();
+        assert_eq!(s.slices.len(), 5);
+        assert!(
+            s.warnings.iter().any(|w| w.contains("skipped 15 file(s)")),
+            "{:?}",
+            s.warnings
+        );
+        // Not CT: read, with a warning.
+        let dir = scratch_series(&shared, |_, s, d| {
+            set_str(s, d, tags::MODALITY, VR::CS, "MR")
+        });
+        let s = read_dicom_series(dir.path(), &opts).unwrap();
+        assert!(
+            s.warnings.iter().any(|w| w.contains("not CT")),
+            "{:?}",
+            s.warnings
+        );
+        // A stray non-DICOM file is skipped with a warning naming it.
+        let dir = scratch_series(&shared, copy);
+        std::fs::write(dir.path().join("notes.txt"), b"not dicom").unwrap();
+        let s = read_dicom_series(dir.path(), &opts).unwrap();
+        assert_eq!(s.slices.len(), 20);
+        assert!(
+            s.warnings.iter().any(|w| w.contains("notes.txt")),
+            "{:?}",
+            s.warnings
+        );
+        // A truncated slice: skipped, which leaves a gap that names its neighbours.
+        let dir = scratch_series(&shared, |i, s, d| {
+            if i == 3 {
+                let b = std::fs::read(s).unwrap();
+                std::fs::write(d, &b[..200]).unwrap();
+            } else {
+                copy(i, s, d)
+            }
+        });
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+        // Gantry tilt: positions shifted sideways in proportion to the slice index.
+        let dir = scratch_series(&shared, |i, s, d| {
+            let obj = dicom_object::open_file(s).unwrap();
+            let p = obj
+                .element(tags::IMAGE_POSITION_PATIENT)
+                .unwrap()
+                .to_multi_float64()
+                .unwrap();
+            let z = p[2];
+            let _ = i;
+            // Shift y by 0.2 mm per mm of z: a tilt of about 11°.
+            let v = format!("{}\\{}\\{}", p[0], p[1] + 0.2 * z, p[2]);
+            set_str(s, d, tags::IMAGE_POSITION_PATIENT, VR::DS, &v);
+        });
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gantry tilt") && e.contains("--allow-tilt"),
+            "{e}"
+        );
+        let tilted = DicomReadOptions {
+            allow_tilt: true,
+            ..DicomReadOptions::default()
+        };
+        assert_eq!(
+            read_dicom_series(dir.path(), &tilted).unwrap().slices.len(),
+            20
+        );
+        // An empty folder and a folder of non-DICOM files.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(read_dicom_series(empty.path(), &opts).is_err());
+        std::fs::write(empty.path().join("a.txt"), b"x").unwrap();
+        let e = read_dicom_series(empty.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no DICOM image files"), "{e}");
+    }
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod checkpoint;
+pub mod cpu;
 pub mod error;
 pub mod hub;
 pub mod inferers;

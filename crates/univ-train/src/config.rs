@@ -32,6 +32,7 @@
 //! checkpoint_every = 100   # steps
 //! validate_every = 10      # epochs (0: never)
 //! freeze_backbone = false
+//! # trainable = ["organ_embedding"]   # only variables with these name prefixes
 //! ```
 //! Relative paths start at the configuration file's folder.
 
@@ -147,6 +148,10 @@ pub struct TrainSection {
     /// Train only the head (controller, class encodings, `precls_conv`, `GAP`).
     #[serde(default)]
     pub freeze_backbone: bool,
+    /// Train only the variables whose names start with one of these prefixes (empty: all),
+    /// e.g. `["organ_embedding"]` to teach new classes through their encodings alone.
+    #[serde(default)]
+    pub trainable: Vec<String>,
 }
 
 fn default_backbone() -> String {

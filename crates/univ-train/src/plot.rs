@@ -13,6 +13,7 @@ fn panel(
     points: &[(u64, f64)],
     colour: [u8; 3],
     smooth: bool,
+    fixed: Option<(f64, f64)>,
 ) {
     let (top, bottom) = (30usize, H - 30);
     let (left, right) = (x0 + 50, x0 + PANEL);
@@ -41,6 +42,9 @@ fn panel(
     let xmin = pts.iter().map(|p| p.0).min().unwrap_or(0) as f64;
     let mut ymin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let mut ymax = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    if let Some((lo, hi)) = fixed {
+        (ymin, ymax) = (lo, hi);
+    }
     if ymax - ymin < 1e-9 {
         ymin -= 0.5;
         ymax += 0.5;
@@ -63,8 +67,18 @@ fn panel(
             raw_colour,
         );
     }
-    if pts.len() == 1 {
-        cv.set(px(pts[0].0 as f64) as usize, py(pts[0].1) as usize, colour);
+    if !smooth {
+        // Markers: a 5×5 square per point.
+        for p in &pts {
+            let (cx, cy) = (px(p.0 as f64), py(p.1));
+            for dy in -2..=2 {
+                for dx in -2..=2 {
+                    if cx + dx >= 0 && cy + dy >= 0 {
+                        cv.set((cx + dx) as usize, (cy + dy) as usize, colour);
+                    }
+                }
+            }
+        }
     }
     if smooth && pts.len() > 2 {
         let k = (pts.len() / 20).max(2);
@@ -96,6 +110,7 @@ pub fn curves(loss: &[(u64, f32)], val: &[(u64, f64)]) -> Canvas {
         &l,
         [255, 160, 40],
         true,
+        None,
     );
     panel(
         &mut cv,
@@ -104,6 +119,20 @@ pub fn curves(loss: &[(u64, f32)], val: &[(u64, f64)]) -> Canvas {
         val,
         [80, 200, 255],
         false,
+        Some((0.0, 1.0)),
     );
     cv
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn curves_draw_both_panels() {
+        let loss: Vec<(u64, f32)> = (1..50).map(|s| (s, 2.0 / s as f32)).collect();
+        let cv = super::curves(&loss, &[(10, 0.2), (40, 0.6)]);
+        let has = |c: [u8; 3]| cv.px.contains(&c);
+        assert!(has([255, 160, 40]), "loss curve");
+        assert!(has([80, 200, 255]), "validation markers");
+        assert!(cv.encode_png().unwrap().starts_with(b"\x89PNG"));
+    }
 }

@@ -54,6 +54,8 @@ pub struct StepLog {
     pub per_class: Vec<(usize, f32)>,
     /// Seconds the step took.
     pub seconds: f64,
+    /// Of which seconds spent waiting for the data loader.
+    pub data_wait: f64,
 }
 
 /// Validation Dice after an epoch.
@@ -138,13 +140,24 @@ fn load_embeddings(path: &Path) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
-/// Prepares (or reads from the cache) every case of a manifest: (training cases with their
-/// dataset rules, validation cases).
-type Prepared = (
-    Vec<PreparedCase>,
-    Vec<(crate::data::presets::CropRule, bool)>,
-    Vec<PreparedCase>,
-);
+/// The crop rule and zoom flag of each training dataset.
+pub type DatasetRules = Vec<(crate::data::presets::CropRule, bool)>;
+
+/// Prepares (or reads from the cache) the training cases of a configuration, with the crop
+/// rule and zoom flag of each training dataset.
+///
+/// # Errors
+/// As [`Trainer::new`].
+pub fn prepare_training_cases(
+    cfg: &TrainConfig,
+    note: &mut dyn FnMut(&str),
+) -> Result<(Vec<PreparedCase>, DatasetRules)> {
+    let (train, rules, _) = prepare_all(cfg, note)?;
+    Ok((train, rules))
+}
+
+/// Training cases with their dataset rules, and validation cases.
+type Prepared = (Vec<PreparedCase>, DatasetRules, Vec<PreparedCase>);
 
 fn prepare_all(cfg: &TrainConfig, note: &mut dyn FnMut(&str)) -> Result<Prepared> {
     let manifest = Manifest::load(&cfg.data.manifest)?;
@@ -259,7 +272,24 @@ impl Trainer {
                 !(model_cfg.encoding == Encoding::WordEmbedding && n == "organ_embedding")
             })
             .filter(|(n, _)| !(cfg.train.freeze_backbone && n.starts_with("backbone.")))
+            .filter(|(n, _)| {
+                cfg.train.trainable.is_empty()
+                    || cfg
+                        .train
+                        .trainable
+                        .iter()
+                        .any(|p| n.starts_with(p.as_str()))
+            })
             .collect();
+        if trainable.is_empty() {
+            return Err(Error::config(
+                &cfg.path,
+                format!(
+                    "no variable is left to train (train.trainable = {:?}, freeze_backbone = {})",
+                    cfg.train.trainable, cfg.train.freeze_backbone
+                ),
+            ));
+        }
         let opt = AdamW::new(
             trainable,
             AdamWConfig {
@@ -325,6 +355,19 @@ impl Trainer {
     /// What initialisation from `model.init` did.
     pub fn init_report(&self) -> &InitReport {
         &self.init_report
+    }
+
+    /// Classes supervised by the training cases.
+    pub fn taught_classes(&self) -> Vec<usize> {
+        let mut c: Vec<usize> = self
+            .sampler
+            .cases
+            .iter()
+            .flat_map(|c| c.supervised.iter().copied())
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
     }
 
     /// Names of the variables the optimiser updates.
@@ -415,10 +458,13 @@ impl Trainer {
             let mut grads: Option<candle_core::backprop::GradStore> = None;
             let (mut loss, mut bce, mut dice) = (0f32, 0f32, 0f32);
             let mut per_class: BTreeMap<usize, (f32, usize)> = BTreeMap::new();
+            let mut data_wait = 0f64;
             for _ in 0..acc {
+                let tw = Instant::now();
                 let batch = batches.next().ok_or_else(|| {
                     Error::config(&self.cfg.path, "the data loader stopped early")
                 })?;
+                data_wait += tw.elapsed().as_secs_f64();
                 let b = batch.batch;
                 let x =
                     Tensor::from_vec(batch.image, (b, 1, roi[0], roi[1], roi[2]), &self.device)?;
@@ -481,6 +527,7 @@ impl Trainer {
                     .map(|(c, (s, n))| (c, s / n as f32))
                     .collect(),
                 seconds: t0.elapsed().as_secs_f64(),
+                data_wait,
             };
             self.append_log(&log)?;
             self.history.push((self.step, loss));
@@ -552,7 +599,7 @@ impl Trainer {
             .map_err(|e| Error::file(&path, e))?;
         let mut line = String::new();
         if new {
-            line.push_str("step,epoch,lr,loss,bce,dice,seconds,class_losses\n");
+            line.push_str("step,epoch,lr,loss,bce,dice,seconds,data_wait,class_losses\n");
         }
         let classes: Vec<String> = log
             .per_class
@@ -560,7 +607,7 @@ impl Trainer {
             .map(|(c, l)| format!("{c}:{l:.6}"))
             .collect();
         line.push_str(&format!(
-            "{},{},{:.6e},{:.6},{:.6},{:.6},{:.3},{}\n",
+            "{},{},{:.6e},{:.6},{:.6},{:.6},{:.3},{:.3},{}\n",
             log.step,
             log.epoch,
             log.lr,
@@ -568,6 +615,7 @@ impl Trainer {
             log.bce,
             log.dice,
             log.seconds,
+            log.data_wait,
             classes.join(";")
         ));
         f.write_all(line.as_bytes())
@@ -624,7 +672,8 @@ impl Trainer {
             "train": {"lr": c.train.lr, "weight_decay": c.train.weight_decay,
                       "warmup": c.train.warmup, "accumulate": c.train.accumulate,
                       "dice": c.train.dice, "seed": c.train.seed,
-                      "freeze_backbone": c.train.freeze_backbone},
+                      "freeze_backbone": c.train.freeze_backbone,
+                      "trainable": c.train.trainable},
         })
         .to_string()
     }

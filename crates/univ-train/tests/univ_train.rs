@@ -473,6 +473,7 @@ output = "run"
             s.lines()
                 .map(|l| {
                     let mut c: Vec<&str> = l.split(',').collect();
+                    c.remove(7); // data wait
                     c.remove(6); // seconds
                     c.join(",")
                 })

@@ -52,7 +52,8 @@ pub fn remap(gt: &Volume<u8>, map: &BTreeMap<u8, u8>) -> Volume<u8> {
     })
 }
 
-/// Metrics per label between a prediction and a reference on the same grid: every id > 0
+/// Metrics per label between a prediction and a reference on the same grid (or one that differs
+/// only by the order and direction of its axes): every id > 0
 /// present in either (after the label map). Infinite or undefined values are written as
 /// strings (`"inf"`, `"NaN"`).
 ///
@@ -63,10 +64,16 @@ pub fn evaluate_pair(
     gt: &Volume<u8>,
     opts: &EvalOptions,
 ) -> Result<serde_json::Value, univ_io::Error> {
-    gt.check_same_grid(pred)?;
+    // A reference on the same grid up to axis order/direction (say a NIfTI made from the DICOM
+    // series the prediction was made on) is reoriented onto the prediction's grid.
+    let gt = if gt.check_same_grid(pred).is_ok() {
+        gt.clone()
+    } else {
+        univ_io::align_label_to(gt.clone(), pred)?
+    };
     let gt = match &opts.label_map {
-        Some(m) => remap(gt, m),
-        None => gt.clone(),
+        Some(m) => remap(&gt, m),
+        None => gt,
     };
     let ids: BTreeSet<u8> = pred
         .data()

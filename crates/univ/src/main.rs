@@ -32,7 +32,7 @@ enum Command {
     /// Print a volume's header summary: shape, voxel type, spacing, orientation, affine and
     /// intensity range.
     Info {
-        /// A NIfTI file (.nii or .nii.gz).
+        /// A NIfTI file (.nii or .nii.gz), or a DICOM series (folder or file).
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -41,7 +41,7 @@ enum Command {
     /// Preprocess a CT as the official pipeline does (RAS, 1.5 mm, −175..250 HU → 0..1,
     /// foreground crop) and write the result (f32) and, optionally, its label map (u8).
     Preprocess {
-        /// Input CT (NIfTI).
+        /// Input CT (NIfTI, or a DICOM series folder).
         input: PathBuf,
         /// Output file for the preprocessed image (.nii or .nii.gz).
         output: PathBuf,
@@ -70,12 +70,14 @@ enum Command {
     /// Segment a CT (a NIfTI file, or a folder of them): label map, class table, report, and
     /// optionally per-class masks, probabilities and logits, on the input's grid.
     Segment {
-        /// A NIfTI file, or a folder of NIfTI files (one output folder per case).
+        /// A NIfTI file or DICOM series folder, or a folder of them (one output folder per
+        /// case).
         input: PathBuf,
         /// Output folder.
         #[arg(long, short)]
         output: PathBuf,
-        /// A .pth/.safetensors checkpoint, or `unet` / `swinunetr` (official weights).
+        /// A .pth/.safetensors checkpoint, or `unet` / `swinunetr` (official weights); default:
+        /// the small demo model in models/demo.
         #[arg(long)]
         checkpoint: Option<String>,
         /// Only these classes, by name or id (e.g. `liver,spleen` or `6,1`).
@@ -236,6 +238,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    let threads = match &cli.command {
+        Command::Segment { threads, .. } | Command::Train { threads, .. } => *threads,
+        _ => None,
+    };
+    match threads {
+        Some(n) => set_threads(n),
+        None => univ::model::cpu::init_threads(None),
+    }
     let result = match cli.command {
         Command::Info { file, json } => info(&file, json),
         Command::Preprocess {
@@ -285,9 +295,7 @@ fn main() -> ExitCode {
             overwrite,
             quiet,
         } => {
-            if let Some(n) = threads {
-                set_threads(n);
-            }
+            let _ = threads;
             segment_cmd::run(segment_cmd::SegmentArgs {
                 input,
                 output,
@@ -330,9 +338,7 @@ fn main() -> ExitCode {
             device,
             quiet,
         } => {
-            if let Some(n) = threads {
-                set_threads(n);
-            }
+            let _ = threads;
             train_cmd::run(train_cmd::TrainArgs {
                 config,
                 resume,
@@ -367,12 +373,13 @@ fn set_threads(n: usize) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("UNIV_NUM_THREADS", n.to_string());
     }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    univ::model::cpu::init_threads(Some(n));
 }
 
 fn info(path: &Path, json: bool) -> Result<()> {
+    if io::is_dicom(path) {
+        return dicom_info(path, json);
+    }
     let h = io::read_header(path, &Limits::default())?;
     let vol = io::read_image(path)?;
     let (lo, hi) = vol.min_max();
@@ -426,6 +433,58 @@ fn info(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn dicom_info(path: &Path, json: bool) -> Result<()> {
+    let s = io::dicom::read_dicom_series(path, &io::dicom::DicomReadOptions::default())?;
+    let v = &s.volume;
+    let (lo, hi) = v.min_max();
+    let spacing = v.spacing();
+    if json {
+        let j = serde_json::json!({
+            "path": path,
+            "series_uid": s.series_uid,
+            "study_uid": s.study_uid,
+            "modality": s.modality,
+            "transfer_syntax": s.transfer_syntax,
+            "slices": s.slices.len(),
+            "shape": v.shape(),
+            "spacing": spacing,
+            "slice_gap_range": s.slice_gap_range,
+            "axcodes": v.axcodes(),
+            "affine": v.affine(),
+            "intensity": {"min": lo, "max": hi},
+            "series_description": s.attributes.get("SeriesDescription"),
+            "warnings": s.warnings,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    let sh = v.shape();
+    println!(
+        "DICOM:       {} ({} slices)",
+        path.display(),
+        s.slices.len()
+    );
+    println!("series:      {} ({})", s.series_uid, s.modality);
+    println!("syntax:      {}", s.transfer_syntax);
+    println!("shape:       {} x {} x {}", sh[0], sh[1], sh[2]);
+    println!(
+        "spacing:     {:.4} x {:.4} x {:.4} mm (slice gaps {:.4}..{:.4} mm)",
+        spacing[0], spacing[1], spacing[2], s.slice_gap_range[0], s.slice_gap_range[1]
+    );
+    println!("orientation: {}", v.axcodes());
+    for row in v.affine() {
+        println!(
+            "             [{:>10.4} {:>10.4} {:>10.4} {:>10.4}]",
+            row[0], row[1], row[2], row[3]
+        );
+    }
+    println!("intensity:   min {lo} max {hi} (HU)");
+    for w in &s.warnings {
+        println!("warning:     {w}");
+    }
+    Ok(())
+}
+
 struct PreprocessArgs {
     input: PathBuf,
     output: PathBuf,
@@ -469,10 +528,10 @@ fn preprocess(a: PreprocessArgs) -> Result<()> {
         .crop((!a.no_crop).then(CropForeground::default));
     let (image, label) = match &a.label {
         Some(l) => {
-            let (i, l) = io::read_image_and_label(&a.input, l)?;
+            let (i, l) = io::read_image_and_label_any(&a.input, l)?;
             (i, Some(l))
         }
-        None => (io::read_image(&a.input)?, None),
+        None => (io::read_volume(&a.input)?, None),
     };
     let pre = io::preprocess(image, label, &opts)?;
     let wopts = WriteOptions::default();

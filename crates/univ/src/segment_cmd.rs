@@ -57,6 +57,11 @@ fn parse_classes(spec: &str, k: usize) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// The demo checkpoint made by `univ train --config models/demo/train.toml` (issue #6).
+pub fn demo_checkpoint() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo/univ_demo_unet.safetensors")
+}
+
 /// `true` for a `.nii` or `.nii.gz` file name.
 pub fn is_nifti(p: &Path) -> bool {
     let n = p
@@ -77,11 +82,26 @@ fn case_name(p: &Path) -> String {
 }
 
 pub fn run(a: SegmentArgs) -> Result<()> {
-    let spec = a.checkpoint.as_deref().context(
-        "no --checkpoint given: pass a .pth/.safetensors file or `unet`/`swinunetr` (the official \
-         weights); the small demo model of issue #6 does not exist yet",
-    )?;
-    let resolved = resolve_checkpoint(spec)?;
+    let demo = demo_checkpoint();
+    let spec = match a.checkpoint.as_deref() {
+        Some(s) => s.to_string(),
+        None if demo.exists() => {
+            if !a.quiet {
+                eprintln!(
+                    "note: no --checkpoint given: using the small demo model {} (trained on one CT; \
+                     see its model card); pass `unet` or `swinunetr` for the official weights",
+                    demo.display()
+                );
+            }
+            demo.display().to_string()
+        }
+        None => bail!(
+            "no --checkpoint given and the demo model {} is not there: pass a .pth/.safetensors \
+             file or `unet`/`swinunetr` (the official weights)",
+            demo.display()
+        ),
+    };
+    let resolved = resolve_checkpoint(&spec)?;
     let ckpt = Checkpoint::load(&resolved.path)?;
     let device = crate::model_cmds::device(&a.device)?;
     let (model, _) = ckpt.build(&device)?;
@@ -139,16 +159,20 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     out_opts.save_logits = a.save_logits;
     out_opts.overwrite = a.overwrite;
     out_opts.report_extra = extra;
-    // One case, or every NIfTI file of a folder (one output folder per case).
-    let cases: Vec<(PathBuf, PathBuf)> = if a.input.is_dir() {
+    // One case (a NIfTI file or a DICOM series folder), or every NIfTI file and DICOM series
+    // folder of a folder (one output folder per case).
+    let cases: Vec<(PathBuf, PathBuf)> = if a.input.is_dir() && !univ::io::is_dicom(&a.input) {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&a.input)
             .with_context(|| format!("{}: cannot list", a.input.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_nifti(p))
+            .filter(|p| is_nifti(p) || (p.is_dir() && univ::io::is_dicom(p)))
             .collect();
         files.sort();
         if files.is_empty() {
-            bail!("{}: no .nii or .nii.gz files", a.input.display());
+            bail!(
+                "{}: no .nii or .nii.gz files or DICOM series folders",
+                a.input.display()
+            );
         }
         files
             .into_iter()
@@ -190,7 +214,7 @@ fn one_case(
         );
     }
     let start = std::time::Instant::now();
-    let image = univ::io::read_image(input)?;
+    let image = univ::io::read_volume(input)?;
     let (lo, hi) = image.min_max();
     if opts.preprocess.is_some() && (hi < 100.0 || lo > -500.0) {
         eprintln!(

@@ -30,10 +30,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(ck) => {
             let c = univ::model::Checkpoint::load(ck)?;
             let k = c.detect_config()?.num_classes;
-            if k >= cfg.model.classes {
+            if k > cfg.model.classes {
                 bail!(
-                    "--extend: {} has {k} classes and the configuration {}; add classes \
-                     (model.classes) to extend it",
+                    "--extend: {} has {k} classes but the configuration only {}: classes can be \
+                     added (model.classes), not removed",
                     ck.display(),
                     cfg.model.classes
                 );
@@ -107,7 +107,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let per = started.elapsed().as_secs_f64() / done.max(1) as f64;
             let eta = per * (s.total_steps - s.step) as f64;
             let line = format!(
-                "step {}/{} epoch {} lr {:.2e} loss {:.4} (bce {:.4} dice {:.4}) {:.1} s/step, {:.0} min left",
+                "step {}/{} epoch {} lr {:.2e} loss {:.4} (bce {:.4} dice {:.4}) {:.1} s/step (data wait {:.2} s), {:.0} min left",
                 s.step,
                 s.total_steps,
                 s.epoch,
@@ -116,6 +116,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 s.bce,
                 s.dice,
                 per,
+                s.data_wait,
                 eta / 60.0
             );
             if tty {
@@ -144,18 +145,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     )?;
     if let (Some(k_old), Some(before)) = (old_classes, before) {
         let after = trainer.validate().context("validation after extending")?;
+        let taught = trainer.taught_classes();
         let mut rows = Vec::new();
+        let mut worst: Option<f64> = None;
         for (c, b) in &before.per_class {
             let a = after.per_class.iter().find(|(x, _)| x == c).map(|x| x.1);
+            let change = a.map(|a| 100.0 * (a - b));
+            let old = !taught.contains(c);
+            if old && let Some(ch) = change {
+                worst = Some(worst.map_or(ch, |w: f64| w.min(ch)));
+            }
             rows.push(serde_json::json!({
-                "class": c, "name": univ::outputs::class_name(*c), "old": *c <= k_old,
-                "dice_before": b, "dice_after": a,
-                "change_points": a.map(|a| 100.0 * (a - b)),
+                "class": c, "name": univ::outputs::class_name(*c),
+                "taught_in_this_run": !old,
+                "dice_before": b, "dice_after": a, "change_points": change,
             }));
         }
         let report = serde_json::json!({
-            "extended_from": a.extend, "old_classes": k_old,
-            "classes": trainer.model_config().num_classes, "per_class": rows,
+            "extended_from": a.extend, "classes_before": k_old,
+            "classes": trainer.model_config().num_classes,
+            "taught_in_this_run": taught,
+            "largest_old_class_drop_points": worst.map(|w| -w.min(0.0)),
+            "per_class": rows,
         });
         let path = out.join("extend_report.json");
         univ::train::io::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;

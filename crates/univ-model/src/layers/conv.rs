@@ -455,9 +455,60 @@ fn add_bias_slice(out: &mut [f32], n: usize, c: usize, bias: &[f32]) {
         .for_each(|(row, r)| r.iter_mut().for_each(|v| *v += bias[row % c]));
 }
 
-/// Gradient of a per-channel bias: the output gradient summed over all but the channel axis.
+/// Gradient of a per-channel bias: the output gradient summed over all but the channel axis
+/// (rows summed in parallel, in f64, then per channel in row order).
 fn bias_grad(grad: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    grad.sum(0)?.flatten_from(1)?.sum(1)?.reshape(bias.shape())
+    let dims = grad.dims();
+    let (n, c) = (dims[0], dims[1]);
+    let sums = read_f32(grad, |g| {
+        let m = g.len() / (n * c).max(1);
+        let rows: Vec<f64> = g
+            .par_chunks(m.max(1))
+            .map(|r| r.iter().map(|v| f64::from(*v)).sum())
+            .collect();
+        let mut out = vec![0f64; c];
+        for (row, s) in rows.iter().enumerate() {
+            out[row % c] += s;
+        }
+        out.iter().map(|v| *v as f32).collect::<Vec<f32>>()
+    })?;
+    Tensor::from_vec(sums, bias.shape(), bias.device())
+}
+
+/// A per-channel bias added to `(N, C, ...)` with a parallel backward pass (candle's
+/// broadcast backward reduces on one thread).
+#[derive(Debug, Clone, Copy)]
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "univ-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "bias add input")?;
+        let b = contiguous_f32(s2, l2, "bias")?;
+        let d = l1.dims();
+        let mut out = x.to_vec();
+        add_bias_slice(&mut out, d[0], d[1], b);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(bias_grad(grad, b)?)))
+    }
 }
 
 /// A stride-1 correlation and its bias as one operation, so that training keeps one tensor
@@ -1091,6 +1142,13 @@ fn subsample(y: &Tensor, s: usize) -> Result<Tensor> {
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         None => Ok(y),
+        Some(b)
+            if y.rank() >= 2
+                && crate::layers::fused::cpu_f32(&[Some(&y), Some(b)])
+                && b.elem_count() == y.dim(1)? =>
+        {
+            Ok(y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)?)
+        }
         Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1, 1))?)?),
     }
 }

@@ -162,7 +162,7 @@ pub fn prepare_case(
     min_size: [usize; 3],
 ) -> Result<PreparedCase> {
     let wrap = |e: univ_io::Error| Error::case(id, e.to_string());
-    let (img, raw) = univ_io::read_image_and_label(image, label).map_err(wrap)?;
+    let (img, raw) = univ_io::read_image_and_label_any(image, label).map_err(wrap)?;
     let (organ, lesion) = map_labels(&raw, rules, id)?;
     let orient =
         OrientTransform::to_axcodes(img.affine(), img.shape(), &opts.axcodes).map_err(wrap)?;

@@ -140,14 +140,17 @@ impl Sampler {
 }
 
 /// Prepares the batches of steps `start..end` on `workers` threads, at most one batch ahead
-/// per worker; the receiver yields them in step order.
+/// per worker, yielded in step order (`workers = 0`: on the calling thread).
 pub fn spawn_loader(
     sampler: Arc<Sampler>,
     start: u64,
     end: u64,
     workers: usize,
-) -> impl Iterator<Item = Batch> {
-    let workers = workers.max(1);
+) -> Box<dyn Iterator<Item = Batch>> {
+    if workers == 0 {
+        // On the calling thread, when asked.
+        return Box::new((start..end).map(move |step| sampler.batch(step)));
+    }
     let mut rxs: Vec<Receiver<Batch>> = Vec::with_capacity(workers);
     for w in 0..workers as u64 {
         let (tx, rx) = sync_channel(1);
@@ -163,5 +166,8 @@ pub fn spawn_loader(
         });
         rxs.push(rx);
     }
-    (start..end).map_while(move |step| rxs[((step - start) % workers as u64) as usize].recv().ok())
+    Box::new(
+        (start..end)
+            .map_while(move |step| rxs[((step - start) % workers as u64) as usize].recv().ok()),
+    )
 }

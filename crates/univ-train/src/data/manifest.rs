@@ -323,7 +323,7 @@ impl Manifest {
             }
             for (_, c) in &found {
                 for p in [&c.image, &c.label] {
-                    if !p.is_file() {
+                    if !p.exists() {
                         return Err(Error::config(
                             path,
                             format!(
