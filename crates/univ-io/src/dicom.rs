@@ -138,6 +138,10 @@ fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
         .unwrap_or_default()
 }
 
+fn clean_uid(u: &str) -> String {
+    u.trim().trim_end_matches('\0').to_string()
+}
+
 fn floats(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<Vec<f64>> {
     obj.element_opt(tag)
         .ok()
@@ -186,8 +190,13 @@ fn read_header(path: &Path) -> std::result::Result<Header, String> {
     Ok(Header {
         path: path.to_path_buf(),
         series_uid: text(&obj, tags::SERIES_INSTANCE_UID),
-        sop_instance_uid: text(&obj, tags::SOP_INSTANCE_UID),
-        sop_class_uid: text(&obj, tags::SOP_CLASS_UID),
+        // Some anonymised files keep these UIDs only in their file meta information.
+        sop_instance_uid: Some(text(&obj, tags::SOP_INSTANCE_UID))
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| clean_uid(obj.meta().media_storage_sop_instance_uid())),
+        sop_class_uid: Some(text(&obj, tags::SOP_CLASS_UID))
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| clean_uid(obj.meta().media_storage_sop_class_uid())),
         modality: text(&obj, tags::MODALITY),
         description: text(&obj, tags::SERIES_DESCRIPTION),
         has_pixels,

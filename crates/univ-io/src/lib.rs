@@ -6,6 +6,8 @@
 
 #[cfg(feature = "dicom")]
 pub mod dicom;
+#[cfg(feature = "dicom")]
+pub mod dicom_seg;
 pub mod error;
 pub mod geometry;
 pub mod input;

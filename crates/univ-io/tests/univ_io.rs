@@ -1128,4 +1128,99 @@ mod dicom {
             .to_string();
         assert!(e.contains("no DICOM image files"), "{e}");
     }
+
+    /// Writes a DICOM-SEG of the reference segmentation of the series (put onto the series'
+    /// grid), reads it back and rebuilds every mask from its frames.
+    pub(crate) fn write_reference_seg(
+        shared: &std::path::Path,
+        out: &std::path::Path,
+    ) -> (univ_io::dicom::DicomSeries, Vec<(u8, Vec<bool>)>) {
+        use univ_io::dicom_seg::{Code, SegOptions, Segment, write_dicom_seg};
+        let series = read_dicom_series(
+            &shared.join("data/dicom/example_ct_dicom_j2k"),
+            &DicomReadOptions::default(),
+        )
+        .unwrap();
+        let lab = read_label(shared.join("data/ct/derived_example_seg_dicom_um32.nii.gz")).unwrap();
+        let lab = univ_io::align_label_to(lab, &series.volume).unwrap();
+        let mut ids: Vec<u8> = lab.data().iter().copied().filter(|v| *v > 0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let masks: Vec<(u8, Vec<bool>)> = ids
+            .iter()
+            .map(|id| (*id, lab.data().iter().map(|v| v == id).collect()))
+            .collect();
+        let segments: Vec<Segment> = masks
+            .iter()
+            .map(|(id, m)| Segment {
+                label: format!("class {id}"),
+                category: Code::new("123037004", "SCT", "Anatomical Structure"),
+                property: Code::new(&format!("UNIV{id:03}"), "99UNIV", &format!("class {id}")),
+                colour: [200, 100, 50],
+                mask: m.clone(),
+            })
+            .collect();
+        let (n, frames) = write_dicom_seg(out, &series, &segments, &SegOptions::default()).unwrap();
+        assert_eq!(n, masks.len());
+        assert!(frames >= n);
+        (series, masks)
+    }
+
+    #[test]
+    fn dicom_seg_round_trips_the_masks_and_references_the_source() {
+        use dicom_dictionary_std::tags;
+        let Some(shared) = shared::shared_dir() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segmentation.dcm");
+        let (series, masks) = write_reference_seg(&shared, &path);
+        if let Some(keep) = std::env::var_os("UNIV_KEEP_SEG") {
+            std::fs::copy(&path, keep).unwrap();
+        }
+        let obj = dicom_object::open_file(&path).unwrap();
+        let text = |e: &dicom_object::InMemDicomObject, t| e.element(t).unwrap().to_str().unwrap().to_string();
+        assert_eq!(obj.meta().media_storage_sop_class_uid(), "1.2.840.10008.5.1.4.1.1.66.4");
+        assert_eq!(text(&obj, tags::MODALITY), "SEG");
+        assert_eq!(text(&obj, tags::FRAME_OF_REFERENCE_UID), series.frame_of_reference_uid);
+        // This anonymised series has no Study Instance UID: the SEG makes one up.
+        assert!(series.study_uid.is_empty());
+        assert!(text(&obj, tags::STUDY_INSTANCE_UID).starts_with("2.25."));
+        assert!(series.slices.iter().all(|s| !s.sop_instance_uid.is_empty()));
+        let segs = obj.element(tags::SEGMENT_SEQUENCE).unwrap().items().unwrap();
+        assert_eq!(segs.len(), masks.len());
+        let frames = obj.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap();
+        let n: usize = text(&obj, tags::NUMBER_OF_FRAMES).trim().parse().unwrap();
+        assert_eq!(frames.len(), n);
+        let [cols, rows, nsl] = series.volume.shape();
+        let plane = rows * cols;
+        let bits = obj.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+        let mut rebuilt = vec![vec![false; plane * nsl]; masks.len()];
+        let sop_of: std::collections::HashMap<String, usize> = series
+            .slices
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.sop_instance_uid.clone(), k))
+            .collect();
+        for (f, item) in frames.iter().enumerate() {
+            let seg_no: usize = item.element(tags::SEGMENT_IDENTIFICATION_SEQUENCE).unwrap().items().unwrap()[0]
+                .element(tags::REFERENCED_SEGMENT_NUMBER).unwrap().to_int::<u16>().unwrap() as usize;
+            // The frame's slice, from the source image it references.
+            let der = &item.element(tags::DERIVATION_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
+            let src = &der.element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
+            let k = sop_of[&text(src, tags::REFERENCED_SOP_INSTANCE_UID)];
+            for p in 0..plane {
+                let bit = f * plane + p;
+                if bits[bit / 8] >> (bit % 8) & 1 == 1 {
+                    rebuilt[seg_no - 1][k * plane + p] = true;
+                }
+            }
+        }
+        for (i, (id, m)) in masks.iter().enumerate() {
+            let a = rebuilt[i].iter().filter(|v| **v).count();
+            let b = m.iter().filter(|v| **v).count();
+            let both = rebuilt[i].iter().zip(m).filter(|(x, y)| **x && **y).count();
+            assert!(rebuilt[i] == *m, "class {id} differs after the round trip: {a} vs {b} voxels, {both} shared; {} bytes", bits.len());
+        }
+    }
 }

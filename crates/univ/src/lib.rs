@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod dicom_seg;
 pub mod evaluate;
 pub mod outputs;
 pub mod preview;

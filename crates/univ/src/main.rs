@@ -120,6 +120,13 @@ enum Command {
         /// No progress bar or summary.
         #[arg(long)]
         quiet: bool,
+        /// For a DICOM series input, also write segmentation.dcm: a DICOM Segmentation with
+        /// one segment per class present, referencing the source images.
+        #[arg(long)]
+        dicom_seg: bool,
+        /// The Series Instance UID to read when a DICOM folder holds several series.
+        #[arg(long)]
+        series: Option<String>,
     },
     /// Compare predicted label maps with references: Dice, official Dice, surface Dice, HD95
     /// per label (JSON); for two folders also case-level tumour detection.
@@ -294,9 +301,13 @@ fn main() -> ExitCode {
             save_logits,
             overwrite,
             quiet,
+            dicom_seg,
+            series,
         } => {
             let _ = threads;
             segment_cmd::run(segment_cmd::SegmentArgs {
+                dicom_seg,
+                series,
                 input,
                 output,
                 checkpoint,

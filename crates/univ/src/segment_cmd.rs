@@ -28,6 +28,8 @@ pub struct SegmentArgs {
     pub save_logits: bool,
     pub overwrite: bool,
     pub quiet: bool,
+    pub dicom_seg: bool,
+    pub series: Option<String>,
 }
 
 fn parse_classes(spec: &str, k: usize) -> Result<Vec<usize>> {
@@ -183,7 +185,11 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     };
     let mut failed = Vec::new();
     for (out, input) in &cases {
-        if let Err(e) = one_case(input, out, &model, &opts, &out_opts, a.quiet) {
+        let dicom = DicomInput {
+            write_seg: a.dicom_seg,
+            series: a.series.clone(),
+        };
+        if let Err(e) = one_case(input, out, &model, &opts, &out_opts, &dicom, a.quiet) {
             eprintln!("error: {}: {e:#}", input.display());
             failed.push(input.clone());
         }
@@ -194,14 +200,25 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     Ok(())
 }
 
+/// What to do with DICOM input.
+struct DicomInput {
+    write_seg: bool,
+    series: Option<String>,
+}
+
 fn one_case(
     input: &Path,
     out: &Path,
     model: &univ::model::UniversalModel,
     opts: &SegmentOptions,
     out_opts: &OutputOptions,
+    dicom: &DicomInput,
     quiet: bool,
 ) -> Result<()> {
+    let is_dicom = univ::io::is_dicom(input);
+    if dicom.write_seg && !is_dicom {
+        bail!("--dicom-seg needs a DICOM series as input");
+    }
     if out.exists()
         && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
@@ -214,7 +231,23 @@ fn one_case(
         );
     }
     let start = std::time::Instant::now();
-    let image = univ::io::read_volume(input)?;
+    let series = if is_dicom {
+        let o = univ::io::dicom::DicomReadOptions {
+            series: dicom.series.clone(),
+            ..Default::default()
+        };
+        let s = univ::io::dicom::read_dicom_series(input, &o)?;
+        for w in &s.warnings {
+            eprintln!("warning: {w}");
+        }
+        Some(s)
+    } else {
+        None
+    };
+    let image = match &series {
+        Some(s) => s.volume.clone(),
+        None => univ::io::read_volume(input)?,
+    };
     let (lo, hi) = image.min_max();
     if opts.preprocess.is_some() && (hi < 100.0 || lo > -500.0) {
         eprintln!(
@@ -242,6 +275,13 @@ fn one_case(
         eprintln!("note: {}: {n}", input.display());
     }
     write_outputs(out, &image, &seg, out_opts)?;
+    if let (true, Some(s)) = (dicom.write_seg, &series) {
+        let path = out.join("segmentation.dcm");
+        let (n, frames) = univ::dicom_seg::write_seg_for(&path, s, &seg)?;
+        if !quiet {
+            println!("{}: {n} segments, {frames} frames", path.display());
+        }
+    }
     if !quiet {
         println!(
             "{} -> {}: {} classes, {} windows, {:.1} s",
