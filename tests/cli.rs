@@ -500,15 +500,17 @@ fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
     ]);
     assert_clean_failure(&o, "GAP.3.weight");
     assert!(text(&o).1.contains("controller.bias"));
-    // No checkpoint: says what is missing.
+    // A checkpoint that does not exist: named.
     assert_clean_failure(
         &univ(&[
             "segment",
             cases.join("a.nii.gz").to_str().unwrap(),
             "-o",
             dir.path().join("o3").to_str().unwrap(),
+            "--checkpoint",
+            dir.path().join("missing.safetensors").to_str().unwrap(),
         ]),
-        "--checkpoint",
+        "missing.safetensors",
     );
 }
 
@@ -782,4 +784,56 @@ fn train_writes_checkpoints_refuses_to_overwrite_and_resumes() {
     std::fs::write(&conf, cfg(3).replace("width = 4", "width = 4\nbogus = 1")).unwrap();
     let o = univ(&["train", "--config", conf.to_str().unwrap()]);
     assert_clean_failure(&o, "bogus");
+}
+
+#[test]
+fn segment_a_dicom_series_with_the_demo_model_and_write_dicom_seg() {
+    let Some(series) = shared::shared_file("data/dicom/example_ct_dicom_j2k") else {
+        return;
+    };
+    let demo =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo/univ_demo_unet.safetensors");
+    assert!(demo.exists(), "the committed demo model is missing");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // No --checkpoint: the demo model is used (and said so).
+    let o = univ(&[
+        "segment",
+        series.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--dicom-seg",
+        "--classes",
+        "liver,spleen,stomach",
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("demo model"), "{err}");
+    assert!(
+        stdout.contains("segments,") && stdout.contains("frames"),
+        "{stdout}"
+    );
+    let seg = univ::io::read_label(out.join("segmentation.nii.gz")).unwrap();
+    assert_eq!(seg.shape(), [512, 512, 20]);
+    assert!(seg.data().contains(&6), "the demo model finds some liver");
+    let dcm = std::fs::read(out.join("segmentation.dcm")).unwrap();
+    assert_eq!(&dcm[128..132], b"DICM");
+    let has = |needle: &[u8]| dcm.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"1.2.840.10008.5.1.4.1.1.66.4"), "SEG storage class");
+    assert!(
+        has(b"Liver") && has(b"10200004"),
+        "the liver segment and its SNOMED CT code"
+    );
+    // --dicom-seg on NIfTI input is refused.
+    let Some(ct) = shared::shared_file("data/ct/example_ct_sm.nii.gz") else {
+        return;
+    };
+    let o = univ(&[
+        "segment",
+        ct.to_str().unwrap(),
+        "-o",
+        dir.path().join("x").to_str().unwrap(),
+        "--dicom-seg",
+    ]);
+    assert_clean_failure(&o, "needs a DICOM series");
 }

@@ -98,7 +98,11 @@ fn strs(obj: &mut InMemDicomObject, tag: Tag, vr: VR, v: Vec<String>) {
 }
 
 fn us(obj: &mut InMemDicomObject, tag: Tag, v: &[u16]) {
-    obj.put(DataElement::new(tag, VR::US, PrimitiveValue::U16(v.to_vec().into())));
+    obj.put(DataElement::new(
+        tag,
+        VR::US,
+        PrimitiveValue::U16(v.to_vec().into()),
+    ));
 }
 
 fn seq(obj: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
@@ -108,7 +112,12 @@ fn seq(obj: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
 fn code_item(c: &Code) -> InMemDicomObject {
     let mut o = InMemDicomObject::new_empty();
     s(&mut o, tags::CODE_VALUE, VR::SH, c.value.clone());
-    s(&mut o, tags::CODING_SCHEME_DESIGNATOR, VR::SH, c.scheme.clone());
+    s(
+        &mut o,
+        tags::CODING_SCHEME_DESIGNATOR,
+        VR::SH,
+        c.scheme.clone(),
+    );
     s(&mut o, tags::CODE_MEANING, VR::LO, c.meaning.clone());
     o
 }
@@ -124,13 +133,23 @@ fn ds(v: f64) -> String {
 fn cielab(rgb: [u8; 3]) -> [u16; 3] {
     let lin = |c: u8| {
         let c = f64::from(c) / 255.0;
-        if c <= 0.04045 { c / 12.92 } else { ((c + 0.055) / 1.055).powf(2.4) }
+        if c <= 0.04045 {
+            c / 12.92
+        } else {
+            ((c + 0.055) / 1.055).powf(2.4)
+        }
     };
     let (r, g, b) = (lin(rgb[0]), lin(rgb[1]), lin(rgb[2]));
     let x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047;
     let y = 0.2126 * r + 0.7152 * g + 0.0722 * b;
     let z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883;
-    let f = |t: f64| if t > 0.008856 { t.cbrt() } else { 7.787 * t + 16.0 / 116.0 };
+    let f = |t: f64| {
+        if t > 0.008856 {
+            t.cbrt()
+        } else {
+            7.787 * t + 16.0 / 116.0
+        }
+    };
     let (fx, fy, fz) = (f(x), f(y), f(z));
     let l = 116.0 * fy - 16.0;
     let a = 500.0 * (fx - fy);
@@ -173,7 +192,10 @@ pub fn write_dicom_seg(
             )));
         }
     }
-    let kept: Vec<&Segment> = segments.iter().filter(|s| s.mask.iter().any(|v| *v)).collect();
+    let kept: Vec<&Segment> = segments
+        .iter()
+        .filter(|s| s.mask.iter().any(|v| *v))
+        .collect();
     if kept.is_empty() {
         return Err(err("no segment has any voxel: nothing to write".into()));
     }
@@ -223,8 +245,18 @@ pub fn write_dicom_seg(
 
     let mut o = InMemDicomObject::new_empty();
     s(&mut o, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
-    strs(&mut o, tags::IMAGE_TYPE, VR::CS, vec!["DERIVED".into(), "PRIMARY".into()]);
-    s(&mut o, tags::SOP_CLASS_UID, VR::UI, uids::SEGMENTATION_STORAGE);
+    strs(
+        &mut o,
+        tags::IMAGE_TYPE,
+        VR::CS,
+        vec!["DERIVED".into(), "PRIMARY".into()],
+    );
+    s(
+        &mut o,
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        uids::SEGMENTATION_STORAGE,
+    );
     s(&mut o, tags::SOP_INSTANCE_UID, VR::UI, sop_uid.clone());
     for (kw, tag, vr) in [
         ("PatientName", tags::PATIENT_NAME, VR::PN),
@@ -234,33 +266,67 @@ pub fn write_dicom_seg(
         ("StudyDate", tags::STUDY_DATE, VR::DA),
         ("StudyTime", tags::STUDY_TIME, VR::TM),
         ("AccessionNumber", tags::ACCESSION_NUMBER, VR::SH),
-        ("ReferringPhysicianName", tags::REFERRING_PHYSICIAN_NAME, VR::PN),
+        (
+            "ReferringPhysicianName",
+            tags::REFERRING_PHYSICIAN_NAME,
+            VR::PN,
+        ),
         ("StudyID", tags::STUDY_ID, VR::SH),
     ] {
-        s(&mut o, tag, vr, source.attributes.get(kw).cloned().unwrap_or_default());
+        s(
+            &mut o,
+            tag,
+            vr,
+            source.attributes.get(kw).cloned().unwrap_or_default(),
+        );
     }
     s(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, study_uid);
     s(&mut o, tags::MODALITY, VR::CS, "SEG");
     s(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, series_uid);
-    s(&mut o, tags::SERIES_NUMBER, VR::IS, opts.series_number.to_string());
-    s(&mut o, tags::SERIES_DESCRIPTION, VR::LO, opts.series_description.clone());
+    s(
+        &mut o,
+        tags::SERIES_NUMBER,
+        VR::IS,
+        opts.series_number.to_string(),
+    );
+    s(
+        &mut o,
+        tags::SERIES_DESCRIPTION,
+        VR::LO,
+        opts.series_description.clone(),
+    );
     s(&mut o, tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_uid);
     s(&mut o, tags::POSITION_REFERENCE_INDICATOR, VR::LO, "");
     s(&mut o, tags::MANUFACTURER, VR::LO, "univ");
     s(&mut o, tags::MANUFACTURER_MODEL_NAME, VR::LO, "univ");
     s(&mut o, tags::DEVICE_SERIAL_NUMBER, VR::LO, "1");
-    s(&mut o, tags::SOFTWARE_VERSIONS, VR::LO, opts.software_version.clone());
+    s(
+        &mut o,
+        tags::SOFTWARE_VERSIONS,
+        VR::LO,
+        opts.software_version.clone(),
+    );
     s(&mut o, tags::INSTANCE_NUMBER, VR::IS, "1");
     s(&mut o, tags::CONTENT_DATE, VR::DA, date.clone());
     s(&mut o, tags::CONTENT_TIME, VR::TM, time.clone());
     s(&mut o, tags::CONTENT_LABEL, VR::CS, "SEGMENTATION");
-    s(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, opts.series_description.clone());
+    s(
+        &mut o,
+        tags::CONTENT_DESCRIPTION,
+        VR::LO,
+        opts.series_description.clone(),
+    );
     s(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, "univ");
     s(&mut o, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
     s(&mut o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
     // Image pixel module.
     us(&mut o, tags::SAMPLES_PER_PIXEL, &[1]);
-    s(&mut o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    s(
+        &mut o,
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        "MONOCHROME2",
+    );
     us(&mut o, tags::ROWS, &[rows as u16]);
     us(&mut o, tags::COLUMNS, &[cols as u16]);
     us(&mut o, tags::BITS_ALLOCATED, &[1]);
@@ -274,18 +340,45 @@ pub fn write_dicom_seg(
         us(&mut it, tags::SEGMENT_NUMBER, &[(i + 1) as u16]);
         s(&mut it, tags::SEGMENT_LABEL, VR::LO, sgm.label.clone());
         s(&mut it, tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC");
-        s(&mut it, tags::SEGMENT_ALGORITHM_NAME, VR::LO, opts.algorithm.clone());
-        seq(&mut it, tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, vec![code_item(&sgm.category)]);
-        seq(&mut it, tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![code_item(&sgm.property)]);
-        us(&mut it, tags::RECOMMENDED_DISPLAY_CIE_LAB_VALUE, &cielab(sgm.colour));
+        s(
+            &mut it,
+            tags::SEGMENT_ALGORITHM_NAME,
+            VR::LO,
+            opts.algorithm.clone(),
+        );
+        seq(
+            &mut it,
+            tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE,
+            vec![code_item(&sgm.category)],
+        );
+        seq(
+            &mut it,
+            tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE,
+            vec![code_item(&sgm.property)],
+        );
+        us(
+            &mut it,
+            tags::RECOMMENDED_DISPLAY_CIE_LAB_VALUE,
+            &cielab(sgm.colour),
+        );
         seg_items.push(it);
     }
     seq(&mut o, tags::SEGMENT_SEQUENCE, seg_items);
     // Dimensions: segment number, then position.
     let mut d1 = InMemDicomObject::new_empty();
-    s(&mut d1, tags::DIMENSION_ORGANIZATION_UID, VR::UI, dim_uid.clone());
+    s(
+        &mut d1,
+        tags::DIMENSION_ORGANIZATION_UID,
+        VR::UI,
+        dim_uid.clone(),
+    );
     let mut d2 = d1.clone();
-    s(&mut d1, tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, "ReferencedSegmentNumber");
+    s(
+        &mut d1,
+        tags::DIMENSION_DESCRIPTION_LABEL,
+        VR::LO,
+        "ReferencedSegmentNumber",
+    );
     d1.put(DataElement::new(
         tags::DIMENSION_INDEX_POINTER,
         VR::AT,
@@ -296,7 +389,12 @@ pub fn write_dicom_seg(
         VR::AT,
         PrimitiveValue::Tags(vec![tags::SEGMENT_IDENTIFICATION_SEQUENCE].into()),
     ));
-    s(&mut d2, tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, "ImagePositionPatient");
+    s(
+        &mut d2,
+        tags::DIMENSION_DESCRIPTION_LABEL,
+        VR::LO,
+        "ImagePositionPatient",
+    );
     d2.put(DataElement::new(
         tags::DIMENSION_INDEX_POINTER,
         VR::AT,
@@ -321,7 +419,11 @@ pub fn write_dicom_seg(
     let mut shared = InMemDicomObject::new_empty();
     seq(&mut shared, tags::PIXEL_MEASURES_SEQUENCE, vec![pm]);
     seq(&mut shared, tags::PLANE_ORIENTATION_SEQUENCE, vec![po]);
-    seq(&mut o, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]);
+    seq(
+        &mut o,
+        tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE,
+        vec![shared],
+    );
     // Frames: per segment, per source slice holding any of it.
     let mut frames = Vec::new();
     let mut bits: Vec<u8> = Vec::new();
@@ -333,7 +435,7 @@ pub fn write_dicom_seg(
                 continue;
             }
             for v in slab {
-                if nbit % 8 == 0 {
+                if nbit.is_multiple_of(8) {
                     bits.push(0);
                 }
                 if *v {
@@ -343,7 +445,11 @@ pub fn write_dicom_seg(
             }
             let src = &source.slices[k];
             let mut fc = InMemDicomObject::new_empty();
-            obj_u32s(&mut fc, tags::DIMENSION_INDEX_VALUES, &[(si + 1) as u32, (k + 1) as u32]);
+            obj_u32s(
+                &mut fc,
+                tags::DIMENSION_INDEX_VALUES,
+                &[(si + 1) as u32, (k + 1) as u32],
+            );
             let mut pp = InMemDicomObject::new_empty();
             strs(
                 &mut pp,
@@ -352,23 +458,46 @@ pub fn write_dicom_seg(
                 src.position.iter().map(|v| ds(*v)).collect(),
             );
             let mut sid = InMemDicomObject::new_empty();
-            us(&mut sid, tags::REFERENCED_SEGMENT_NUMBER, &[(si + 1) as u16]);
+            us(
+                &mut sid,
+                tags::REFERENCED_SEGMENT_NUMBER,
+                &[(si + 1) as u16],
+            );
             let mut srcimg = InMemDicomObject::new_empty();
-            s(&mut srcimg, tags::REFERENCED_SOP_CLASS_UID, VR::UI, src.sop_class_uid.clone());
-            s(&mut srcimg, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, src.sop_instance_uid.clone());
-            s(&mut srcimg, tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES");
-            seq(&mut srcimg, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&Code::new(
-                "121322",
-                "DCM",
-                "Source image for image processing operation",
-            ))]);
+            s(
+                &mut srcimg,
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                src.sop_class_uid.clone(),
+            );
+            s(
+                &mut srcimg,
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                src.sop_instance_uid.clone(),
+            );
+            s(
+                &mut srcimg,
+                tags::SPATIAL_LOCATIONS_PRESERVED,
+                VR::CS,
+                "YES",
+            );
+            seq(
+                &mut srcimg,
+                tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+                vec![code_item(&Code::new(
+                    "121322",
+                    "DCM",
+                    "Source image for image processing operation",
+                ))],
+            );
             let mut der = InMemDicomObject::new_empty();
             seq(&mut der, tags::SOURCE_IMAGE_SEQUENCE, vec![srcimg]);
-            seq(&mut der, tags::DERIVATION_CODE_SEQUENCE, vec![code_item(&Code::new(
-                "113076",
-                "DCM",
-                "Segmentation",
-            ))]);
+            seq(
+                &mut der,
+                tags::DERIVATION_CODE_SEQUENCE,
+                vec![code_item(&Code::new("113076", "DCM", "Segmentation"))],
+            );
             let mut f = InMemDicomObject::new_empty();
             seq(&mut f, tags::DERIVATION_IMAGE_SEQUENCE, vec![der]);
             seq(&mut f, tags::FRAME_CONTENT_SEQUENCE, vec![fc]);
@@ -384,25 +513,49 @@ pub fn write_dicom_seg(
     let mut inst = Vec::new();
     for sl in &source.slices {
         let mut r = InMemDicomObject::new_empty();
-        s(&mut r, tags::REFERENCED_SOP_CLASS_UID, VR::UI, sl.sop_class_uid.clone());
-        s(&mut r, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, sl.sop_instance_uid.clone());
+        s(
+            &mut r,
+            tags::REFERENCED_SOP_CLASS_UID,
+            VR::UI,
+            sl.sop_class_uid.clone(),
+        );
+        s(
+            &mut r,
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            sl.sop_instance_uid.clone(),
+        );
         inst.push(r);
     }
     let mut rs = InMemDicomObject::new_empty();
-    s(&mut rs, tags::SERIES_INSTANCE_UID, VR::UI, source.series_uid.clone());
+    s(
+        &mut rs,
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        source.series_uid.clone(),
+    );
     seq(&mut rs, tags::REFERENCED_INSTANCE_SEQUENCE, inst);
     seq(&mut o, tags::REFERENCED_SERIES_SEQUENCE, vec![rs]);
     if bits.len() % 2 == 1 {
         bits.push(0);
     }
-    o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(bits.into())));
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::U8(bits.into()),
+    ));
     let file = o
         .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
         .map_err(|e| err(format!("cannot build the file meta table: {e}")))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     if let Err(e) = file.write_to_file(&tmp) {
@@ -417,7 +570,11 @@ pub fn write_dicom_seg(
 }
 
 fn obj_u32s(obj: &mut InMemDicomObject, tag: Tag, v: &[u32]) {
-    obj.put(DataElement::new(tag, VR::UL, PrimitiveValue::U32(v.to_vec().into())));
+    obj.put(DataElement::new(
+        tag,
+        VR::UL,
+        PrimitiveValue::U32(v.to_vec().into()),
+    ));
 }
 
 /// UTC date (`YYYYMMDD`) and time (`HHMMSS`) of a Unix time.

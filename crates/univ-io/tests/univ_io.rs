@@ -1179,17 +1179,33 @@ mod dicom {
             std::fs::copy(&path, keep).unwrap();
         }
         let obj = dicom_object::open_file(&path).unwrap();
-        let text = |e: &dicom_object::InMemDicomObject, t| e.element(t).unwrap().to_str().unwrap().to_string();
-        assert_eq!(obj.meta().media_storage_sop_class_uid(), "1.2.840.10008.5.1.4.1.1.66.4");
+        let text = |e: &dicom_object::InMemDicomObject, t| {
+            e.element(t).unwrap().to_str().unwrap().to_string()
+        };
+        assert_eq!(
+            obj.meta().media_storage_sop_class_uid(),
+            "1.2.840.10008.5.1.4.1.1.66.4"
+        );
         assert_eq!(text(&obj, tags::MODALITY), "SEG");
-        assert_eq!(text(&obj, tags::FRAME_OF_REFERENCE_UID), series.frame_of_reference_uid);
+        assert_eq!(
+            text(&obj, tags::FRAME_OF_REFERENCE_UID),
+            series.frame_of_reference_uid
+        );
         // This anonymised series has no Study Instance UID: the SEG makes one up.
         assert!(series.study_uid.is_empty());
         assert!(text(&obj, tags::STUDY_INSTANCE_UID).starts_with("2.25."));
         assert!(series.slices.iter().all(|s| !s.sop_instance_uid.is_empty()));
-        let segs = obj.element(tags::SEGMENT_SEQUENCE).unwrap().items().unwrap();
+        let segs = obj
+            .element(tags::SEGMENT_SEQUENCE)
+            .unwrap()
+            .items()
+            .unwrap();
         assert_eq!(segs.len(), masks.len());
-        let frames = obj.element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().items().unwrap();
+        let frames = obj
+            .element(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+            .unwrap()
+            .items()
+            .unwrap();
         let n: usize = text(&obj, tags::NUMBER_OF_FRAMES).trim().parse().unwrap();
         assert_eq!(frames.len(), n);
         let [cols, rows, nsl] = series.volume.shape();
@@ -1203,11 +1219,26 @@ mod dicom {
             .map(|(k, s)| (s.sop_instance_uid.clone(), k))
             .collect();
         for (f, item) in frames.iter().enumerate() {
-            let seg_no: usize = item.element(tags::SEGMENT_IDENTIFICATION_SEQUENCE).unwrap().items().unwrap()[0]
-                .element(tags::REFERENCED_SEGMENT_NUMBER).unwrap().to_int::<u16>().unwrap() as usize;
+            let seg_no: usize = item
+                .element(tags::SEGMENT_IDENTIFICATION_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()[0]
+                .element(tags::REFERENCED_SEGMENT_NUMBER)
+                .unwrap()
+                .to_int::<u16>()
+                .unwrap() as usize;
             // The frame's slice, from the source image it references.
-            let der = &item.element(tags::DERIVATION_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
-            let src = &der.element(tags::SOURCE_IMAGE_SEQUENCE).unwrap().items().unwrap()[0];
+            let der = &item
+                .element(tags::DERIVATION_IMAGE_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()[0];
+            let src = &der
+                .element(tags::SOURCE_IMAGE_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()[0];
             let k = sop_of[&text(src, tags::REFERENCED_SOP_INSTANCE_UID)];
             for p in 0..plane {
                 let bit = f * plane + p;
@@ -1220,7 +1251,11 @@ mod dicom {
             let a = rebuilt[i].iter().filter(|v| **v).count();
             let b = m.iter().filter(|v| **v).count();
             let both = rebuilt[i].iter().zip(m).filter(|(x, y)| **x && **y).count();
-            assert!(rebuilt[i] == *m, "class {id} differs after the round trip: {a} vs {b} voxels, {both} shared; {} bytes", bits.len());
+            assert!(
+                rebuilt[i] == *m,
+                "class {id} differs after the round trip: {a} vs {b} voxels, {both} shared; {} bytes",
+                bits.len()
+            );
         }
     }
 }

@@ -517,6 +517,34 @@ output = "run"
     }
 
     #[test]
+    fn gradient_accumulation_takes_several_batches_per_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(
+            dir.path(),
+            "steps = 2\naccumulate = 3\nschedule_unit = \"step\"\ncheckpoint_every = 0",
+        );
+        let mut t = Trainer::new(cfg, Device::Cpu, |_| {}).unwrap();
+        let mut logs = Vec::new();
+        t.run(None, |s| logs.push(s.clone()), |_| {}).unwrap();
+        assert_eq!(t.step(), 2);
+        // Three micro-batches of two patches each: per-class losses pool 6 pairs per class.
+        assert!(
+            logs.iter()
+                .all(|l| l.loss.is_finite() && l.per_class.len() == 3)
+        );
+        // The same run without accumulation differs (it sees a third of the data).
+        let dir2 = tempfile::tempdir().unwrap();
+        let cfg2 = setup(
+            dir2.path(),
+            "steps = 2\nschedule_unit = \"step\"\ncheckpoint_every = 0",
+        );
+        let mut t2 = Trainer::new(cfg2, Device::Cpu, |_| {}).unwrap();
+        let mut logs2 = Vec::new();
+        t2.run(None, |s| logs2.push(s.loss), |_| {}).unwrap();
+        assert_ne!(logs[1].loss, logs2[1]);
+    }
+
+    #[test]
     fn a_diverging_loss_stops_with_the_step() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = setup(dir.path(), "steps = 6\nlr = 1e30\nschedule_unit = \"step\"");

@@ -84,6 +84,12 @@ fn case_name(p: &Path) -> String {
 }
 
 pub fn run(a: SegmentArgs) -> Result<()> {
+    if a.dicom_seg && !a.input.is_dir() && !univ::io::is_dicom(&a.input) {
+        bail!(
+            "{}: --dicom-seg needs a DICOM series as input",
+            a.input.display()
+        );
+    }
     let demo = demo_checkpoint();
     let spec = match a.checkpoint.as_deref() {
         Some(s) => s.to_string(),

@@ -362,3 +362,34 @@ mod tests {
         assert_eq!(area_spans(3, 3), vec![(0, 1), (1, 2), (2, 3)]);
     }
 }
+
+#[cfg(test)]
+mod zoom_tests {
+    use super::*;
+
+    #[test]
+    fn zoom_keeps_the_size_and_magnifies_the_centre() {
+        // A 4³ volume whose value is its first index; zoom 2 → the central half, each input
+        // plane repeated twice: planes 1, 1, 2, 2.
+        let n = 4;
+        let image: Vec<f32> = (0..n * n * n).map(|i| (i / (n * n)) as f32).collect();
+        let organ: Vec<u8> = (0..n * n * n).map(|i| (i / (n * n)) as u8).collect();
+        let v = View {
+            shape: [n, n, n],
+            image: &image,
+            organ: &organ,
+            lesion: &organ,
+        };
+        let (img, org, _) = zoom_keep_size(&v, 2.0);
+        assert_eq!(img.len(), n * n * n);
+        let plane = |a: &[f32], x: usize| a[x * n * n];
+        assert_eq!(
+            (0..n).map(|x| plane(&img, x)).collect::<Vec<_>>(),
+            vec![1.0, 1.0, 2.0, 2.0]
+        );
+        assert_eq!(
+            (0..n).map(|x| org[x * n * n]).collect::<Vec<_>>(),
+            vec![1, 1, 2, 2]
+        );
+    }
+}
