@@ -353,7 +353,15 @@ pub fn read_dicom_series(path: &Path, opts: &DicomReadOptions) -> Result<DicomSe
                     path,
                     format!(
                         "no series {u}; found: {}",
-                        by_series.keys().cloned().collect::<Vec<_>>().join(", ")
+                        by_series
+                            .keys()
+                            .map(|k| if k.is_empty() {
+                                "(no Series Instance UID)"
+                            } else {
+                                k
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }

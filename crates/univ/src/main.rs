@@ -27,6 +27,28 @@ struct Cli {
     command: Command,
 }
 
+/// How a DICOM series is read.
+#[derive(clap::Args, Clone, Default)]
+pub struct DicomArgs {
+    /// The Series Instance UID to read when a DICOM folder holds several series.
+    #[arg(long)]
+    pub series: Option<String>,
+    /// Accept a gantry tilt (slices shifted sideways); the affine then has a shear.
+    #[arg(long)]
+    pub allow_tilt: bool,
+}
+
+impl DicomArgs {
+    /// The reader options.
+    pub fn options(&self) -> io::dicom::DicomReadOptions {
+        io::dicom::DicomReadOptions {
+            series: self.series.clone(),
+            allow_tilt: self.allow_tilt,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print a volume's header summary: shape, voxel type, spacing, orientation, affine and
@@ -37,6 +59,8 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        dicom: DicomArgs,
     },
     /// Preprocess a CT as the official pipeline does (RAS, 1.5 mm, −175..250 HU → 0..1,
     /// foreground crop) and write the result (f32) and, optionally, its label map (u8).
@@ -66,6 +90,8 @@ enum Command {
         /// Also write what was done (JSON), to map results back onto the input grid later.
         #[arg(long)]
         record: Option<PathBuf>,
+        #[command(flatten)]
+        dicom: DicomArgs,
     },
     /// Segment a CT (a NIfTI file, or a folder of them): label map, class table, report, and
     /// optionally per-class masks, probabilities and logits, on the input's grid.
@@ -124,9 +150,8 @@ enum Command {
         /// one segment per class present, referencing the source images.
         #[arg(long)]
         dicom_seg: bool,
-        /// The Series Instance UID to read when a DICOM folder holds several series.
-        #[arg(long)]
-        series: Option<String>,
+        #[command(flatten)]
+        dicom: DicomArgs,
     },
     /// Compare predicted label maps with references: Dice, official Dice, surface Dice, HD95
     /// per label (JSON); for two folders also case-level tumour detection.
@@ -254,7 +279,7 @@ fn main() -> ExitCode {
         None => univ::model::cpu::init_threads(None),
     }
     let result = match cli.command {
-        Command::Info { file, json } => info(&file, json),
+        Command::Info { file, json, dicom } => info(&file, json, &dicom),
         Command::Preprocess {
             input,
             output,
@@ -265,7 +290,9 @@ fn main() -> ExitCode {
             a_max,
             no_crop,
             record,
+            dicom,
         } => preprocess(PreprocessArgs {
+            dicom,
             input,
             output,
             label,
@@ -302,12 +329,12 @@ fn main() -> ExitCode {
             overwrite,
             quiet,
             dicom_seg,
-            series,
+            dicom,
         } => {
             let _ = threads;
             segment_cmd::run(segment_cmd::SegmentArgs {
                 dicom_seg,
-                series,
+                dicom,
                 input,
                 output,
                 checkpoint,
@@ -387,9 +414,9 @@ fn set_threads(n: usize) {
     univ::model::cpu::init_threads(Some(n));
 }
 
-fn info(path: &Path, json: bool) -> Result<()> {
+fn info(path: &Path, json: bool, dicom: &DicomArgs) -> Result<()> {
     if io::is_dicom(path) {
-        return dicom_info(path, json);
+        return dicom_info(path, json, dicom);
     }
     let h = io::read_header(path, &Limits::default())?;
     let vol = io::read_image(path)?;
@@ -444,8 +471,8 @@ fn info(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn dicom_info(path: &Path, json: bool) -> Result<()> {
-    let s = io::dicom::read_dicom_series(path, &io::dicom::DicomReadOptions::default())?;
+fn dicom_info(path: &Path, json: bool, dicom: &DicomArgs) -> Result<()> {
+    let s = io::dicom::read_dicom_series(path, &dicom.options())?;
     let v = &s.volume;
     let (lo, hi) = v.min_max();
     let spacing = v.spacing();
@@ -497,6 +524,7 @@ fn dicom_info(path: &Path, json: bool) -> Result<()> {
 }
 
 struct PreprocessArgs {
+    dicom: DicomArgs,
     input: PathBuf,
     output: PathBuf,
     label: Option<PathBuf>,
@@ -537,12 +565,19 @@ fn preprocess(a: PreprocessArgs) -> Result<()> {
         .pixdim(pixdim)
         .intensity(Some(window))
         .crop((!a.no_crop).then(CropForeground::default));
-    let (image, label) = match &a.label {
-        Some(l) => {
-            let (i, l) = io::read_image_and_label_any(&a.input, l)?;
-            (i, Some(l))
+    let image = if io::is_dicom(&a.input) {
+        let s = io::dicom::read_dicom_series(&a.input, &a.dicom.options())?;
+        for w in &s.warnings {
+            eprintln!("warning: {w}");
         }
-        None => (io::read_volume(&a.input)?, None),
+        s.volume
+    } else {
+        io::read_volume(&a.input)?
+    };
+    let label = match &a.label {
+        // A label map on the image's grid, or on the same grid with other axis order.
+        Some(l) => Some(io::align_label_to(io::read_label(l)?, &image)?),
+        None => None,
     };
     let pre = io::preprocess(image, label, &opts)?;
     let wopts = WriteOptions::default();

@@ -29,7 +29,7 @@ pub struct SegmentArgs {
     pub overwrite: bool,
     pub quiet: bool,
     pub dicom_seg: bool,
-    pub series: Option<String>,
+    pub dicom: crate::DicomArgs,
 }
 
 fn parse_classes(spec: &str, k: usize) -> Result<Vec<usize>> {
@@ -193,7 +193,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
     for (out, input) in &cases {
         let dicom = DicomInput {
             write_seg: a.dicom_seg,
-            series: a.series.clone(),
+            options: a.dicom.options(),
         };
         if let Err(e) = one_case(input, out, &model, &opts, &out_opts, &dicom, a.quiet) {
             eprintln!("error: {}: {e:#}", input.display());
@@ -209,7 +209,7 @@ pub fn run(a: SegmentArgs) -> Result<()> {
 /// What to do with DICOM input.
 struct DicomInput {
     write_seg: bool,
-    series: Option<String>,
+    options: univ::io::dicom::DicomReadOptions,
 }
 
 fn one_case(
@@ -238,11 +238,7 @@ fn one_case(
     }
     let start = std::time::Instant::now();
     let series = if is_dicom {
-        let o = univ::io::dicom::DicomReadOptions {
-            series: dicom.series.clone(),
-            ..Default::default()
-        };
-        let s = univ::io::dicom::read_dicom_series(input, &o)?;
+        let s = univ::io::dicom::read_dicom_series(input, &dicom.options)?;
         for w in &s.warnings {
             eprintln!("warning: {w}");
         }
