@@ -590,65 +590,41 @@ impl Trainer {
     }
 
     fn append_log(&self, log: &StepLog) -> Result<()> {
-        let path = self.out().join("log.csv");
-        let new = !path.exists();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::file(&path, e))?;
-        let mut line = String::new();
-        if new {
-            line.push_str("step,epoch,lr,loss,bce,dice,seconds,data_wait,class_losses\n");
-        }
         let classes: Vec<String> = log
             .per_class
             .iter()
             .map(|(c, l)| format!("{c}:{l:.6}"))
             .collect();
-        line.push_str(&format!(
-            "{},{},{:.6e},{:.6},{:.6},{:.6},{:.3},{:.3},{}\n",
-            log.step,
-            log.epoch,
-            log.lr,
-            log.loss,
-            log.bce,
-            log.dice,
-            log.seconds,
-            log.data_wait,
-            classes.join(";")
-        ));
-        f.write_all(line.as_bytes())
-            .map_err(|e| Error::file(&path, e))
+        append_csv(
+            &self.out().join("log.csv"),
+            "step,epoch,lr,loss,bce,dice,seconds,data_wait,class_losses",
+            &format!(
+                "{},{},{:.6e},{:.6},{:.6},{:.6},{:.3},{:.3},{}",
+                log.step,
+                log.epoch,
+                log.lr,
+                log.loss,
+                log.bce,
+                log.dice,
+                log.seconds,
+                log.data_wait,
+                classes.join(";")
+            ),
+        )
     }
 
     fn append_validation(&mut self, v: &ValidationLog) -> Result<()> {
         self.val_history.push((v.step, v.mean));
-        let path = self.out().join("validation.csv");
-        let new = !path.exists();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::file(&path, e))?;
-        let mut line = String::new();
-        if new {
-            line.push_str("step,epoch,mean_dice,class_dice\n");
-        }
         let classes: Vec<String> = v
             .per_class
             .iter()
             .map(|(c, d)| format!("{c}:{d:.4}"))
             .collect();
-        line.push_str(&format!(
-            "{},{},{:.4},{}\n",
-            v.step,
-            v.epoch,
-            v.mean,
-            classes.join(";")
-        ));
-        f.write_all(line.as_bytes())
-            .map_err(|e| Error::file(&path, e))
+        append_csv(
+            &self.out().join("validation.csv"),
+            "step,epoch,mean_dice,class_dice",
+            &format!("{},{},{:.4},{}", v.step, v.epoch, v.mean, classes.join(";")),
+        )
     }
 
     fn model_metadata(&self) -> HashMap<String, String> {
@@ -795,6 +771,23 @@ impl Trainer {
             .map_err(|e| Error::file(&path, e))?;
         write_atomic(&path, &png)
     }
+}
+
+/// Appends one row to a CSV file, writing the header first when the file is new.
+fn append_csv(path: &Path, header: &str, row: &str) -> Result<()> {
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::file(path, e))?;
+    let text = if new {
+        format!("{header}\n{row}\n")
+    } else {
+        format!("{row}\n")
+    };
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error::file(path, e))
 }
 
 /// Dice per supervised class of one prepared case (`None` when the class is absent from both
