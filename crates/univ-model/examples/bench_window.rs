@@ -2,8 +2,11 @@
 //! size 48, 32 classes, random weights): time, FLOPs (2 per multiply-add, counted from the
 //! architecture), achieved GFLOP/s, and the machine's measured FMA peak for comparison.
 //!
-//! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet]`
+//! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet
+//! --slab-mb 96]`
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// mimalloc's option number for `purge_delay` (see mimalloc.h).
@@ -16,8 +19,59 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// mimalloc, counting the bytes allocated and not yet freed (and their peak), to report the
+/// memory a window needs independently of what the allocator keeps mapped.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to mimalloc unchanged; only counters are updated.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        if !q.is_null() {
+            if new >= l.size() {
+                let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting;
+
+/// Peak resident memory of the process so far (`VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -179,6 +233,8 @@ fn bench(
         cfg,
     )?;
     let x = Tensor::rand(0f32, 1.0, (1, 1, size, size, size), &Device::Cpu)?;
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
     let mut times = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
@@ -192,6 +248,13 @@ fn bench(
         "{name:<22} {size}^3 window: best {best:7.2} s of {reps} (all: {times:.2?}); {gflop:7.1} GFLOP; {:6.1} GFLOP/s = {:4.1}% of the measured FMA peak",
         gflop / best,
         100.0 * gflop / best / peak
+    );
+    let mb = |b: f64| b / 1e6;
+    println!(
+        "{name:<22} memory: weights + input {:.0} MB; a window allocates at most {:.0} MB more; process peak RSS so far {}",
+        mb(base as f64),
+        mb((PEAK.load(Ordering::Relaxed) - base) as f64),
+        peak_rss().map_or("unknown".to_string(), |b| format!("{:.0} MB", mb(b as f64)))
     );
     Ok(())
 }
@@ -208,6 +271,9 @@ fn main() -> anyhow::Result<()> {
     let size: usize = get("--size").map(|v| v.parse()).transpose()?.unwrap_or(96);
     let reps: usize = get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(2);
     let only = get("--only");
+    if let Some(mb) = get("--slab-mb") {
+        univ_model::layers::conv::set_slab_bytes(mb.parse::<usize>()? << 20);
+    }
     let peak = fma_peak();
     println!(
         "threads: {}; measured FMA peak: {peak:.1} GFLOP/s",

@@ -1,4 +1,4 @@
-//! CPU settings for speed: flushing subnormal floats to zero.
+//! CPU settings for speed (flushing subnormal floats to zero) and the process's peak memory.
 //!
 //! Training produces tiny gradients (the BCE gradient of well-classified voxels, divided by
 //! the voxel count, shrinks layer after layer). Once they fall below f32's normal range
@@ -30,4 +30,13 @@ pub fn init_threads(threads: Option<usize>) {
         b = b.num_threads(n.max(1));
     }
     let _ = b.build_global();
+}
+
+/// The peak resident memory of this process so far, in bytes (`VmHWM` of `/proc/self/status`;
+/// `None` where that is not available, as off Linux).
+pub fn peak_resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -183,11 +183,17 @@ pub fn sliding_window_inference(
         }
         let lo = (*s0).max(before[0]);
         let hi = upto.min(before[0] + dims[0]);
-        if lo < hi && k > 0 {
-            let m = hi - lo;
-            let mut out = vec![0f32; k * m * dims[1] * dims[2]];
+        // A few planes per call, so that the hand-over buffer stays small.
+        const PLANES_PER_CALL: usize = 8;
+        let mut out = Vec::new();
+        for lo in (lo..hi).step_by(PLANES_PER_CALL) {
+            if k == 0 {
+                break;
+            }
+            let m = PLANES_PER_CALL.min(hi - lo);
+            out.resize(k * m * dims[1] * dims[2], 0.0);
             for c in 0..k {
-                for (i, px) in (lo..hi).enumerate() {
+                for (i, px) in (lo..lo + m).enumerate() {
                     let sx = px - *s0;
                     for y in 0..dims[1] {
                         let row = (c * slab + sx) * plane + (y + before[1]) * pz + before[2];

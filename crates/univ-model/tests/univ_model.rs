@@ -980,6 +980,71 @@ fn convolution_of_a_concatenation_needs_no_copy_and_matches() {
     assert!(max_abs_diff(&got1, &layers::conv3d(&cat, &w1, [0; 3]).unwrap()) < 1e-5);
 }
 
+/// Convolutions whose padded input is made a few planes at a time (a tiny budget forces one
+/// or two output planes per block) give the same values as with the whole input padded, for
+/// plain, concatenated and up-sampled-then-concatenated inputs.
+#[test]
+fn convolutions_padded_block_by_block_match() {
+    use candle_core::Module;
+    use layers::conv::{DEFAULT_SLAB_BYTES, set_slab_bytes};
+    let x = rand(&[2, 3, 7, 5, 6], 140);
+    let w = rand(&[4, 3, 3, 3, 3], 141);
+    let a = rand(&[1, 3, 7, 5, 6], 142);
+    let b = rand(&[1, 2, 7, 5, 6], 143);
+    let wc = rand(&[4, 5, 3, 3, 3], 144);
+    // Up-sampling (3 → 6 channels, ×2) of a (1, 3, 4, 3, 2) map next to a (1, 2, 8, 6, 4) skip.
+    let u = rand(&[1, 3, 4, 3, 2], 145);
+    let skip = rand(&[1, 2, 8, 6, 4], 146);
+    let mut ts = HashMap::new();
+    ts.insert("up.weight".to_string(), rand(&[3, 6, 2, 2, 2], 147));
+    ts.insert("up.bias".to_string(), rand(&[6], 148));
+    ts.insert("conv.weight".to_string(), rand(&[5, 8, 3, 3, 3], 149));
+    ts.insert("conv.bias".to_string(), rand(&[5], 150));
+    ts.insert("conv1.weight".to_string(), rand(&[5, 8, 1, 1, 1], 151));
+    ts.insert("conv1.bias".to_string(), rand(&[5], 152));
+    let vb = candle_nn::VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
+    let up = layers::ConvTranspose3d::load(vb.pp("up"), 3, 6, 2, true).unwrap();
+    let conv = layers::Conv3d::load(vb.pp("conv"), 8, 5, 3, 1, 1, true).unwrap();
+    let conv1 = layers::Conv3d::load(vb.pp("conv1"), 8, 5, 1, 0, 1, true).unwrap();
+    let run = || {
+        let upsampled = up.forward(&u).unwrap();
+        (
+            layers::conv3d(&x, &w, [1; 3]).unwrap(),
+            layers::conv::conv3d_concat(&[&a, &b], &wc, [1; 3]).unwrap(),
+            up.forward_into_concat_conv(&u, &skip, &conv)
+                .unwrap()
+                .unwrap(),
+            up.forward_into_concat_conv(&u, &skip, &conv1)
+                .unwrap()
+                .unwrap(),
+            conv.forward_concat(&[&upsampled, &skip]).unwrap(),
+            conv1.forward_concat(&[&upsampled, &skip]).unwrap(),
+        )
+    };
+    let whole = run();
+    set_slab_bytes(1);
+    let blocks = run();
+    set_slab_bytes(DEFAULT_SLAB_BYTES);
+    assert!(max_abs_diff(&whole.0, &naive_conv3d(&x, &w, 1)) < 1e-4);
+    assert_eq!(max_abs_diff(&whole.0, &blocks.0), 0.0);
+    assert_eq!(max_abs_diff(&whole.1, &blocks.1), 0.0);
+    assert_eq!(max_abs_diff(&whole.2, &blocks.2), 0.0);
+    assert_eq!(max_abs_diff(&whole.3, &blocks.3), 0.0);
+    // The fused up-sampling path equals up-sampling, then convolving the concatenation.
+    assert!(max_abs_diff(&whole.2, &whole.4) < 1e-5);
+    assert!(max_abs_diff(&whole.3, &whole.5) < 1e-5);
+    // Tracked inputs are not fused.
+    let uv = Var::from_tensor(&u).unwrap();
+    assert!(
+        up.forward_into_concat_conv(&uv, &skip, &conv)
+            .unwrap()
+            .is_none()
+    );
+    // Mismatched skip sizes are a shape error, not a panic.
+    let bad = rand(&[1, 2, 8, 6, 5], 153);
+    assert!(up.forward_into_concat_conv(&u, &bad, &conv).is_err());
+}
+
 /// The fused training operations (used for f32 tensors on the CPU when gradients are needed)
 /// against the composed operations in f64.
 #[test]

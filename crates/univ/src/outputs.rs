@@ -216,6 +216,11 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
         "voxel_volume_ml": vml,
         "windows": seg.windows,
         "timings_s": seg.timings.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "peak_resident_mb_after": seg
+            .peak_memory
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v.map(|b| (b as f64 / 1e6).round()))))
+            .collect::<serde_json::Map<_, _>>(),
         "classes": classes,
         "lesions": lesions,
         "notes": seg.notes,

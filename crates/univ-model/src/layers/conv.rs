@@ -53,8 +53,84 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
-/// Zero-pads one sample to `(C, D+2p, H+2p, W+2p)`; `channel(ci)` gives channel `ci`'s
-/// `D·H·W` voxels (so that several tensors can be padded as if concatenated).
+/// Default of [`set_slab_bytes`]: the padded copy of a whole full-resolution U-Net decoder
+/// input would be 0.7 GB.
+pub const DEFAULT_SLAB_BYTES: usize = 96 << 20;
+
+static SLAB_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_SLAB_BYTES);
+
+/// Sets how many bytes of zero-padded input a CPU convolution builds at once (per sample; at
+/// least the planes one output plane needs). The input is padded and convolved block of
+/// planes by block of planes, so this bounds the convolution's extra memory; results do not
+/// depend on it. Process-wide; the default is [`DEFAULT_SLAB_BYTES`].
+pub fn set_slab_bytes(bytes: usize) {
+    SLAB_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// An uninitialised `f32` buffer of `n` elements (every element is written before it is read).
+fn uninit_vec(n: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Reinterprets a fully written buffer as `f32`s.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init_slice(v: &[std::mem::MaybeUninit<f32>]) -> &[f32] {
+    // SAFETY: the caller guarantees initialisation; the layouts are identical.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) }
+}
+
+/// Writes the zero-padded planes `pz0..pz0+np` (in padded depth coordinates) of `c` channels
+/// into `dst` `(C, np, H+2p, W+2p)`; `plane(ci, z)` gives the `H·W` voxels of plane `z` of
+/// channel `ci` (so that several tensors, or planes computed on the fly, can be padded as if
+/// they were one concatenated tensor). Every element of `dst` is written.
+#[allow(clippy::too_many_arguments)]
+fn pad_planes<'a>(
+    plane: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    pz0: usize,
+    np: usize,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let [d, h, w] = dhw;
+    let (p1, p2) = (h + 2 * pad[1], w + 2 * pad[2]);
+    let slab = np * p1 * p2;
+    assert_eq!(dst.len(), c * slab);
+    let zero = std::mem::MaybeUninit::new(0f32);
+    dst.par_chunks_mut(p1 * p2)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (ci, pz) = (i / np, pz0 + i % np);
+            if pz < pad[0] || pz >= pad[0] + d {
+                out.fill(zero);
+                return;
+            }
+            let src = plane(ci, pz - pad[0]);
+            for y in 0..p1 {
+                let row = &mut out[y * p2..(y + 1) * p2];
+                if y < pad[1] || y >= pad[1] + h {
+                    row.fill(zero);
+                    continue;
+                }
+                row[..pad[2]].fill(zero);
+                row[pad[2] + w..].fill(zero);
+                let s = (y - pad[1]) * w;
+                for (o, v) in row[pad[2]..pad[2] + w].iter_mut().zip(&src[s..s + w]) {
+                    o.write(*v);
+                }
+            }
+        });
+}
+
+/// Zero-pads one whole sample to `(C, D+2p, H+2p, W+2p)`; `channel(ci)` gives channel `ci`'s
+/// `D·H·W` voxels.
 fn pad_sample<'a>(
     channel: impl Fn(usize) -> &'a [f32] + Sync,
     c: usize,
@@ -63,37 +139,18 @@ fn pad_sample<'a>(
 ) -> (Vec<f32>, [usize; 3]) {
     let [d, h, w] = dhw;
     let p = [d + 2 * pad[0], h + 2 * pad[1], w + 2 * pad[2]];
-    let vp = p[0] * p[1] * p[2];
-    // Every element is written once below (borders zeroed, interior copied), so the buffer
-    // starts uninitialised instead of being zero-filled and then overwritten.
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(c * vp);
-    // SAFETY: `MaybeUninit` needs no initialisation.
-    unsafe { out.set_len(c * vp) };
-    let zero = std::mem::MaybeUninit::new(0f32);
-    out.par_chunks_mut(vp).enumerate().for_each(|(ci, dst)| {
-        let src = channel(ci);
-        for z in 0..p[0] {
-            let plane = &mut dst[z * p[1] * p[2]..(z + 1) * p[1] * p[2]];
-            if z < pad[0] || z >= pad[0] + d {
-                plane.fill(zero);
-                continue;
-            }
-            for y in 0..p[1] {
-                let row = &mut plane[y * p[2]..(y + 1) * p[2]];
-                if y < pad[1] || y >= pad[1] + h {
-                    row.fill(zero);
-                    continue;
-                }
-                row[..pad[2]].fill(zero);
-                row[pad[2] + w..].fill(zero);
-                let s = ((z - pad[0]) * h + y - pad[1]) * w;
-                for (o, v) in row[pad[2]..pad[2] + w].iter_mut().zip(&src[s..s + w]) {
-                    o.write(*v);
-                }
-            }
-        }
-    });
-    // SAFETY: every element was written above; `MaybeUninit<f32>` and `f32` share a layout.
+    let mut out = uninit_vec(c * p[0] * p[1] * p[2]);
+    let hw = h * w;
+    pad_planes(
+        |ci, z| &channel(ci)[z * hw..(z + 1) * hw],
+        c,
+        dhw,
+        pad,
+        0,
+        p[0],
+        &mut out,
+    );
+    // SAFETY: `pad_planes` wrote every element; `MaybeUninit<f32>` and `f32` share a layout.
     let out = unsafe {
         let mut out = std::mem::ManuallyDrop::new(out);
         Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity())
@@ -113,8 +170,10 @@ impl OutPtr {
     }
 }
 
-/// Stride-1 correlation of one padded sample: `out[o, z, y, x] = Σ_c Σ_t w[t][o][c] ·
-/// xp[c, z+kd, y+kh, x+kw]`, with `wp` packed as `(taps, O, C)`.
+/// Stride-1 correlation of one padded block of planes: `out[o, z, y, x] = b[o] + Σ_c Σ_t
+/// w[t][o][c] · xp[c, z+kd, y+kh, x+kw]`, with `wp` packed as `(taps, O, C)`. Output channel
+/// `o` starts at `out[o · cstride]` (the block may be a run of planes of a larger output).
+#[allow(clippy::too_many_arguments)]
 fn correlate_sample(
     xp: &[f32],
     c: usize,
@@ -122,7 +181,9 @@ fn correlate_sample(
     wp: &[f32],
     o: usize,
     k: [usize; 3],
+    bias: Option<&[f32]>,
     out: &mut [f32],
+    cstride: usize,
 ) {
     let vp = p[0] * p[1] * p[2];
     let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
@@ -135,7 +196,7 @@ fn correlate_sample(
     let blen = block_len(o);
     let nblocks = span.div_ceil(blen);
     let n_out = od[0] * od[1] * od[2];
-    assert_eq!(out.len(), o * n_out);
+    assert!(xp.len() == c * vp && cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
     let dst = OutPtr(out.as_mut_ptr());
     (0..nblocks).into_par_iter().for_each_init(
         || vec![0f32; o * blen],
@@ -145,7 +206,7 @@ fn correlate_sample(
             for (t, off) in taps.iter().enumerate() {
                 // SAFETY: `q0 + off + len - 1 + (c-1)·vp < c·vp` because `span` ends at the
                 // last valid output position and every tap offset keeps it inside the padded
-                // volume.
+                // block.
                 unsafe {
                     gemm::gemm(
                         o,
@@ -181,13 +242,20 @@ fn correlate_sample(
                     let n = (run_end - q).min(od[2] - x);
                     let base = (z * od[1] + y) * od[2] + x;
                     for oc in 0..o {
-                        // SAFETY: (oc, z, y, x..x+n) is written by this block only.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                buf.as_ptr().add(oc * len + (q - q0)),
-                                dst.get().add(oc * n_out + base),
-                                n,
-                            );
+                        let src = &buf[oc * len + (q - q0)..][..n];
+                        // SAFETY: (oc, z, y, x..x+n) is written by this block only, and lies
+                        // inside `out` (checked above).
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
+                        };
+                        match bias {
+                            Some(b) => {
+                                let bo = b[oc];
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d = s + bo;
+                                }
+                            }
+                            None => dst.copy_from_slice(src),
                         }
                     }
                 }
@@ -217,7 +285,56 @@ fn pack_weights(w: &[f32], o: usize, c: usize, taps: usize, flip_transpose: bool
     out
 }
 
-/// CPU forward of a stride-1 correlation over a batch.
+/// A stride-1 correlation of one sample whose zero-padded input is made a few planes at a
+/// time: `fill(pz0, np, dst)` writes padded planes `pz0..pz0+np` of all `c` channels (see
+/// [`pad_planes`]) and the output planes they determine are computed before the next block,
+/// so at most about [`set_slab_bytes`] of padded input exist at once. `out` is `(O, D', H', W')`.
+#[allow(clippy::too_many_arguments)]
+fn correlate_chunked(
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    mut fill: impl FnMut(usize, usize, &mut [std::mem::MaybeUninit<f32>]),
+) {
+    let p = [
+        dhw[0] + 2 * pad[0],
+        dhw[1] + 2 * pad[1],
+        dhw[2] + 2 * pad[2],
+    ];
+    let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
+    let (plane_out, n_out) = (od[1] * od[2], od[0] * od[1] * od[2]);
+    let per_plane = (c * p[1] * p[2] * 4).max(1);
+    let budget = SLAB_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    let planes = (budget / per_plane).max(k[0] + 1);
+    let step = (planes + 1 - k[0]).clamp(1, od[0]);
+    let mut slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
+    for oz0 in (0..od[0]).step_by(step) {
+        let t = step.min(od[0] - oz0);
+        let np = t + k[0] - 1;
+        let buf = &mut slab[..c * np * p[1] * p[2]];
+        fill(oz0, np, buf);
+        // SAFETY: `fill` writes every element of its buffer.
+        let xp = unsafe { assume_init_slice(buf) };
+        correlate_sample(
+            xp,
+            c,
+            [np, p[1], p[2]],
+            wp,
+            o,
+            k,
+            bias,
+            &mut out[oz0 * plane_out..],
+            n_out,
+        );
+    }
+}
+
+/// CPU forward of a stride-1 correlation (plus an optional bias) over a batch.
 fn correlate(
     x: &[f32],
     xs: [usize; 5],
@@ -225,6 +342,7 @@ fn correlate(
     o: usize,
     k: [usize; 3],
     pad: [usize; 3],
+    bias: Option<&[f32]>,
 ) -> (Vec<f32>, [usize; 5]) {
     let [n, c, d, h, w] = xs;
     let od = [
@@ -234,22 +352,63 @@ fn correlate(
     ];
     let per_out = o * od[0] * od[1] * od[2];
     let per_in = c * d * h * w;
+    let (dhw, hw) = (d * h * w, h * w);
     let mut out = vec![0f32; n * per_out];
     for b in 0..n {
         let sample = &x[b * per_in..(b + 1) * per_in];
-        let dhw = d * h * w;
-        let (xp, p) = pad_sample(|ci| &sample[ci * dhw..(ci + 1) * dhw], c, [d, h, w], pad);
-        correlate_sample(
-            &xp,
+        correlate_chunked(
             c,
-            p,
+            [d, h, w],
+            pad,
             wp,
             o,
             k,
+            bias,
             &mut out[b * per_out..(b + 1) * per_out],
+            |pz0, np, dst| {
+                pad_planes(
+                    |ci, z| &sample[ci * dhw + z * hw..ci * dhw + (z + 1) * hw],
+                    c,
+                    [d, h, w],
+                    pad,
+                    pz0,
+                    np,
+                    dst,
+                )
+            },
         );
     }
     (out, [n, o, od[0], od[1], od[2]])
+}
+
+/// [`correlate_chunked`] of one sample over the channel-wise concatenation of `srcs`
+/// (each `(data, channels)`, `data` being `(C_i, D, H, W)`), never materialised.
+#[allow(clippy::too_many_arguments)]
+fn correlate_concat_sample(
+    srcs: &[(&[f32], usize)],
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let c: usize = srcs.iter().map(|s| s.1).sum();
+    let (vol, hw) = (dhw[0] * dhw[1] * dhw[2], dhw[1] * dhw[2]);
+    let plane = |ci: usize, z: usize| -> &[f32] {
+        let mut ci = ci;
+        for (data, cn) in srcs {
+            if ci < *cn {
+                return &data[ci * vol + z * hw..ci * vol + (z + 1) * hw];
+            }
+            ci -= cn;
+        }
+        unreachable!("channel index within the total")
+    };
+    correlate_chunked(c, dhw, pad, wp, o, k, bias, out, |pz0, np, dst| {
+        pad_planes(plane, c, dhw, pad, pz0, np, dst)
+    });
 }
 
 /// Weight gradient of a stride-1 correlation: `gw[o, c, t] = Σ_n Σ_pos g[n, o, pos] ·
@@ -380,6 +539,7 @@ fn correlate_op(
     l2: &Layout,
     pad: [usize; 3],
     transposed: bool,
+    bias: Option<&[f32]>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let xs = dims5(l1, "conv3d input")?;
     let ws = dims5(l2, "conv3d weight")?;
@@ -388,7 +548,7 @@ fn correlate_op(
     let k = [ws[2], ws[3], ws[4]];
     let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), transposed);
     let out_channels = if transposed { ws[1] } else { ws[0] };
-    let (out, shape) = correlate(x, xs, &wp, out_channels, k, pad);
+    let (out, shape) = correlate(x, xs, &wp, out_channels, k, pad, bias);
     Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
 }
 
@@ -410,7 +570,7 @@ impl CustomOp2 for Conv3dS1 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        correlate_op(s1, l1, s2, l2, self.pad, false)
+        correlate_op(s1, l1, s2, l2, self.pad, false, None)
     }
 
     fn bwd(
@@ -532,14 +692,8 @@ impl CustomOp3 for Conv3dS1Bias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (st, shape) = correlate_op(s1, l1, s2, l2, self.pad, false)?;
         let b = contiguous_f32(s3, l3, "conv3d bias")?;
-        let CpuStorage::F32(mut out) = st else {
-            candle_core::bail!("conv3d: f32 output expected")
-        };
-        let d = shape.dims();
-        add_bias_slice(&mut out, d[0], d[1], b);
-        Ok((CpuStorage::F32(out), shape))
+        correlate_op(s1, l1, s2, l2, self.pad, false, Some(b))
     }
 
     fn bwd(
@@ -601,25 +755,17 @@ impl CustomOp3 for Conv3dConcat2 {
         let per_out = o * od[0] * od[1] * od[2];
         let mut out = vec![0f32; n * per_out];
         for s in 0..n {
-            let (sa, sb) = (
-                &a[s * ca * dhw..(s + 1) * ca * dhw],
-                &b[s * cb * dhw..(s + 1) * cb * dhw],
-            );
-            let channel = |ci: usize| -> &[f32] {
-                if ci < ca {
-                    &sa[ci * dhw..(ci + 1) * dhw]
-                } else {
-                    &sb[(ci - ca) * dhw..(ci - ca + 1) * dhw]
-                }
-            };
-            let (xp, p) = pad_sample(channel, c, [d, h, wd], self.pad);
-            correlate_sample(
-                &xp,
-                c,
-                p,
+            correlate_concat_sample(
+                &[
+                    (&a[s * ca * dhw..(s + 1) * ca * dhw], ca),
+                    (&b[s * cb * dhw..(s + 1) * cb * dhw], cb),
+                ],
+                [d, h, wd],
+                self.pad,
                 &wp,
                 o,
                 k,
+                None,
                 &mut out[s * per_out..(s + 1) * per_out],
             );
         }
@@ -694,7 +840,7 @@ impl CustomOp2 for Conv3dInputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        correlate_op(s1, l1, s2, l2, self.pad, true)
+        correlate_op(s1, l1, s2, l2, self.pad, true, None)
     }
 }
 
@@ -777,15 +923,25 @@ fn check_conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<()> {
 }
 
 /// A stride-1 convolution of the channel-wise concatenation of `inputs`, without
-/// materialising the concatenation on the CPU at inference (the inputs are padded straight
-/// into the convolution's buffer); elsewhere, and for batches or tracked tensors, the inputs
-/// are concatenated and [`conv3d`] is used.
+/// materialising the concatenation on the CPU (the inputs are padded a few planes at a time
+/// straight into the convolution's buffer); off the CPU the inputs are concatenated and
+/// [`conv3d`] is used.
 ///
 /// # Errors
 /// As [`conv3d`].
 pub fn conv3d_concat(inputs: &[&Tensor], w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
+    conv3d_concat_bias(inputs, w, None, pad)
+}
+
+/// [`conv3d_concat`] followed by a per-channel bias (added in the same pass at inference).
+fn conv3d_concat_bias(
+    inputs: &[&Tensor],
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    pad: [usize; 3],
+) -> Result<Tensor> {
     let fast = inputs.len() > 1
-        && crate::layers::fused::fusable(&[Some(w)])
+        && crate::layers::fused::fusable(&[Some(w), bias])
         && inputs.iter().all(|t| {
             crate::layers::fused::fusable(&[Some(*t)]) && t.rank() == 5 && t.dim(0).ok() == Some(1)
         });
@@ -801,42 +957,34 @@ pub fn conv3d_concat(inputs: &[&Tensor], w: &Tensor, pad: [usize; 3]) -> Result<
                     format!("{} input channels, weight expects {wc}", ca + cb),
                 ));
             }
-            return Ok(inputs[0].contiguous()?.apply_op3(
+            let y = inputs[0].contiguous()?.apply_op3(
                 &inputs[1].contiguous()?,
                 &w.contiguous()?,
                 Conv3dConcat2 { pad },
-            )?);
+            )?;
+            return add_bias(y, bias);
         }
         let cat = Tensor::cat(inputs, 1)?;
-        return conv3d(&cat, w, pad);
+        return add_bias(conv3d(&cat, w, pad)?, bias);
     }
     let (_, _, d, h, wd) = inputs[0].dims5()?;
-    let mut chans = Vec::new();
     let contiguous: Vec<Tensor> = inputs
         .iter()
         .map(|t| t.contiguous())
         .collect::<candle_core::Result<_>>()?;
-    // Borrow the inputs' storage (no copies): read guards held while the padding is made.
-    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
-    let mut datas: Vec<&[f32]> = Vec::new();
-    for (t, (storage, layout)) in contiguous.iter().zip(&guards) {
-        let (_, c, td, th, tw) = t.dims5()?;
+    for t in &contiguous {
+        let (_, _, td, th, tw) = t.dims5()?;
         if [td, th, tw] != [d, h, wd] {
             return Err(Error::shape(
                 "conv3d_concat",
                 format!("inputs {:?} and {:?}", inputs[0].dims(), t.dims()),
             ));
         }
-        chans.push(c);
-        let (a, b) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| Error::shape("conv3d_concat", "not contiguous"))?;
-        match &**storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => datas.push(&v[a..b]),
-            _ => return Err(Error::shape("conv3d_concat", "expected f32 CPU tensors")),
-        }
     }
-    let c: usize = chans.iter().sum();
+    let c: usize = contiguous
+        .iter()
+        .map(|t| t.dim(1))
+        .sum::<candle_core::Result<_>>()?;
     let (o, wc, kd, kh, kw) = w.dims5()?;
     if wc != c {
         return Err(Error::shape(
@@ -844,32 +992,57 @@ pub fn conv3d_concat(inputs: &[&Tensor], w: &Tensor, pad: [usize; 3]) -> Result<
             format!("{c} input channels, weight expects {wc}"),
         ));
     }
-    let k = [kd, kh, kw];
+    check_conv3d(&contiguous[0].narrow(1, 0, 1)?, &w.narrow(1, 0, 1)?, pad)?;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
     let wp = pack_weights(&wv, o, c, kd * kh * kw, false);
-    let dhw = d * h * wd;
-    let channel = |ci: usize| -> &[f32] {
-        let mut ci = ci;
-        for (t, cn) in chans.iter().enumerate() {
-            if ci < *cn {
-                return &datas[t][ci * dhw..(ci + 1) * dhw];
-            }
-            ci -= cn;
-        }
-        unreachable!("channel index within the total")
-    };
-    let (xp, p) = pad_sample(channel, c, [d, h, wd], pad);
-    drop(datas);
-    drop(guards);
-    let od = [p[0] + 1 - kd, p[1] + 1 - kh, p[2] + 1 - kw];
+    let bv = bias
+        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    let od = [
+        d + 2 * pad[0] + 1 - kd,
+        h + 2 * pad[1] + 1 - kh,
+        wd + 2 * pad[2] + 1 - kw,
+    ];
     let mut out = vec![0f32; o * od.iter().product::<usize>()];
-    correlate_sample(&xp, c, p, &wp, o, k, &mut out);
-    drop(xp);
+    with_f32_slices(&contiguous, |datas| {
+        let srcs: Vec<(&[f32], usize)> = datas
+            .iter()
+            .zip(&contiguous)
+            .map(|(v, t)| (*v, t.dim(1).unwrap_or(0)))
+            .collect();
+        correlate_concat_sample(
+            &srcs,
+            [d, h, wd],
+            pad,
+            &wp,
+            o,
+            [kd, kh, kw],
+            bv.as_deref(),
+            &mut out,
+        );
+    })?;
     Ok(Tensor::from_vec(
         out,
         (1, o, od[0], od[1], od[2]),
         inputs[0].device(),
     )?)
+}
+
+/// Runs `f` on the f32 CPU data of contiguous tensors, borrowed in place (read guards held
+/// while `f` runs; no copies).
+fn with_f32_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut datas: Vec<&[f32]> = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::shape("conv3d", "expected contiguous tensors"))?;
+        match &**storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => datas.push(&v[a..b]),
+            _ => return Err(Error::shape("conv3d", "expected f32 CPU tensors")),
+        }
+    }
+    Ok(f(&datas))
 }
 
 /// The same convolution composed from candle's `conv2d` over depth taps: works on every device
@@ -999,9 +1172,28 @@ fn conv_transpose_slices(
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
     let [n, ci, d, h, wd] = xs;
-    let [kd, kh, kw] = k;
-    let taps = kd * kh * kw;
-    // Pack as (taps, Co, Ci).
+    let wp = pack_transpose_weights(wv, ci, co, k);
+    let v_in = d * h * wd;
+    let v_out = v_in * k[0] * k[1] * k[2];
+    let mut out = vec![0f32; n * co * v_out];
+    for b in 0..n {
+        conv_transpose_planes(
+            &xv[b * ci * v_in..(b + 1) * ci * v_in],
+            [ci, d, h, wd],
+            &wp,
+            co,
+            k,
+            bv,
+            0..d,
+            &mut out[b * co * v_out..(b + 1) * co * v_out],
+        );
+    }
+    out
+}
+
+/// Packs `(Ci, Co, kd, kh, kw)` transposed-convolution weights as `(taps, Co, Ci)`.
+fn pack_transpose_weights(wv: &[f32], ci: usize, co: usize, k: [usize; 3]) -> Vec<f32> {
+    let taps = k[0] * k[1] * k[2];
     let mut wp = vec![0f32; taps * co * ci];
     for i in 0..ci {
         for o in 0..co {
@@ -1010,19 +1202,40 @@ fn conv_transpose_slices(
             }
         }
     }
+    wp
+}
+
+/// The transposed convolution (kernel = stride) of input planes `zs` of one sample `xs`
+/// `(Ci, D, H, W)`: writes output planes `zs.start·kd .. zs.end·kd` into `out`
+/// `(Co, len(zs)·kd, H·kh, W·kw)`, every element once. `wp` is packed by
+/// [`pack_transpose_weights`].
+#[allow(clippy::too_many_arguments)]
+fn conv_transpose_planes(
+    xs: &[f32],
+    dims: [usize; 4],
+    wp: &[f32],
+    co: usize,
+    k: [usize; 3],
+    bv: Option<&[f32]>,
+    zs: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let [ci, d, h, wd] = dims;
+    let [kd, kh, kw] = k;
+    let taps = kd * kh * kw;
     let v_in = d * h * wd;
-    let (d2, h2, w2) = (d * kd, h * kh, wd * kw);
-    let v_out = d2 * h2 * w2;
-    let mut out = vec![0f32; n * co * v_out];
-    let blen = block_len(co).min(v_in.max(1));
-    for b in 0..n {
-        let xs = &xv[b * ci * v_in..(b + 1) * ci * v_in];
-        let dst = OutPtr(out[b * co * v_out..].as_mut_ptr());
-        (0..v_in.div_ceil(blen)).into_par_iter().for_each_init(
+    let (d2, h2, w2) = (zs.len() * kd, h * kh, wd * kw);
+    assert_eq!(out.len(), co * d2 * h2 * w2);
+    let (q_lo, q_hi) = (zs.start * h * wd, zs.end * h * wd);
+    let blen = block_len(co).min((q_hi - q_lo).max(1));
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..(q_hi - q_lo).div_ceil(blen))
+        .into_par_iter()
+        .for_each_init(
             || vec![0f32; co * blen],
             |buf, bi| {
-                let q0 = bi * blen;
-                let len = blen.min(v_in - q0);
+                let q0 = q_lo + bi * blen;
+                let len = blen.min(q_hi - q0);
                 for t in 0..taps {
                     // SAFETY: reads stay inside `xs` (rows of length v_in, columns q0..q0+len).
                     unsafe {
@@ -1053,7 +1266,7 @@ fn conv_transpose_slices(
                         let bias_o = bv.map_or(0.0, |v| v[o]);
                         for r in 0..len {
                             let q = q0 + r;
-                            let (z, y, xx) = (q / (h * wd), (q / wd) % h, q % wd);
+                            let (z, y, xx) = (q / (h * wd) - zs.start, (q / wd) % h, q % wd);
                             let oi = ((o * d2 + kd * z + a) * h2 + kh * y + bb) * w2 + kw * xx + c;
                             // SAFETY: (o, position, tap) maps to a unique output element.
                             unsafe { *dst.get().add(oi) = buf[o * len + r] + bias_o };
@@ -1062,8 +1275,6 @@ fn conv_transpose_slices(
                 }
             },
         );
-    }
-    out
 }
 
 /// The transposed convolution with kernel = stride and its bias as one differentiable
@@ -1247,10 +1458,7 @@ impl Conv3d {
         if self.stride != 1 {
             return Err(Error::shape("Conv3d", "forward_concat needs stride 1"));
         }
-        add_bias(
-            conv3d_concat(inputs, &self.weight, [self.padding; 3])?,
-            self.bias.as_ref(),
-        )
+        conv3d_concat_bias(inputs, &self.weight, self.bias.as_ref(), [self.padding; 3])
     }
 }
 
@@ -1343,4 +1551,127 @@ impl Module for ConvTranspose3d {
         let y = conv_transpose3d_k_eq_s(x, &self.weight).map_err(candle_core::Error::wrap)?;
         add_bias(y, self.bias.as_ref()).map_err(candle_core::Error::wrap)
     }
+}
+
+impl ConvTranspose3d {
+    /// `conv([self(x) ‖ skip])` (stride-1 `conv` over the channel-wise concatenation of the
+    /// up-sampled `x` and `skip`) for one sample at inference on the CPU, without materialising
+    /// the up-sampled map: its planes are computed a few at a time, as the convolution's padded
+    /// input needs them. `None` when the fused path does not apply (tracked tensors, another
+    /// device, a batch, a strided `conv`); the caller then composes the two operations.
+    ///
+    /// # Errors
+    /// Shape mismatches between `x`, `skip` and the two weights.
+    pub fn forward_into_concat_conv(
+        &self,
+        x: &Tensor,
+        skip: &Tensor,
+        conv: &Conv3d,
+    ) -> Result<Option<Tensor>> {
+        use crate::layers::fused::fusable;
+        if conv.stride != 1
+            || !fusable(&[Some(x), Some(skip), Some(&self.weight), self.bias.as_ref()])
+            || !fusable(&[Some(&conv.weight), conv.bias.as_ref()])
+            || x.rank() != 5
+            || skip.rank() != 5
+            || x.dim(0)? != 1
+            || skip.dim(0)? != 1
+        {
+            return Ok(None);
+        }
+        let (_, ci, d, h, wd) = x.dims5()?;
+        let (wci, co, kd, kh, kw) = self.weight.dims5()?;
+        let (_, cs, sd, sh, sw) = skip.dims5()?;
+        let (o, cc, ckd, ckh, ckw) = conv.weight.dims5()?;
+        let up = [d * kd, h * kh, wd * kw];
+        if wci != ci || up != [sd, sh, sw] || cc != co + cs {
+            return Err(Error::shape(
+                "up-convolution + convolution",
+                format!(
+                    "input {:?} with weight {:?}, skip {:?}, convolution weight {:?}",
+                    x.dims(),
+                    self.weight.dims(),
+                    skip.dims(),
+                    conv.weight.dims()
+                ),
+            ));
+        }
+        let pad = [conv.padding; 3];
+        check_conv3d(&skip.narrow(1, 0, 1)?, &conv.weight.narrow(1, 0, 1)?, pad)?;
+        let wt = pack_transpose_weights(&f32_of(&self.weight)?, ci, co, [kd, kh, kw]);
+        let bt = self.bias.as_ref().map(f32_of).transpose()?;
+        let k = [ckd, ckh, ckw];
+        let wp = pack_weights(&f32_of(&conv.weight)?, o, cc, k.iter().product(), false);
+        let bc = conv.bias.as_ref().map(f32_of).transpose()?;
+        let od = [
+            up[0] + 2 * pad[0] + 1 - k[0],
+            up[1] + 2 * pad[1] + 1 - k[1],
+            up[2] + 2 * pad[2] + 1 - k[2],
+        ];
+        let mut out = vec![0f32; o * od.iter().product::<usize>()];
+        let (x, skip) = (x.contiguous()?, skip.contiguous()?);
+        let (hw, vol) = (up[1] * up[2], up[0] * up[1] * up[2]);
+        with_f32_slices(&[x, skip], |datas| {
+            let (xv, sv) = (datas[0], datas[1]);
+            // Up-sampled planes of the current block, reused from block to block.
+            let mut planes: Vec<f32> = Vec::new();
+            correlate_chunked(
+                cc,
+                up,
+                pad,
+                &wp,
+                o,
+                k,
+                bc.as_deref(),
+                &mut out,
+                |pz0, np, dst| {
+                    let zlo = pz0.saturating_sub(pad[0]).min(up[0]);
+                    let zhi = (pz0 + np).saturating_sub(pad[0]).min(up[0]);
+                    let (iz0, iz1) = (zlo / kd, zhi.div_ceil(kd));
+                    let nloc = (iz1 - iz0) * kd;
+                    planes.resize(co * nloc * hw, 0.0);
+                    if iz1 > iz0 {
+                        conv_transpose_planes(
+                            xv,
+                            [ci, d, h, wd],
+                            &wt,
+                            co,
+                            [kd, kh, kw],
+                            bt.as_deref(),
+                            iz0..iz1,
+                            &mut planes,
+                        );
+                    }
+                    let planes = &planes;
+                    pad_planes(
+                        |c, z| {
+                            if c < co {
+                                let zl = z - iz0 * kd;
+                                &planes[(c * nloc + zl) * hw..(c * nloc + zl + 1) * hw]
+                            } else {
+                                let c = c - co;
+                                &sv[c * vol + z * hw..c * vol + (z + 1) * hw]
+                            }
+                        },
+                        cc,
+                        up,
+                        pad,
+                        pz0,
+                        np,
+                        dst,
+                    )
+                },
+            );
+        })?;
+        Ok(Some(Tensor::from_vec(
+            out,
+            (1, o, od[0], od[1], od[2]),
+            &Device::Cpu,
+        )?))
+    }
+}
+
+/// The values of a tensor as a flat `Vec<f32>`.
+fn f32_of(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }

@@ -180,6 +180,98 @@ pub(crate) fn norm_act_slice(
     out
 }
 
+/// [`norm_act_slice`] overwriting its input.
+#[allow(clippy::too_many_arguments)]
+fn norm_act_in_place(
+    data: &mut [f32],
+    n: usize,
+    c: usize,
+    kind: NormKind,
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+    eps: f64,
+    act: Act,
+) {
+    let st = NormStats::compute(data, n, c, kind, eps);
+    data.par_chunks_mut(st.m.max(1))
+        .enumerate()
+        .for_each(|(row, r)| {
+            let g = st.group_of(row);
+            let ch = row % c;
+            let scale = st.inv[g] * w.map_or(1.0, |w| f64::from(w[ch]));
+            let shift = b.map_or(0.0, |b| f64::from(b[ch])) - st.mean[g] * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            for v in r.iter_mut() {
+                *v = act.apply(*v * scale + shift);
+            }
+        });
+}
+
+/// The in-place form of the fused normalisation, as a candle operation.
+struct NormActInPlace {
+    kind: NormKind,
+    w: Option<Vec<f32>>,
+    b: Option<Vec<f32>>,
+    eps: f64,
+    act: Act,
+}
+
+impl candle_core::InplaceOp1 for NormActInPlace {
+    fn name(&self) -> &'static str {
+        "norm-act-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let dims = layout.dims();
+        let (n, c) = (dims[0], dims[1]);
+        let (a, e) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("norm: not contiguous".into()))?;
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("norm: expected f32 CPU storage")
+        };
+        norm_act_in_place(
+            &mut v[a..e],
+            n,
+            c,
+            self.kind,
+            self.w.as_deref(),
+            self.b.as_deref(),
+            self.eps,
+            self.act,
+        );
+        Ok(())
+    }
+}
+
+/// The fused normalisation written over `x`, which the caller owns alone (a tensor it has just
+/// produced and shares with no one): saves a full-size tensor per layer at inference.
+pub(crate) fn norm_act_cpu_owned(
+    x: Tensor,
+    kind: NormKind,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    act: Act,
+) -> Result<Tensor> {
+    if !x.is_contiguous() || x.rank() < 2 {
+        return norm_act_cpu(&x, kind, weight, bias, eps, act);
+    }
+    let op = NormActInPlace {
+        kind,
+        w: weight.map(f32_vec).transpose()?,
+        b: bias.map(f32_vec).transpose()?,
+        eps,
+        act,
+    };
+    x.inplace_op1(&op)?;
+    Ok(x)
+}
+
 /// Normalisation (+ per-channel affine) + activation in one pass over a contiguous
 /// `(N, C, ...)` f32 CPU tensor.
 pub(crate) fn norm_act_cpu(
@@ -335,4 +427,53 @@ pub(crate) fn dynamic_head_cpu(features: &Tensor, params: &Tensor) -> Result<Ten
         );
     }
     Ok(Tensor::from_vec(out, (b, k, d, h, w), features.device())?)
+}
+
+/// `x ← act(x + r)`, element by element, as a candle in-place operation.
+struct AddActInPlace(Act);
+
+impl candle_core::InplaceOp2 for AddActInPlace {
+    fn name(&self) -> &'static str {
+        "add-act-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((a1, e1)), Some((a2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add-act: not contiguous")
+        };
+        let (candle_core::CpuStorage::F32(x), candle_core::CpuStorage::F32(r)) = (s1, s2) else {
+            candle_core::bail!("add-act: expected f32 CPU storage")
+        };
+        let act = self.0;
+        x[a1..e1]
+            .par_chunks_mut(1 << 16)
+            .zip(r[a2..e2].par_chunks(1 << 16))
+            .for_each(|(xs, rs)| {
+                for (v, r) in xs.iter_mut().zip(rs) {
+                    *v = act.apply(*v + r);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `act(x + r)`, written over `x` at inference on the CPU when `x` is ours alone (a tensor the
+/// caller has just produced and shares with no one); otherwise composed.
+///
+/// # Errors
+/// Shape mismatches or tensor errors.
+pub(crate) fn add_act_owned(x: Tensor, r: &Tensor, act: Act) -> Result<Tensor> {
+    if fusable(&[Some(&x), Some(r)]) && x.is_contiguous() && x.shape() == r.shape() {
+        let r = r.contiguous()?;
+        x.inplace_op2(&r, &AddActInPlace(act))?;
+        return Ok(x);
+    }
+    act.apply_tensor((x + r)?)
 }

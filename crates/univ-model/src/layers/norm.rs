@@ -219,11 +219,55 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// [`forward_act`](Self::forward_act) on a tensor the caller owns alone (see
+    /// [`norm_act_owned`]).
+    pub(crate) fn forward_act_owned(
+        &self,
+        x: Tensor,
+        act: crate::layers::fused::Act,
+    ) -> Result<Tensor> {
+        norm_act_owned(
+            x,
+            crate::layers::fused::NormKind::Group(self.groups),
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            act,
+        )
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_act(x, crate::layers::fused::Act::Identity)
             .map_err(candle_core::Error::wrap)
     }
+}
+
+/// [`norm_act`] on a tensor the caller owns alone (one it has just produced and shares with
+/// no one): at inference on the CPU the result is written over it instead of into a new tensor.
+/// Never pass a clone of a tensor still used elsewhere.
+///
+/// # Errors
+/// As [`norm_act`].
+pub(crate) fn norm_act_owned(
+    x: Tensor,
+    kind: crate::layers::fused::NormKind,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    act: crate::layers::fused::Act,
+) -> Result<Tensor> {
+    use crate::layers::fused::{NormKind, fusable, norm_act_cpu_owned};
+    let groups_ok = match kind {
+        NormKind::Group(g) => g > 0 && x.rank() >= 2 && x.dim(1)?.is_multiple_of(g),
+        _ => true,
+    };
+    if groups_ok && fusable(&[Some(&x), weight, bias]) {
+        return norm_act_cpu_owned(x, kind, weight, bias, eps, act);
+    }
+    norm_act(&x, kind, weight, bias, eps, act)
 }
 
 /// Normalisation, per-channel affine and activation in one call: the fused CPU kernel when no

@@ -12,9 +12,9 @@ use candle_core::{D, DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::layers::{
-    Act, Conv3d, ConvTranspose3d, LayerNorm, Linear, NormKind, layer_norm, leaky_relu, norm_act,
-};
+use crate::layers::fused::add_act_owned;
+use crate::layers::norm::norm_act_owned;
+use crate::layers::{Act, Conv3d, ConvTranspose3d, LayerNorm, Linear, NormKind, layer_norm};
 
 /// Swin UNETR hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,8 +226,41 @@ impl WindowAttention {
         })
     }
 
-    /// `x`: `(B·nW, N, C)`; `mask`: `(nW, N, N)`.
+    /// `x`: `(B·nW, N, C)`; `mask`: `(nW, N, N)`. Windows are attended a group at a time so
+    /// that the `(windows, heads, N, N)` scores stay near 64 MB (all of them at once would be
+    /// 0.5 GB, twice, for a 96³ input at the first stage).
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_in_groups(x, mask, 64 << 20)
+    }
+
+    /// [`forward`](Self::forward) with scores of at most about `score_bytes` at once.
+    fn forward_in_groups(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        score_bytes: usize,
+    ) -> Result<Tensor> {
+        let (bw, n, _) = x.dims3()?;
+        let per_window = (self.heads * n * n * 4).max(1);
+        if bw * per_window <= score_bytes {
+            return self.forward_group(x, mask);
+        }
+        let nw = mask.map_or(Ok(bw), |m| m.dim(0))?;
+        let group = (score_bytes / per_window).clamp(1, nw);
+        let mut outs = Vec::new();
+        for b0 in (0..bw).step_by(nw) {
+            for w0 in (0..nw).step_by(group) {
+                let len = group.min(nw - w0);
+                let m = mask.map(|m| m.narrow(0, w0, len)).transpose()?;
+                outs.push(self.forward_group(&x.narrow(0, b0 + w0, len)?, m.as_ref())?);
+            }
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// [`forward`](Self::forward) on one group of windows (`mask` has one row per window of
+    /// the group, or divides the group evenly).
+    fn forward_group(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (bw, n, c) = x.dims3()?;
         let hd = c / self.heads;
         let qkv = self
@@ -510,7 +543,8 @@ impl ResBlock {
 
     /// The block on the channel-wise concatenation of `inputs` (read without a copy).
     fn forward_concat(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let inorm = |t: &Tensor, act| norm_act(t, NormKind::Instance, None, None, IN_EPS, act);
+        // Every tensor normalised here was just made by a convolution: normalised in place.
+        let inorm = |t: Tensor, act| norm_act_owned(t, NormKind::Instance, None, None, IN_EPS, act);
         let conv = |c: &Conv3d| -> Result<Tensor> {
             if inputs.len() == 1 {
                 Ok(c.forward(inputs[0])?)
@@ -518,14 +552,14 @@ impl ResBlock {
                 c.forward_concat(inputs)
             }
         };
-        let y = inorm(&conv(&self.conv1)?, Act::LeakyRelu(0.01))?;
-        let y = inorm(&self.conv2.forward(&y)?, Act::Identity)?;
+        let y = inorm(conv(&self.conv1)?, Act::LeakyRelu(0.01))?;
+        let y = inorm(self.conv2.forward(&y)?, Act::Identity)?;
         let res = match &self.conv3 {
-            Some(c) => inorm(&conv(c)?, Act::Identity)?,
+            Some(c) => inorm(conv(c)?, Act::Identity)?,
             None if inputs.len() == 1 => inputs[0].clone(),
             None => Tensor::cat(inputs, 1)?,
         };
-        leaky_relu(&(y + res)?, 0.01)
+        add_act_owned(y, &res, Act::LeakyRelu(0.01))
     }
 }
 
@@ -685,5 +719,38 @@ mod tests {
         let last = &v[7 * 343 * 343..];
         assert!(last.iter().any(|x| *x == -100.0));
         assert_eq!(last[0], 0.0);
+    }
+
+    #[test]
+    fn attention_in_groups_of_windows_matches_all_at_once() {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &candle_core::Device::Cpu);
+        let att = WindowAttention::new(vb, 6, 2, 2).unwrap();
+        // Two samples of four 2×2×2 windows each, with a shift mask over a 4×4×2 volume.
+        let mask = attention_mask([4, 4, 2], [2; 3], [1, 1, 0], &candle_core::Device::Cpu).unwrap();
+        assert_eq!(mask.dim(0).unwrap(), 4);
+        let x = Tensor::randn(0f32, 1.0, (8, 8, 6), &candle_core::Device::Cpu).unwrap();
+        let all = att.forward_in_groups(&x, Some(&mask), usize::MAX).unwrap();
+        for budget in [1, 2 * 8 * 8 * 4 * 3] {
+            let grouped = att.forward_in_groups(&x, Some(&mask), budget).unwrap();
+            let d = (&all - &grouped)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "budget {budget}: {d}");
+        }
+        let plain = att.forward_in_groups(&x, None, usize::MAX).unwrap();
+        let grouped = att.forward_in_groups(&x, None, 1).unwrap();
+        let d = (&plain - &grouped)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

@@ -9,7 +9,8 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::layers::{Act, Conv3d, ConvTranspose3d, NormKind, max_pool3d_2, norm_act};
+use crate::layers::norm::norm_act_owned;
+use crate::layers::{Act, Conv3d, ConvTranspose3d, NormKind, max_pool3d_2};
 
 /// Width of the U-Net.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +68,14 @@ impl LuConv {
         } else {
             self.conv.forward_concat(inputs)?
         };
-        norm_act(
-            &y,
+        self.norm_act(y)
+    }
+
+    /// The normalisation and activation of a convolution output `y` that was just made (it
+    /// is normalised in place at inference).
+    fn norm_act(&self, y: Tensor) -> Result<Tensor> {
+        norm_act_owned(
+            y,
             NormKind::Batch,
             Some(&self.bn_weight),
             Some(&self.bn_bias),
@@ -112,11 +119,23 @@ impl UpTransition {
         })
     }
 
-    fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
-        let up = self.up.forward(x)?;
-        // The first convolution reads [up, skip] without a concatenated copy.
-        let y = self.ops.a.forward_concat(&[&up, skip])?;
-        drop(up);
+    /// Takes its inputs by value so that they are released after the first convolution.
+    fn forward(&self, x_owned: Tensor, skip_owned: Tensor) -> Result<Tensor> {
+        let (x, skip) = (&x_owned, &skip_owned);
+        // At inference the up-sampled map is made a few planes at a time as the first
+        // convolution needs them; otherwise that convolution reads [up, skip] without a
+        // concatenated copy.
+        let y = match self
+            .up
+            .forward_into_concat_conv(x, skip, &self.ops.a.conv)?
+        {
+            Some(y) => self.ops.a.norm_act(y)?,
+            None => {
+                let up = self.up.forward(x)?;
+                self.ops.a.forward_concat(&[&up, skip])?
+            }
+        };
+        drop((x_owned, skip_owned));
         self.ops.b.forward(&y)
     }
 }
@@ -184,9 +203,10 @@ impl Unet3d {
         let skip128 = self.down128.forward(&max_pool3d_2(&skip64)?)?;
         let skip256 = self.down256.forward(&max_pool3d_2(&skip128)?)?;
         let deep = self.down512.forward(&max_pool3d_2(&skip256)?)?;
-        let u = self.up256.forward(&deep, &skip256)?;
-        let u = self.up128.forward(&u, &skip128)?;
-        let dec = self.up64.forward(&u, &skip64)?;
+        // Each skip map (and the map below it) is released as soon as its stage has used it.
+        let u = self.up256.forward(deep.clone(), skip256)?;
+        let u = self.up128.forward(u, skip128)?;
+        let dec = self.up64.forward(u, skip64)?;
         Ok((deep, dec))
     }
 }

@@ -317,19 +317,23 @@ impl UniversalModel {
     /// # Errors
     /// Input shape errors (see the backbone) and tensor errors.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_parts(x)?.logits)
+        // The lean path: each intermediate is released as soon as the next one exists, and the
+        // decoder map is normalised in place (it is ours alone).
+        let (deep, decoder) = self.backbone.forward(x)?;
+        let (_, _, params) = self.controller(&deep)?;
+        drop(deep);
+        let f = self.precls_norm.forward_act_owned(decoder, Act::Relu)?;
+        let precls = self.precls_conv.forward(&f)?;
+        drop(f);
+        dynamic_head(&precls, &params)
     }
 
-    /// Runs the model and keeps the intermediate tensors.
-    ///
-    /// # Errors
-    /// As [`forward`](Self::forward).
-    pub fn forward_parts(&self, x: &Tensor) -> Result<ForwardParts> {
-        let (deep, decoder) = self.backbone.forward(x)?;
+    /// `(GAP(deep), task encoding, controller parameters (B, K, 153))`.
+    fn controller(&self, deep: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let b = deep.dim(0)?;
         let k = self.organ_embedding.dim(0)?;
         // Image vector per sample.
-        let g = self.gap_norm.forward_act(&deep, Act::Relu)?;
+        let g = self.gap_norm.forward_act(deep, Act::Relu)?;
         let g = self.gap_conv.forward(&adaptive_avg_pool3d_1(&g)?)?;
         let gap = g.flatten_from(1)?; // (B, 256)
         let task = self.task_encoding()?; // (K, 256)
@@ -341,6 +345,16 @@ impl UniversalModel {
         let params = cond
             .broadcast_matmul(&wc)?
             .broadcast_add(&self.controller_b)?; // (B, K, 153)
+        Ok((gap, task, params))
+    }
+
+    /// Runs the model and keeps the intermediate tensors.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_parts(&self, x: &Tensor) -> Result<ForwardParts> {
+        let (deep, decoder) = self.backbone.forward(x)?;
+        let (gap, task, params) = self.controller(&deep)?;
         // Features for the head.
         let f = self.precls_norm.forward_act(&decoder, Act::Relu)?;
         let precls = self.precls_conv.forward(&f)?; // (B, 8, D, H, W)
