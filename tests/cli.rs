@@ -403,6 +403,25 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
     assert_eq!(report["classes"].as_array().unwrap().len(), 32);
     assert!(report["lesions"]["liver_tumor"]["present"].is_boolean());
     assert_eq!(report["checkpoint"]["sha256"].as_str().unwrap().len(), 64);
+    // Time and peak resident memory per stage.
+    let stages = [
+        "preprocess",
+        "sliding window",
+        "post-process",
+        "map back to the input grid",
+    ];
+    for stage in stages {
+        assert!(
+            report["timings_s"][stage].as_f64().unwrap() >= 0.0,
+            "{stage}"
+        );
+        if cfg!(target_os = "linux") {
+            assert!(
+                report["peak_resident_mb_after"][stage].as_f64().unwrap() > 1.0,
+                "{stage}"
+            );
+        }
+    }
     // Existing results are not overwritten without --overwrite.
     let o = univ(&[
         "segment",
