@@ -143,7 +143,7 @@ fn run(a: Args) -> Result<()> {
             continue;
         };
         let g: Vec<bool> = gt.data().iter().map(|v| usize::from(*v) == id).collect();
-        let p: Vec<bool> = seg.masks[i].data().iter().map(|v| *v > 0).collect();
+        let p = seg.masks[i].to_bools();
         let o = univ::train::metrics::overlap(&p, &g);
         if o.gt == 0 {
             continue;

@@ -432,6 +432,60 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
         ckpt.to_str().unwrap(),
     ]);
     assert_clean_failure(&o, "--overwrite");
+    // With whole probability maps kept, the masks and the lesion report (whose probabilities
+    // otherwise come from the voxels over the threshold only) are the same.
+    let out2 = dir.path().join("case_probabilities");
+    let o = univ(&[
+        "segment",
+        ct_sm.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--per-class",
+        "--probabilities",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let report2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["lesions"], report2["lesions"]);
+    assert_eq!(report["classes"], report2["classes"]);
+    let label = univ::io::read_label(out.join("segmentation.nii.gz")).unwrap();
+    let mut lesion_voxels = 0;
+    for (id, entry) in classes["classes"].as_array().unwrap().iter().enumerate() {
+        let id = id + 1;
+        let file = entry["file"].as_str().unwrap();
+        let m = univ::io::read_label(out.join("masks").join(file)).unwrap();
+        let m2 = univ::io::read_label(out2.join("masks").join(file)).unwrap();
+        assert_eq!(m.data(), m2.data(), "{file}");
+        // The label map shows the class wherever no higher class is painted over it.
+        for (v, on) in m.data().iter().enumerate() {
+            let l = usize::from(label.data()[v]);
+            if *on > 0 {
+                assert!(l >= id, "{file}: voxel {v} labelled {l}");
+            } else {
+                assert_ne!(l, id, "{file}: voxel {v}");
+            }
+        }
+        // Mask voxels are over the 0.5 threshold.
+        if id >= 26 {
+            let p = univ::io::read_label(out2.join("probabilities").join(file)).unwrap();
+            for (on, pv) in m.data().iter().zip(p.data()) {
+                if *on > 0 {
+                    assert!(*pv >= 127, "{file}: probability {pv} in the mask");
+                    lesion_voxels += 1;
+                }
+            }
+        }
+    }
+    for (name, l) in report["lesions"].as_object().unwrap() {
+        for lesion in l["lesions"].as_array().unwrap() {
+            let p = lesion["mean_probability"].as_f64().unwrap();
+            assert!((0.49..=1.0).contains(&p), "{name}: {p}");
+        }
+    }
+    println!("lesion voxels checked: {lesion_voxels}");
 }
 
 #[test]
@@ -617,16 +671,16 @@ fn preview_png_of_a_reference_segmentation() {
     let ct = univ::io::read_image(shared.join("data/ct/example_ct.nii.gz")).unwrap();
     let lab = univ::io::read_label(shared.join("data/ct/derived_example_ct_seg_fast_um32.nii.gz"))
         .unwrap();
-    let masks: Vec<(usize, String, univ::io::Volume<u8>)> = (1..=32usize)
+    let masks: Vec<(usize, String, univ::io::ClassMask)> = (1..=32usize)
         .map(|id| {
             (
                 id,
                 univ::outputs::class_name(id),
-                lab.map(|v| u8::from(usize::from(v) == id)),
+                univ::io::ClassMask::from_fn(lab.shape(), |v| usize::from(lab.data()[v]) == id),
             )
         })
         .collect();
-    let refs: Vec<(usize, String, &univ::io::Volume<u8>)> =
+    let refs: Vec<(usize, String, &univ::io::ClassMask)> =
         masks.iter().map(|(i, n, m)| (*i, n.clone(), m)).collect();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("preview.png");

@@ -2,6 +2,7 @@
 //! frame per (segment, source slice that holds any of it), each frame referencing its source
 //! image, in the source's frame of reference. Written with dicom-rs, explicit VR little endian.
 
+use crate::mask::ClassMask;
 use std::path::Path;
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
@@ -47,7 +48,7 @@ pub struct Segment {
     /// Display colour (sRGB), written as CIELab.
     pub colour: [u8; 3],
     /// The mask.
-    pub mask: Vec<bool>,
+    pub mask: ClassMask,
 }
 
 /// Settings of [`write_dicom_seg`].
@@ -183,19 +184,16 @@ pub fn write_dicom_seg(
         return Err(err("the series' slices do not match its volume".into()));
     }
     for sgm in segments {
-        if sgm.mask.len() != plane * nslices {
+        if sgm.mask.shape() != [cols, rows, nslices] {
             return Err(err(format!(
-                "mask of {:?} has {} voxels, the series {}",
+                "mask of {:?} has shape {:?}, the series {:?}",
                 sgm.label,
-                sgm.mask.len(),
-                plane * nslices
+                sgm.mask.shape(),
+                [cols, rows, nslices]
             )));
         }
     }
-    let kept: Vec<&Segment> = segments
-        .iter()
-        .filter(|s| s.mask.iter().any(|v| *v))
-        .collect();
+    let kept: Vec<&Segment> = segments.iter().filter(|s| !s.mask.is_empty()).collect();
     if kept.is_empty() {
         return Err(err("no segment has any voxel: nothing to write".into()));
     }
@@ -429,8 +427,13 @@ pub fn write_dicom_seg(
     let mut bits: Vec<u8> = Vec::new();
     let mut nbit = 0usize;
     for (si, sgm) in kept.iter().enumerate() {
-        for k in 0..nslices {
-            let slab = &sgm.mask[k * plane..(k + 1) * plane];
+        let Some((lo, hi)) = sgm.mask.bbox() else {
+            continue;
+        };
+        for k in lo[2]..=hi[2] {
+            let slab: Vec<bool> = (0..plane)
+                .map(|i| sgm.mask.contains(k * plane + i))
+                .collect();
             if !slab.iter().any(|v| *v) {
                 continue;
             }
@@ -438,7 +441,7 @@ pub fn write_dicom_seg(
                 if nbit.is_multiple_of(8) {
                     bits.push(0);
                 }
-                if *v {
+                if v {
                     *bits.last_mut().expect("pushed") |= 1 << (nbit % 8);
                 }
                 nbit += 1;

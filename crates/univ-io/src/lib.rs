@@ -11,6 +11,7 @@ pub mod dicom_seg;
 pub mod error;
 pub mod geometry;
 pub mod input;
+pub mod mask;
 pub mod nii;
 pub mod parallel;
 pub mod png;
@@ -21,6 +22,7 @@ pub mod volume;
 pub use error::{Error, Result};
 pub use geometry::Affine;
 pub use input::{align_label_to, is_dicom, read_image_and_label_any, read_volume};
+pub use mask::ClassMask;
 pub use nii::{
     Limits, NiftiInfo, NiftiWritable, ReadOptions, WriteOptions, read_header, read_image,
     read_image_and_label, read_label, write_nifti,

@@ -1157,7 +1157,7 @@ mod dicom {
                 category: Code::new("123037004", "SCT", "Anatomical Structure"),
                 property: Code::new(&format!("UNIV{id:03}"), "99UNIV", &format!("class {id}")),
                 colour: [200, 100, 50],
-                mask: m.clone(),
+                mask: univ_io::ClassMask::from_bools(m, series.volume.shape()),
             })
             .collect();
         let (n, frames) = write_dicom_seg(out, &series, &segments, &SegOptions::default()).unwrap();

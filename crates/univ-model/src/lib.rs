@@ -17,3 +17,4 @@ pub use checkpoint::{Checkpoint, LoadReport};
 pub use error::{Error, Result};
 pub use nets::{UniversalConfig, UniversalModel};
 pub use segment::{SegmentOptions, Segmentation, segment};
+pub use univ_io::ClassMask;

@@ -6,6 +6,8 @@
 //! Masks are `bool` volumes in the preprocessed (RAS, 1.5 mm) frame, first axis fastest: index
 //! `x + X·(y + Y·z)`, axis 0 towards patient Right, axis 2 towards Superior.
 
+use univ_io::ClassMask;
+
 /// Which rules to apply; [`Default`] applies them all, as the official code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -197,14 +199,57 @@ pub fn organ_post_process(
     opts: &PostprocessOptions,
 ) -> (Vec<Vec<bool>>, Vec<String>) {
     let n: usize = shape.iter().product();
-    let empty = || vec![false; n];
     let get = |c: usize| -> Vec<bool> {
         match pred.get(c - 1) {
             Some(m) if m.len() == n => m.clone(),
-            _ => empty(),
+            _ => vec![false; n],
         }
     };
     let mut out: Vec<Vec<bool>> = (0..pred.len().max(32)).map(|_| Vec::new()).collect();
+    let notes = post_process_with(get, pred.len(), shape, organ_list, opts, |i, m| out[i] = m);
+    for m in out.iter_mut() {
+        if m.is_empty() {
+            *m = vec![false; n];
+        }
+    }
+    (out, notes)
+}
+
+/// [`organ_post_process`] on compact masks: `pred[c]` is the mask of class `c + 1` (an empty
+/// mask for a class that was not computed). Only a few full-grid arrays exist at any time,
+/// however many classes there are.
+pub fn organ_post_process_masks(
+    pred: &[ClassMask],
+    shape: [usize; 3],
+    organ_list: &[usize],
+    opts: &PostprocessOptions,
+) -> (Vec<ClassMask>, Vec<String>) {
+    let n: usize = shape.iter().product();
+    let get = |c: usize| -> Vec<bool> {
+        match pred.get(c - 1) {
+            Some(m) if m.shape() == shape => m.to_bools(),
+            _ => vec![false; n],
+        }
+    };
+    let mut out: Vec<ClassMask> = vec![ClassMask::empty(shape); pred.len().max(32)];
+    let notes = post_process_with(get, pred.len(), shape, organ_list, opts, |i, m| {
+        out[i] = ClassMask::from_bools(&m, shape)
+    });
+    (out, notes)
+}
+
+/// The rules of [`organ_post_process`]: `get(c)` gives the raw mask of class `c`, `put(i, m)`
+/// receives the processed mask of class `i + 1`; `k` is the number of raw classes.
+fn post_process_with(
+    get: impl Fn(usize) -> Vec<bool>,
+    k: usize,
+    shape: [usize; 3],
+    organ_list: &[usize],
+    opts: &PostprocessOptions,
+    mut put: impl FnMut(usize, Vec<bool>),
+) -> Vec<String> {
+    let n: usize = shape.iter().product();
+    let empty = || vec![false; n];
     let mut notes = Vec::new();
     for &organ in organ_list {
         match organ {
@@ -234,9 +279,9 @@ pub fn organ_post_process(
                             }
                         }
                     }
-                    out[9] = vein;
+                    put(9, vein);
                 }
-                out[10] = pancreas;
+                put(10, pancreas);
             }
             16 if opts.lung_split => {
                 let union: Vec<bool> = get(16).iter().zip(get(17)).map(|(a, b)| *a || b).collect();
@@ -247,8 +292,8 @@ pub fn organ_post_process(
                         "fewer than two lung components: both lungs are empty (official behaviour)"
                             .into(),
                     );
-                    out[15] = empty();
-                    out[16] = empty();
+                    put(15, empty());
+                    put(16, empty());
                 } else {
                     let mean_x = |lab: u32| {
                         let (mut s, mut c) = (0f64, 0f64);
@@ -265,19 +310,20 @@ pub fn organ_post_process(
                     } else {
                         (two[1], two[0])
                     };
-                    out[16] = labels.iter().map(|l| *l == left).collect();
-                    out[15] = labels.iter().map(|l| *l == right).collect();
+                    put(16, labels.iter().map(|l| *l == left).collect());
+                    put(15, labels.iter().map(|l| *l == right).collect());
                 }
             }
-            16 => out[15] = get(16),
+            16 => put(15, get(16)),
             17 if opts.lung_split => {}
-            17 => out[16] = get(17),
+            17 => put(16, get(17)),
             1..=9 | 12 | 13 | 14 | 18..=25 => {
-                out[organ - 1] = if opts.largest_component {
+                let m = if opts.largest_component {
                     keep_largest(&get(organ), shape, 1)
                 } else {
                     get(organ)
                 };
+                put(organ - 1, m);
             }
             26 | 27 if opts.tumour_in_organ => {
                 let (organs, k): (&[usize], usize) =
@@ -291,22 +337,18 @@ pub fn organ_post_process(
                 let organ_mask = keep_largest(&organ_mask, shape, k);
                 let closed = box_filter(&box_filter(&organ_mask, shape, 2, true), shape, 2, false);
                 let region = box_filter(&closed, shape, 2, true);
-                out[organ - 1] = get(organ)
+                let tumour = get(organ)
                     .iter()
                     .zip(region)
                     .map(|(t, r)| *t && r)
                     .collect();
+                put(organ - 1, tumour);
             }
-            c if (1..=pred.len().max(32)).contains(&c) => out[c - 1] = get(c),
+            c if (1..=k.max(32)).contains(&c) => put(c - 1, get(c)),
             _ => {}
         }
     }
-    for m in out.iter_mut() {
-        if m.is_empty() {
-            *m = empty();
-        }
-    }
-    (out, notes)
+    notes
 }
 
 #[cfg(test)]

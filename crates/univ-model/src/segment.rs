@@ -4,12 +4,12 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use univ_io::{Interpolation, PreprocessOptions, PreprocessRecord, Volume};
+use univ_io::{ClassMask, Interpolation, PreprocessOptions, PreprocessRecord, Volume};
 
 use crate::error::{Error, Result};
 use crate::inferers::{SlidingWindowOptions, sliding_window_inference, volume_to_network_layout};
 use crate::nets::UniversalModel;
-use crate::postprocess::{PostprocessOptions, organ_post_process};
+use crate::postprocess::{PostprocessOptions, organ_post_process_masks};
 
 /// Universal classes whose lesions are reported (tumours and the kidney cyst).
 pub const LESION_CLASSES: [usize; 7] = [26, 27, 28, 29, 30, 31, 32];
@@ -66,11 +66,17 @@ pub struct NetworkLogits {
 pub struct Segmentation {
     /// The computed class ids, in output order.
     pub classes: Vec<usize>,
-    /// One 0/1 mask per class on the input grid (with the input's geometry).
-    pub masks: Vec<Volume<u8>>,
-    /// Sigmoid probabilities × 255 on the input grid, per class, when asked for; always kept
-    /// for the lesion classes (for the report).
+    /// The label map on the input grid, with the input's geometry: class ids painted in
+    /// increasing order, so tumours and cysts (26–32) lie over their organ; 0 elsewhere.
+    pub label_map: Volume<u8>,
+    /// One mask per class on the input grid (compact: bits over its bounding box).
+    pub masks: Vec<ClassMask>,
+    /// Sigmoid probabilities × 255 on the input grid, per class, when asked for
+    /// ([`SegmentOptions::keep_probabilities`]).
     pub probabilities: Vec<Option<Volume<u8>>>,
+    /// For the lesion classes (26–32): the probability × 255 at each voxel of the class's
+    /// mask, in [`ClassMask::voxels`] order (for the lesion report); `None` for other classes.
+    pub lesion_probabilities: Vec<Option<Vec<u8>>>,
     /// The logits on the network grid, when asked for.
     pub logits: Option<NetworkLogits>,
     /// What preprocessing did (absent without preprocessing).
@@ -153,10 +159,13 @@ pub fn segment(
             (t / (1.0 - t)).ln()
         })
         .collect();
-    let keep_prob: Vec<bool> = classes
-        .iter()
-        .map(|c| opts.keep_probabilities || LESION_CLASSES.contains(c))
-        .collect();
+    // Probability maps: whole ones when asked for; for the lesion classes otherwise only at the
+    // voxels over the threshold (post-processing only removes voxels, so that covers the final
+    // masks), as (voxel, probability × 255) pairs.
+    let keep_prob: Vec<bool> = classes.iter().map(|_| opts.keep_probabilities).collect();
+    let lesion: Vec<bool> = classes.iter().map(|c| LESION_CLASSES.contains(c)).collect();
+    let sparse_ok = u32::try_from(n).is_ok();
+    let mut sparse_probs: Vec<Vec<(u32, u8)>> = vec![Vec::new(); k];
     // One bit per voxel and class while the windows run (32 classes of a 10-million-voxel
     // grid: 42 MB instead of 335 MB of booleans); unpacked for the post-processing, when the
     // network's memory is free again.
@@ -164,7 +173,14 @@ pub fn segment(
     let mut masks_pre: Vec<Vec<u64>> = vec![vec![0u64; words]; k];
     let mut probs_pre: Vec<Vec<u8>> = keep_prob
         .iter()
-        .map(|keep| if *keep { vec![0u8; n] } else { Vec::new() })
+        .zip(&lesion)
+        .map(|(keep, les)| {
+            if *keep || (*les && !sparse_ok) {
+                vec![0u8; n]
+            } else {
+                Vec::new()
+            }
+        })
         .collect();
     let mut logits = opts.keep_logits.then(|| vec![0f32; k * n]);
     let input = volume_to_network_layout(&pre_image);
@@ -189,8 +205,10 @@ pub fn segment(
                             if l > cut[c] {
                                 masks_pre[c][v / 64] |= 1 << (v % 64);
                             }
-                            if keep_prob[c] {
+                            if !probs_pre[c].is_empty() {
                                 probs_pre[c][v] = sigmoid_u8(l);
+                            } else if lesion[c] && l > cut[c] {
+                                sparse_probs[c].push((v as u32, sigmoid_u8(l)));
                             }
                         }
                         if let Some(buf) = logits.as_mut() {
@@ -213,9 +231,9 @@ pub fn segment(
     // Post-processing by universal class id.
     let t = Instant::now();
     let max_id = classes.iter().copied().max().unwrap_or(0).max(32);
-    let mut by_id: Vec<Vec<bool>> = vec![Vec::new(); max_id];
+    let mut by_id: Vec<ClassMask> = vec![ClassMask::empty(dims); max_id];
     for (c, m) in classes.iter().zip(masks_pre) {
-        by_id[c - 1] = (0..n).map(|v| m[v / 64] >> (v % 64) & 1 == 1).collect();
+        by_id[c - 1] = ClassMask::from_fn(dims, |v| m[v / 64] >> (v % 64) & 1 == 1);
     }
     let mut order = classes.clone();
     order.sort_unstable();
@@ -227,7 +245,8 @@ pub fn segment(
             notes.push(format!("class {tumour} is kept only inside its organ (classes {organs:?}), which was not computed: it will be empty"));
         }
     }
-    let (processed, pnotes) = organ_post_process(&by_id, dims, &order, &opts.postprocess);
+    let (processed, pnotes) = organ_post_process_masks(&by_id, dims, &order, &opts.postprocess);
+    drop(by_id);
     notes.extend(pnotes);
     timings.push(("post-process".to_string(), t.elapsed().as_secs_f64()));
     peak_memory.push(("post-process".into(), crate::cpu::peak_resident_bytes()));
@@ -247,15 +266,54 @@ pub fn segment(
     };
     let mut masks = Vec::with_capacity(k);
     let mut probabilities = Vec::with_capacity(k);
+    let mut lesion_probabilities = Vec::with_capacity(k);
+    // Painted in increasing class order; the first class's volume gives the input grid.
+    let mut paint: Vec<usize> = (0..k).collect();
+    paint.sort_by_key(|i| classes[*i]);
+    let mut label_map: Option<Volume<u8>> = None;
     for (i, c) in classes.iter().enumerate() {
-        let m: Vec<u8> = processed[c - 1].iter().map(|b| u8::from(*b)).collect();
-        masks.push(to_input(m)?);
-        let p = std::mem::take(&mut probs_pre[i]);
-        probabilities.push(if p.is_empty() {
+        let m = to_input(processed[c - 1].to_u8())?;
+        let mask = ClassMask::from_u8(m.data(), m.shape());
+        if label_map.is_none() {
+            label_map = Some(
+                m.with_data(vec![0u8; m.len()])
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            );
+        }
+        let full = std::mem::take(&mut probs_pre[i]);
+        let full = if full.is_empty() {
             None
         } else {
-            Some(to_input(p)?)
+            Some(to_input(full)?)
+        };
+        lesion_probabilities.push(if !lesion[i] {
+            None
+        } else if let Some(p) = &full {
+            Some(mask.voxels().map(|v| p.data()[v]).collect())
+        } else {
+            // The pairs put back on a transient map, taken to the input grid, read at the mask.
+            let mut dense = vec![0u8; n];
+            for (v, p) in std::mem::take(&mut sparse_probs[i]) {
+                dense[v as usize] = p;
+            }
+            let p = to_input(dense)?;
+            Some(mask.voxels().map(|v| p.data()[v]).collect())
         });
+        probabilities.push(if keep_prob[i] { full } else { None });
+        masks.push(mask);
+    }
+    let mut label_map = match label_map {
+        Some(l) => l,
+        None => to_input(vec![0u8; n])?,
+    };
+    {
+        let lab = label_map.data_mut();
+        for i in paint {
+            let id = classes[i].min(255) as u8;
+            for v in masks[i].voxels() {
+                lab[v] = id;
+            }
+        }
     }
     timings.push((
         "map back to the input grid".to_string(),
@@ -267,8 +325,10 @@ pub fn segment(
     ));
     Ok(Segmentation {
         classes,
+        label_map,
         masks,
         probabilities,
+        lesion_probabilities,
         logits: logits.map(|data| NetworkLogits {
             data,
             shape: [k, nx, ny, nz],

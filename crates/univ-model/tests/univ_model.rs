@@ -911,7 +911,9 @@ fn sliding_window_matches_monai_0_9_on_a_real_ct() {
 
 #[test]
 fn organ_post_processing_matches_the_official_function() {
-    use univ_model::postprocess::{PostprocessOptions, organ_post_process};
+    use univ_model::postprocess::{
+        PostprocessOptions, organ_post_process, organ_post_process_masks,
+    };
     let Some(shared) = shared::shared_dir() else {
         return;
     };
@@ -948,6 +950,18 @@ fn organ_post_processing_matches_the_official_function() {
             let (want, _) = read(&file);
             let (got, notes) =
                 organ_post_process(&pred, shape, &list(key), &PostprocessOptions::default());
+            // The same rules on compact masks.
+            let compact: Vec<univ_model::ClassMask> = pred
+                .iter()
+                .map(|m| univ_model::ClassMask::from_bools(m, shape))
+                .collect();
+            let (got_c, notes_c) = organ_post_process_masks(
+                &compact,
+                shape,
+                &list(key),
+                &PostprocessOptions::default(),
+            );
+            assert_eq!(notes, notes_c);
             for c in 0..32 {
                 let diff = got[c].iter().zip(&want[c]).filter(|(a, b)| a != b).count();
                 assert_eq!(
@@ -956,6 +970,7 @@ fn organ_post_processing_matches_the_official_function() {
                     "sample {s}, organ list {key}, class {}: {diff} voxels differ ({notes:?})",
                     c + 1
                 );
+                assert_eq!(got_c[c].to_bools(), want[c], "compact, class {}", c + 1);
             }
         }
     }

@@ -70,7 +70,7 @@ pub fn write_seg_for(
             category: class_category(*id),
             property: class_code(*id),
             colour: class_colour(*id),
-            mask: m.data().iter().map(|v| *v > 0).collect(),
+            mask: m.clone(),
         })
         .collect();
     write_dicom_seg(path, series, &segments, &SegOptions::default())

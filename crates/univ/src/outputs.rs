@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use univ_io::{Volume, WriteOptions, write_nifti};
+use univ_io::{ClassMask, Volume, WriteOptions, write_nifti};
 use univ_model::postprocess::label_components;
 use univ_model::segment::{LESION_CLASSES, Segmentation};
 
@@ -77,21 +77,9 @@ pub struct OutputOptions {
 }
 
 /// The label map: class ids painted in increasing order, so tumours and cysts (26–32) lie over
-/// their organ.
+/// their organ (`None` when no class was computed).
 pub fn label_map(seg: &Segmentation) -> Option<Volume<u8>> {
-    let first = seg.masks.first()?;
-    let mut order: Vec<usize> = (0..seg.classes.len()).collect();
-    order.sort_by_key(|i| seg.classes[*i]);
-    let mut lab = vec![0u8; first.len()];
-    for i in order {
-        let id = seg.classes[i].min(255) as u8;
-        for (l, m) in lab.iter_mut().zip(seg.masks[i].data()) {
-            if *m > 0 {
-                *l = id;
-            }
-        }
-    }
-    first.with_data(lab).ok()
+    (!seg.masks.is_empty()).then(|| seg.label_map.clone())
 }
 
 fn voxel_volume_ml(v: &Volume<u8>) -> f64 {
@@ -103,26 +91,16 @@ fn voxel_volume_ml(v: &Volume<u8>) -> f64 {
 /// The report of one case (see the README for its fields).
 pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
     use serde_json::json;
-    let Some(first) = seg.masks.first() else {
+    if seg.masks.is_empty() {
         return json!({});
-    };
+    }
+    let first = &seg.label_map;
     let vml = voxel_volume_ml(first);
     let shape = first.shape();
     let mut classes = Vec::new();
     for (i, id) in seg.classes.iter().enumerate() {
-        let m = seg.masks[i].data();
-        let mut hu: Vec<f32> = Vec::new();
-        let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-        for (v, on) in m.iter().enumerate() {
-            if *on > 0 {
-                hu.push(image.data()[v]);
-                let ijk = first.unravel(v);
-                for a in 0..3 {
-                    lo[a] = lo[a].min(ijk[a]);
-                    hi[a] = hi[a].max(ijk[a]);
-                }
-            }
-        }
+        let mut hu: Vec<f32> = seg.masks[i].voxels().map(|v| image.data()[v]).collect();
+        let bbox = seg.masks[i].bbox();
         let n = hu.len();
         let mean = (n > 0).then(|| hu.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64);
         let median = (n > 0).then(|| {
@@ -137,7 +115,7 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
             "volume_ml": n as f64 * vml,
             "mean_hu": mean,
             "median_hu": median,
-            "bbox_voxels": (n > 0).then(|| json!({"min": lo, "max": hi})),
+            "bbox_voxels": bbox.map(|(lo, hi)| json!({"min": lo, "max": hi})),
         }));
     }
     // Lesions of the tumour and cyst classes.
@@ -146,9 +124,16 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
         if !LESION_CLASSES.contains(id) {
             continue;
         }
-        let mask: Vec<bool> = seg.masks[i].data().iter().map(|v| *v > 0).collect();
+        let mask = seg.masks[i].to_bools();
         let (labels, sizes) = label_components(&mask, shape);
-        let prob = seg.probabilities[i].as_ref();
+        // Probability sums per lesion, from the probabilities at the mask's voxels.
+        let prob_sums = seg.lesion_probabilities[i].as_ref().map(|p| {
+            let mut sums = vec![0f64; sizes.len()];
+            for (v, pv) in seg.masks[i].voxels().zip(p) {
+                sums[labels[v] as usize] += f64::from(*pv);
+            }
+            sums
+        });
         let mut members: Vec<Vec<usize>> = sizes.iter().map(|s| Vec::with_capacity(*s)).collect();
         members[0] = Vec::new();
         for (v, l) in labels.iter().enumerate() {
@@ -157,7 +142,7 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
             }
         }
         let mut list = Vec::new();
-        for voxels in members.into_iter().skip(1) {
+        for (lab, voxels) in members.into_iter().enumerate().skip(1) {
             let world: Vec<[f64; 3]> = voxels
                 .iter()
                 .map(|v| {
@@ -185,19 +170,14 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
                 if *oid > 25 {
                     continue;
                 }
-                let overlap = voxels
-                    .iter()
-                    .filter(|v| seg.masks[j].data()[**v] > 0)
-                    .count();
+                let overlap = voxels.iter().filter(|v| seg.masks[j].contains(**v)).count();
                 if overlap > host.1 {
                     host = (*oid, overlap);
                 }
             }
-            let mean_p = prob.map(|p| {
-                voxels.iter().map(|v| f64::from(p.data()[*v])).sum::<f64>()
-                    / voxels.len() as f64
-                    / 255.0
-            });
+            let mean_p = prob_sums
+                .as_ref()
+                .map(|s| s[lab] / voxels.len() as f64 / 255.0);
             list.push(json!({
                 "voxels": voxels.len(),
                 "volume_ml": voxels.len() as f64 * vml,
@@ -281,7 +261,11 @@ pub fn write_outputs(
             std::fs::create_dir_all(&d).map_err(|e| werr(&d, e))?;
             for (i, id) in seg.classes.iter().enumerate() {
                 let p = d.join(format!("{}.nii.gz", slug(&class_name(*id))));
-                write_nifti(&p, &seg.masks[i], &wo).map_err(|e| werr(&p, e))?;
+                let m = seg
+                    .label_map
+                    .with_data(seg.masks[i].to_u8())
+                    .map_err(|e| werr(&p, e))?;
+                write_nifti(&p, &m, &wo).map_err(|e| werr(&p, e))?;
             }
         }
         if opts.probabilities {
@@ -318,7 +302,7 @@ pub fn write_outputs(
                 safetensors::serialize([("logits", view)], Some(meta)).map_err(|e| werr(&p, e))?;
             std::fs::write(&p, data).map_err(|e| werr(&p, e))?;
         }
-        let named: Vec<(usize, String, &Volume<u8>)> = seg
+        let named: Vec<(usize, String, &ClassMask)> = seg
             .classes
             .iter()
             .zip(&seg.masks)

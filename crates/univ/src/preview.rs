@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use univ_io::png::Canvas;
-use univ_io::{OrientTransform, Volume};
+use univ_io::{ClassMask, OrientTransform, Volume};
 
 /// 32 distinguishable colours, one per universal class (cycled beyond).
 const PALETTE: [[u8; 3]; 32] = [
@@ -115,31 +115,34 @@ fn slices<T: Copy + Default>(
 pub fn write_preview(
     path: &Path,
     ct: &Volume<f32>,
-    masks: &[(usize, String, &Volume<u8>)],
+    masks: &[(usize, String, &ClassMask)],
 ) -> std::io::Result<()> {
     let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    if let Some((_, _, m)) = masks.iter().find(|(_, _, m)| m.shape() != ct.shape()) {
+        return Err(bad(format!(
+            "a mask of shape {:?} for a CT of shape {:?}",
+            m.shape(),
+            ct.shape()
+        )));
+    }
     let orient = OrientTransform::to_axcodes(ct.affine(), ct.shape(), "RAS")
         .map_err(|e| bad(e.to_string()))?;
+    // One class at a time in RAS order (a full-grid copy each, released at once).
+    let to_ras = |m: &ClassMask| -> std::io::Result<Volume<u8>> {
+        let v = ct.with_data(m.to_u8()).map_err(|e| bad(e.to_string()))?;
+        orient.apply(v).map_err(|e| bad(e.to_string()))
+    };
     let ct = orient.apply(ct.clone()).map_err(|e| bad(e.to_string()))?;
     let shape = ct.shape();
     let sp = ct.spacing();
-    let ras: Vec<(usize, &String, Volume<u8>)> = masks
-        .iter()
-        .map(|(id, n, m)| {
-            Ok((
-                *id,
-                n,
-                orient.apply((*m).clone()).map_err(|e| bad(e.to_string()))?,
-            ))
-        })
-        .collect::<std::io::Result<_>>()?;
     // Centre on the largest organ (classes 1–25), else the volume's centre.
-    let largest = ras
+    let largest = masks
         .iter()
-        .filter(|(id, _, _)| *id <= 25)
-        .max_by_key(|(_, _, m)| m.data().iter().filter(|v| **v > 0).count());
+        .filter(|(id, _, m)| *id <= 25 && !m.is_empty())
+        .max_by_key(|(_, _, m)| m.count());
     let mut centre = shape.map(|s| s / 2);
     if let Some((_, _, m)) = largest {
+        let m = to_ras(m)?;
         let (mut s, mut n) = ([0f64; 3], 0f64);
         for (i, v) in m.data().iter().enumerate() {
             if *v > 0 {
@@ -160,10 +163,13 @@ pub fn write_preview(
         .map(|v| (((v + 175.0) / 425.0).clamp(0.0, 1.0) * 255.0) as u8)
         .collect();
     let ct_slices = slices(&gray, shape, sp, centre);
-    let mask_slices: Vec<(usize, [Slice<u8>; 3])> = ras
-        .iter()
-        .map(|(id, _, m)| (*id, slices(m.data(), shape, sp, centre)))
-        .collect();
+    let present: Vec<&(usize, String, &ClassMask)> =
+        masks.iter().filter(|(_, _, m)| !m.is_empty()).collect();
+    let mut mask_slices: Vec<(usize, [Slice<u8>; 3])> = Vec::new();
+    for (id, _, m) in &present {
+        let r = to_ras(m)?;
+        mask_slices.push((*id, slices(r.data(), shape, sp, centre)));
+    }
     // Each panel is drawn at a common pixel size: the finest spacing, at most 400 px a side.
     let px_mm = sp.iter().cloned().fold(f64::INFINITY, f64::min);
     let size = |s: &Slice<u8>| {
@@ -186,10 +192,6 @@ pub fn write_preview(
                 ((s[1] as f64) * fit) as usize,
             ]
         })
-        .collect();
-    let present: Vec<&(usize, &String, Volume<u8>)> = ras
-        .iter()
-        .filter(|(_, _, m)| m.data().iter().any(|v| *v > 0))
         .collect();
     let legend_h = 16 + 12 * present.len().div_ceil(3);
     let w = dims.iter().map(|d| d[0]).sum::<usize>() + 40;
