@@ -124,36 +124,63 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
         if !LESION_CLASSES.contains(id) {
             continue;
         }
-        let mask = seg.masks[i].to_bools();
-        let (labels, sizes) = label_components(&mask, shape);
+        // Streamed per lesion: labels, one flat list of voxel indices grouped by lesion, and
+        // a few numbers per lesion; no per-voxel coordinates are kept.
+        let (labels, sizes) = label_components(&seg.masks[i].to_bools(), shape);
+        let nl = sizes.len();
+        let mut start = vec![0usize; nl + 1];
+        for l in 1..nl {
+            start[l + 1] = start[l] + sizes[l];
+        }
+        let mut flat = vec![0usize; start[nl]];
+        let mut fill = start.clone();
+        let mut sum_ijk = vec![[0f64; 3]; nl];
+        for v in seg.masks[i].voxels() {
+            let l = labels[v] as usize;
+            flat[fill[l]] = v;
+            fill[l] += 1;
+            let ijk = first.unravel(v);
+            for a in 0..3 {
+                sum_ijk[l][a] += ijk[a] as f64;
+            }
+        }
         // Probability sums per lesion, from the probabilities at the mask's voxels.
         let prob_sums = seg.lesion_probabilities[i].as_ref().map(|p| {
-            let mut sums = vec![0f64; sizes.len()];
+            let mut sums = vec![0f64; nl];
             for (v, pv) in seg.masks[i].voxels().zip(p) {
                 sums[labels[v] as usize] += f64::from(*pv);
             }
             sums
         });
-        let mut members: Vec<Vec<usize>> = sizes.iter().map(|s| Vec::with_capacity(*s)).collect();
-        members[0] = Vec::new();
-        for (v, l) in labels.iter().enumerate() {
-            if *l > 0 {
-                members[*l as usize].push(v);
+        // Host organ: the computed organ (1–25) overlapping the lesion most (the first in
+        // class order on ties).
+        let mut host = vec![(0usize, 0usize); nl];
+        let mut overlap = vec![0usize; nl];
+        for (j, oid) in seg.classes.iter().enumerate() {
+            if *oid > 25 {
+                continue;
+            }
+            overlap.fill(0);
+            for v in seg.masks[j].voxels() {
+                overlap[labels[v] as usize] += 1;
+            }
+            for l in 1..nl {
+                if overlap[l] > host[l].1 {
+                    host[l] = (*oid, overlap[l]);
+                }
             }
         }
+        drop(labels);
+        let world =
+            |v: usize| univ_io::geometry::apply(first.affine(), first.unravel(v).map(|c| c as f64));
         let mut list = Vec::new();
-        for (lab, voxels) in members.into_iter().enumerate().skip(1) {
-            let world: Vec<[f64; 3]> = voxels
-                .iter()
-                .map(|v| {
-                    univ_io::geometry::apply(first.affine(), first.unravel(*v).map(|c| c as f64))
-                })
-                .collect();
-            let centroid =
-                [0, 1, 2].map(|a| world.iter().map(|p| p[a]).sum::<f64>() / world.len() as f64);
+        for lab in 1..nl {
+            let voxels = &flat[start[lab]..start[lab + 1]];
+            let n = voxels.len() as f64;
+            let centroid = univ_io::geometry::apply(first.affine(), sum_ijk[lab].map(|s| s / n));
             // Longest diameter over at most 2000 evenly spaced voxels (exact for small lesions).
-            let step = world.len().div_ceil(2000).max(1);
-            let pts: Vec<&[f64; 3]> = world.iter().step_by(step).collect();
+            let step = voxels.len().div_ceil(2000).max(1);
+            let pts: Vec<[f64; 3]> = voxels.iter().step_by(step).map(|v| world(*v)).collect();
             let mut diam = 0f64;
             for a in 0..pts.len() {
                 for b in a + 1..pts.len() {
@@ -164,26 +191,13 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
                     diam = diam.max(d);
                 }
             }
-            // Host organ: the computed organ (1–25) overlapping the lesion most.
-            let mut host = (0usize, 0usize);
-            for (j, oid) in seg.classes.iter().enumerate() {
-                if *oid > 25 {
-                    continue;
-                }
-                let overlap = voxels.iter().filter(|v| seg.masks[j].contains(**v)).count();
-                if overlap > host.1 {
-                    host = (*oid, overlap);
-                }
-            }
-            let mean_p = prob_sums
-                .as_ref()
-                .map(|s| s[lab] / voxels.len() as f64 / 255.0);
+            let mean_p = prob_sums.as_ref().map(|s| s[lab] / n / 255.0);
             list.push(json!({
                 "voxels": voxels.len(),
-                "volume_ml": voxels.len() as f64 * vml,
+                "volume_ml": n * vml,
                 "longest_diameter_mm": diam,
                 "centroid_mm": centroid,
-                "host_organ": (host.0 > 0).then(|| class_name(host.0)),
+                "host_organ": (host[lab].0 > 0).then(|| class_name(host[lab].0)),
                 "mean_probability": mean_p,
             }));
         }
