@@ -13,6 +13,7 @@
 //! `K × roi × Y × Z` values, not `K × X × Y × Z`.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -192,19 +193,22 @@ pub fn sliding_window_inference(
             }
             let m = PLANES_PER_CALL.min(hi - lo);
             out.resize(k * m * dims[1] * dims[2], 0.0);
-            for c in 0..k {
-                for (i, px) in (lo..lo + m).enumerate() {
-                    let sx = px - *s0;
-                    for y in 0..dims[1] {
-                        let row = (c * slab + sx) * plane + (y + before[1]) * pz + before[2];
-                        let drow = sx * plane + (y + before[1]) * pz + before[2];
-                        let o = ((c * m + i) * dims[1] + y) * dims[2];
-                        for z in 0..dims[2] {
-                            out[o + z] = num[row + z] / den[drow + z];
+            let (num, den, s0) = (&*num, &*den, *s0);
+            out.par_chunks_mut(m * dims[1] * dims[2])
+                .enumerate()
+                .for_each(|(c, oc)| {
+                    for (i, px) in (lo..lo + m).enumerate() {
+                        let sx = px - s0;
+                        for y in 0..dims[1] {
+                            let row = (c * slab + sx) * plane + (y + before[1]) * pz + before[2];
+                            let drow = sx * plane + (y + before[1]) * pz + before[2];
+                            let o = (i * dims[1] + y) * dims[2];
+                            for z in 0..dims[2] {
+                                oc[o + z] = num[row + z] / den[drow + z];
+                            }
                         }
                     }
-                }
-            }
+                });
             sink(lo - before[0], &out)?;
         }
         // Shift the slab by n planes and clear the freed tail.
@@ -268,18 +272,20 @@ pub fn sliding_window_inference(
         let logits = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
             let lj = &logits[j * k * wlen..(j + 1) * k * wlen];
-            for c in 0..k {
-                for x in 0..roi[0] {
-                    for yy in 0..roi[1] {
-                        let src = ((c * roi[0] + x) * roi[1] + yy) * roi[2];
-                        let w = (x * roi[1] + yy) * roi[2];
-                        let dst = ((c * slab + (sx + x - s0)) * py + sy + yy) * pz + sz;
-                        for z in 0..roi[2] {
-                            num[dst + z] += weights[w + z] * lj[src + z];
+            // Classes in parallel: each owns its part of the slab.
+            num.par_chunks_mut(slab * plane)
+                .zip(lj.par_chunks(wlen))
+                .for_each(|(nc, lc)| {
+                    for x in 0..roi[0] {
+                        for yy in 0..roi[1] {
+                            let src = (x * roi[1] + yy) * roi[2];
+                            let dst = ((sx + x - s0) * py + sy + yy) * pz + sz;
+                            for z in 0..roi[2] {
+                                nc[dst + z] += weights[src + z] * lc[src + z];
+                            }
                         }
                     }
-                }
-            }
+                });
             for x in 0..roi[0] {
                 for yy in 0..roi[1] {
                     let w = (x * roi[1] + yy) * roi[2];

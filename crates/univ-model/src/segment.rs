@@ -61,6 +61,50 @@ pub struct NetworkLogits {
     pub shape: [usize; 4],
 }
 
+/// Probabilities (× 255) of some voxels of a grid of `n`: (voxel, value) pairs while they take
+/// less room than one byte per voxel, then a whole map (so never more than `n` bytes).
+enum SparseProbs {
+    Pairs(usize, Vec<u32>, Vec<u8>),
+    Dense(Vec<u8>),
+}
+
+impl SparseProbs {
+    fn new(n: usize) -> Self {
+        SparseProbs::Pairs(n, Vec::new(), Vec::new())
+    }
+
+    fn set(&mut self, v: usize, p: u8) {
+        match self {
+            SparseProbs::Pairs(n, idx, val) => {
+                // Five bytes a pair, plus the vectors' spare capacity: go dense at n/10 pairs.
+                if idx.len() >= *n / 10 {
+                    let mut dense =
+                        std::mem::replace(self, SparseProbs::Dense(Vec::new())).into_dense();
+                    dense[v] = p;
+                    *self = SparseProbs::Dense(dense);
+                } else {
+                    idx.push(v as u32);
+                    val.push(p);
+                }
+            }
+            SparseProbs::Dense(d) => d[v] = p,
+        }
+    }
+
+    fn into_dense(self) -> Vec<u8> {
+        match self {
+            SparseProbs::Pairs(n, idx, val) => {
+                let mut d = vec![0u8; n];
+                for (v, p) in idx.into_iter().zip(val) {
+                    d[v as usize] = p;
+                }
+                d
+            }
+            SparseProbs::Dense(d) => d,
+        }
+    }
+}
+
 /// What [`segment`] produces.
 #[derive(Debug, Clone)]
 pub struct Segmentation {
@@ -165,7 +209,7 @@ pub fn segment(
     let keep_prob: Vec<bool> = classes.iter().map(|_| opts.keep_probabilities).collect();
     let lesion: Vec<bool> = classes.iter().map(|c| LESION_CLASSES.contains(c)).collect();
     let sparse_ok = u32::try_from(n).is_ok();
-    let mut sparse_probs: Vec<Vec<(u32, u8)>> = vec![Vec::new(); k];
+    let mut sparse_probs: Vec<SparseProbs> = (0..k).map(|_| SparseProbs::new(n)).collect();
     // One bit per voxel and class while the windows run (32 classes of a 10-million-voxel
     // grid: 42 MB instead of 335 MB of booleans); unpacked for the post-processing, when the
     // network's memory is free again.
@@ -208,7 +252,7 @@ pub fn segment(
                             if !probs_pre[c].is_empty() {
                                 probs_pre[c][v] = sigmoid_u8(l);
                             } else if lesion[c] && l > cut[c] {
-                                sparse_probs[c].push((v as u32, sigmoid_u8(l)));
+                                sparse_probs[c].set(v, sigmoid_u8(l));
                             }
                         }
                         if let Some(buf) = logits.as_mut() {
@@ -292,10 +336,7 @@ pub fn segment(
             Some(mask.voxels().map(|v| p.data()[v]).collect())
         } else {
             // The pairs put back on a transient map, taken to the input grid, read at the mask.
-            let mut dense = vec![0u8; n];
-            for (v, p) in std::mem::take(&mut sparse_probs[i]) {
-                dense[v as usize] = p;
-            }
+            let dense = std::mem::replace(&mut sparse_probs[i], SparseProbs::new(0)).into_dense();
             let p = to_input(dense)?;
             Some(mask.voxels().map(|v| p.data()[v]).collect())
         });
