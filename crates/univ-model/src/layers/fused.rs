@@ -102,6 +102,16 @@ impl NormStats {
         }
     }
 
+    /// `(scale, shift)` that normalise row `row` and apply the channel's affine `w`, `b`.
+    #[inline]
+    fn row_affine(&self, row: usize, w: Option<&[f32]>, b: Option<&[f32]>) -> (f32, f32) {
+        let g = self.group_of(row);
+        let ch = row % self.c;
+        let scale = self.inv[g] * w.map_or(1.0, |w| f64::from(w[ch]));
+        let shift = b.map_or(0.0, |b| f64::from(b[ch])) - self.mean[g] * scale;
+        (scale as f32, shift as f32)
+    }
+
     pub(crate) fn compute(data: &[f32], n: usize, c: usize, kind: NormKind, eps: f64) -> Self {
         let m = data.len() / (n * c).max(1);
         let ngroups = match kind {
@@ -168,11 +178,7 @@ pub(crate) fn norm_act_slice(
         .zip(data.par_chunks(m))
         .enumerate()
         .for_each(|(row, (o, r))| {
-            let g = st.group_of(row);
-            let ch = row % c;
-            let scale = st.inv[g] * w.map_or(1.0, |w| f64::from(w[ch]));
-            let shift = b.map_or(0.0, |b| f64::from(b[ch])) - st.mean[g] * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
+            let (scale, shift) = st.row_affine(row, w, b);
             for (ov, v) in o.iter_mut().zip(r) {
                 *ov = act.apply(v * scale + shift);
             }
@@ -196,11 +202,7 @@ fn norm_act_in_place(
     data.par_chunks_mut(st.m.max(1))
         .enumerate()
         .for_each(|(row, r)| {
-            let g = st.group_of(row);
-            let ch = row % c;
-            let scale = st.inv[g] * w.map_or(1.0, |w| f64::from(w[ch]));
-            let shift = b.map_or(0.0, |b| f64::from(b[ch])) - st.mean[g] * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
+            let (scale, shift) = st.row_affine(row, w, b);
             for v in r.iter_mut() {
                 *v = act.apply(*v * scale + shift);
             }
