@@ -76,12 +76,6 @@ pub struct OutputOptions {
     pub report_extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// The label map: class ids painted in increasing order, so tumours and cysts (26–32) lie over
-/// their organ (`None` when no class was computed).
-pub fn label_map(seg: &Segmentation) -> Option<Volume<u8>> {
-    (!seg.masks.is_empty()).then(|| seg.label_map.clone())
-}
-
 fn voxel_volume_ml(v: &Volume<u8>) -> f64 {
     let a = v.affine();
     let m = univ_io::geometry::linear_part(a);
@@ -135,7 +129,11 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
         let mut flat = vec![0usize; start[nl]];
         let mut fill = start.clone();
         let mut sum_ijk = vec![[0f64; 3]; nl];
-        for v in seg.masks[i].voxels() {
+        // Probability sums per lesion, from the probabilities at the mask's voxels (given in
+        // the same order as the voxels).
+        let probs = seg.lesion_probabilities[i].as_deref();
+        let mut prob_sums = probs.map(|_| vec![0f64; nl]);
+        for (j, v) in seg.masks[i].voxels().enumerate() {
             let l = labels[v] as usize;
             flat[fill[l]] = v;
             fill[l] += 1;
@@ -143,15 +141,10 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> serde_json::Value {
             for a in 0..3 {
                 sum_ijk[l][a] += ijk[a] as f64;
             }
-        }
-        // Probability sums per lesion, from the probabilities at the mask's voxels.
-        let prob_sums = seg.lesion_probabilities[i].as_ref().map(|p| {
-            let mut sums = vec![0f64; nl];
-            for (v, pv) in seg.masks[i].voxels().zip(p) {
-                sums[labels[v] as usize] += f64::from(*pv);
+            if let (Some(s), Some(p)) = (prob_sums.as_mut(), probs) {
+                s[l] += f64::from(p[j]);
             }
-            sums
-        });
+        }
         // Host organ: the computed organ (1–25) overlapping the lesion most (the first in
         // class order on ties).
         let mut host = vec![(0usize, 0usize); nl];
@@ -254,9 +247,9 @@ pub fn write_outputs(
     let result = (|| -> Result<(), OutputError> {
         std::fs::create_dir_all(&tmp).map_err(|e| werr(&tmp, e))?;
         let wo = WriteOptions::default();
-        if let Some(lab) = label_map(seg) {
+        if !seg.masks.is_empty() {
             let p = tmp.join("segmentation.nii.gz");
-            write_nifti(&p, &lab, &wo).map_err(|e| werr(&p, e))?;
+            write_nifti(&p, &seg.label_map, &wo).map_err(|e| werr(&p, e))?;
         }
         let table: Vec<serde_json::Value> = seg
             .classes

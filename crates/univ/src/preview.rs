@@ -141,8 +141,10 @@ pub fn write_preview(
         .filter(|(id, _, m)| *id <= 25 && !m.is_empty())
         .max_by_key(|(_, _, m)| m.count());
     let mut centre = shape.map(|s| s / 2);
-    if let Some((_, _, m)) = largest {
-        let m = to_ras(m)?;
+    let largest_ras = largest
+        .map(|(id, _, m)| to_ras(m).map(|r| (*id, r)))
+        .transpose()?;
+    if let Some((_, m)) = &largest_ras {
         let (mut s, mut n) = ([0f64; 3], 0f64);
         for (i, v) in m.data().iter().enumerate() {
             if *v > 0 {
@@ -167,8 +169,11 @@ pub fn write_preview(
         masks.iter().filter(|(_, _, m)| !m.is_empty()).collect();
     let mut mask_slices: Vec<(usize, [Slice<u8>; 3])> = Vec::new();
     for (id, _, m) in &present {
-        let r = to_ras(m)?;
-        mask_slices.push((*id, slices(r.data(), shape, sp, centre)));
+        let sl = match &largest_ras {
+            Some((lid, r)) if lid == id => slices(r.data(), shape, sp, centre),
+            _ => slices(to_ras(m)?.data(), shape, sp, centre),
+        };
+        mask_slices.push((*id, sl));
     }
     // Each panel is drawn at a common pixel size: the finest spacing, at most 400 px a side.
     let px_mm = sp.iter().cloned().fold(f64::INFINITY, f64::min);
