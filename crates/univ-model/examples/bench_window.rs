@@ -272,7 +272,7 @@ fn main() -> anyhow::Result<()> {
     let reps: usize = get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(2);
     let only = get("--only");
     if let Some(mb) = get("--slab-mb") {
-        univ_model::layers::conv::set_slab_bytes(mb.parse::<usize>()? << 20);
+        univ_model::runtime::set_slab_bytes(mb.parse::<usize>()? << 20);
     }
     let peak = fma_peak();
     println!(

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use univ_model::layers::conv3d;
+use univ_model::ops::conv3d;
 
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;

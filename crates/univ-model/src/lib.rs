@@ -4,13 +4,15 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod checkpoint;
-pub mod cpu;
+pub(crate) mod cpu;
 pub mod error;
 pub mod hub;
 pub mod inferers;
 pub mod layers;
 pub mod nets;
+pub mod ops;
 pub mod postprocess;
+pub mod runtime;
 pub mod segment;
 
 pub use checkpoint::{Checkpoint, LoadReport};

@@ -183,7 +183,10 @@ pub fn segment(
         }
     };
     timings.push(("preprocess".to_string(), t.elapsed().as_secs_f64()));
-    let mut peak_memory = vec![("preprocess".to_string(), crate::cpu::peak_resident_bytes())];
+    let mut peak_memory = vec![(
+        "preprocess".to_string(),
+        crate::runtime::peak_resident_bytes(),
+    )];
 
     let t = Instant::now();
     let dims = pre_image.shape();
@@ -270,7 +273,10 @@ pub fn segment(
         },
     )?;
     timings.push(("sliding window".to_string(), t.elapsed().as_secs_f64()));
-    peak_memory.push(("sliding window".into(), crate::cpu::peak_resident_bytes()));
+    peak_memory.push((
+        "sliding window".into(),
+        crate::runtime::peak_resident_bytes(),
+    ));
 
     // Post-processing by universal class id.
     let t = Instant::now();
@@ -293,7 +299,7 @@ pub fn segment(
     drop(by_id);
     notes.extend(pnotes);
     timings.push(("post-process".to_string(), t.elapsed().as_secs_f64()));
-    peak_memory.push(("post-process".into(), crate::cpu::peak_resident_bytes()));
+    peak_memory.push(("post-process".into(), crate::runtime::peak_resident_bytes()));
 
     // Back onto the input grid.
     let t = Instant::now();
@@ -362,7 +368,7 @@ pub fn segment(
     ));
     peak_memory.push((
         "map back to the input grid".into(),
-        crate::cpu::peak_resident_bytes(),
+        crate::runtime::peak_resident_bytes(),
     ));
     Ok(Segmentation {
         classes,

@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod shared;
 
 use candle_core::{DType, Device, Tensor, Var};
-use univ_model::layers;
+use univ_model::{layers, ops};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     // A small deterministic generator (xorshift), values in [-1, 1).
@@ -99,12 +99,12 @@ fn conv3d_matches_naive_reference() {
     ] {
         let x = rand(&shape, 1);
         let w = rand(&[o, shape[1], k, k, k], 2);
-        let ours = layers::conv3d(&x, &w, [pad; 3]).unwrap();
+        let ours = ops::conv3d(&x, &w, [pad; 3]).unwrap();
         let want = naive_conv3d(&x, &w, pad);
         let d = max_abs_diff(&ours, &want);
         assert!(d < 1e-4, "{shape:?} k{k} p{pad}: {d}");
         if k == 3 || k == 1 {
-            let composed = layers::conv::conv3d_composed(&x, &w, [pad; 3]).unwrap();
+            let composed = ops::conv3d_composed(&x, &w, [pad; 3]).unwrap();
             assert!(max_abs_diff(&composed, &want) < 1e-4);
         }
     }
@@ -116,10 +116,10 @@ fn conv3d_gradients_match_composed_autograd_and_finite_differences() {
     let w = Var::from_tensor(&rand(&[4, 3, 3, 3, 3], 4)).unwrap();
     let r = rand(&[2, 4, 5, 4, 6], 5);
     let loss = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap();
-    let g_ours = loss(&layers::conv3d(&x, &w, [1; 3]).unwrap())
+    let g_ours = loss(&ops::conv3d(&x, &w, [1; 3]).unwrap())
         .backward()
         .unwrap();
-    let g_ref = loss(&layers::conv::conv3d_composed(&x, &w, [1; 3]).unwrap())
+    let g_ref = loss(&ops::conv3d_composed(&x, &w, [1; 3]).unwrap())
         .backward()
         .unwrap();
     let (gx, gw) = (g_ours.get(&x).unwrap(), g_ours.get(&w).unwrap());
@@ -136,7 +136,7 @@ fn conv3d_gradients_match_composed_autograd_and_finite_differences() {
         minus[i] -= eps;
         let f = |v: Vec<f32>| {
             let wt = Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap();
-            loss(&layers::conv3d(&x, &wt, [1; 3]).unwrap())
+            loss(&ops::conv3d(&x, &wt, [1; 3]).unwrap())
                 .to_scalar::<f32>()
                 .unwrap()
         };
@@ -149,10 +149,10 @@ fn conv3d_gradients_match_composed_autograd_and_finite_differences() {
     }
     // Kernel 1 (the residual projections).
     let w1 = Var::from_tensor(&rand(&[4, 3, 1, 1, 1], 6)).unwrap();
-    let g1 = loss(&layers::conv3d(&x, &w1, [0; 3]).unwrap())
+    let g1 = loss(&ops::conv3d(&x, &w1, [0; 3]).unwrap())
         .backward()
         .unwrap();
-    let g1r = loss(&layers::conv::conv3d_composed(&x, &w1, [0; 3]).unwrap())
+    let g1r = loss(&ops::conv3d_composed(&x, &w1, [0; 3]).unwrap())
         .backward()
         .unwrap();
     assert!(max_abs_diff(g1.get(&x).unwrap(), g1r.get(&x).unwrap()) < 1e-4);
@@ -164,7 +164,7 @@ fn patchify_and_transposed_conv_match_references() {
     // Kernel-2 stride-2 convolution = a stride-1 convolution sampled at even positions.
     let x = rand(&[1, 2, 4, 6, 8], 6);
     let w = rand(&[3, 2, 2, 2, 2], 7);
-    let p = layers::conv3d_patchify(&x, &w).unwrap();
+    let p = ops::conv3d_patchify(&x, &w).unwrap();
     let full = naive_conv3d(&x, &w, 0);
     let pick = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
     let sampled = full
@@ -179,7 +179,7 @@ fn patchify_and_transposed_conv_match_references() {
     // Transposed conv k2 s2: every output voxel gets one input voxel times one tap.
     let x = rand(&[1, 3, 2, 3, 2], 8);
     let w = rand(&[3, 2, 2, 2, 2], 9);
-    let y = layers::conv_transpose3d_k_eq_s(&x, &w).unwrap();
+    let y = ops::conv_transpose3d_k_eq_s(&x, &w).unwrap();
     assert_eq!(y.dims(), &[1, 2, 4, 6, 4]);
     let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -242,43 +242,39 @@ fn fd_check(f: impl Fn(&Tensor) -> Tensor, shape: &[usize], seed: u64) {
 fn norms_and_activations_have_correct_gradients() {
     let sh = [2, 4, 3, 3, 2];
     let f64r = |s: &[usize], seed| rand(s, seed).to_dtype(DType::F64).unwrap();
-    fd_check(|x| layers::instance_norm(x, 1e-5).unwrap(), &sh, 10);
+    fd_check(|x| ops::instance_norm(x, 1e-5).unwrap(), &sh, 10);
     let w = f64r(&[4], 11);
     let b = f64r(&[4], 12);
     fd_check(
-        |x| layers::group_norm(x, 2, Some(&w), Some(&b), 1e-5).unwrap(),
+        |x| ops::group_norm(x, 2, Some(&w), Some(&b), 1e-5).unwrap(),
         &sh,
         13,
     );
     fd_check(
-        |x| layers::batch_norm_batch_stats(x, Some(&w), Some(&b), 1e-5).unwrap(),
+        |x| ops::batch_norm_batch_stats(x, Some(&w), Some(&b), 1e-5).unwrap(),
         &sh,
         14,
     );
     let lw = f64r(&[2], 15);
     fd_check(
-        |x| layers::layer_norm(x, Some(&lw), Some(&lw), 1e-5).unwrap(),
+        |x| ops::layer_norm(x, Some(&lw), Some(&lw), 1e-5).unwrap(),
         &sh,
         16,
     );
-    fd_check(|x| layers::gelu(x).unwrap(), &sh, 17);
-    fd_check(|x| layers::leaky_relu(x, 0.01).unwrap(), &sh, 18);
-    fd_check(|x| layers::adaptive_avg_pool3d_1(x).unwrap(), &sh, 19);
+    fd_check(|x| ops::gelu(x).unwrap(), &sh, 17);
+    fd_check(|x| ops::leaky_relu(x, 0.01).unwrap(), &sh, 18);
+    fd_check(|x| ops::adaptive_avg_pool3d_1(x).unwrap(), &sh, 19);
     let wt = f64r(&[4, 3, 2, 2, 2], 20);
-    fd_check(
-        |x| layers::conv_transpose3d_k_eq_s(x, &wt).unwrap(),
-        &sh,
-        21,
-    );
+    fd_check(|x| ops::conv_transpose3d_k_eq_s(x, &wt).unwrap(), &sh, 21);
     let wp = f64r(&[3, 4, 1, 1, 2], 22);
-    fd_check(|x| layers::conv3d_patchify(x, &wp).unwrap(), &sh, 23);
+    fd_check(|x| ops::conv3d_patchify(x, &wp).unwrap(), &sh, 23);
 }
 
 #[test]
 fn norms_match_direct_formulas() {
     let x = rand(&[2, 4, 3, 3, 2], 30);
     let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let y = layers::instance_norm(&x, 1e-5)
+    let y = ops::instance_norm(&x, 1e-5)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -294,7 +290,7 @@ fn norms_match_direct_formulas() {
         }
     }
     // Batch statistics pool the batch: channel 0 of both samples.
-    let bn = layers::batch_norm_batch_stats(&x, None, None, 1e-5).unwrap();
+    let bn = ops::batch_norm_batch_stats(&x, None, None, 1e-5).unwrap();
     let ch0: Vec<f64> = (0..2)
         .flat_map(|b| v[b * 72..b * 72 + 18].iter().map(|a| f64::from(*a)))
         .collect();
@@ -307,7 +303,7 @@ fn norms_match_direct_formulas() {
 #[test]
 fn max_pool_forward_and_first_max_gradient() {
     let x = rand(&[1, 2, 4, 4, 6], 40);
-    let y = layers::max_pool3d_2(&x).unwrap();
+    let y = ops::max_pool3d_2(&x).unwrap();
     let want = x
         .reshape(vec![1, 2, 2, 2, 2, 2, 3, 2])
         .unwrap()
@@ -321,7 +317,7 @@ fn max_pool_forward_and_first_max_gradient() {
     // Ties: a window of equal values sends the whole gradient to its first voxel (PyTorch).
     let z = Var::from_tensor(&Tensor::zeros((1, 1, 2, 2, 2), DType::F32, &Device::Cpu).unwrap())
         .unwrap();
-    let g = layers::max_pool3d_2(&z)
+    let g = ops::max_pool3d_2(&z)
         .unwrap()
         .sum_all()
         .unwrap()
@@ -336,7 +332,7 @@ fn max_pool_forward_and_first_max_gradient() {
         .unwrap();
     assert_eq!(gz, vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
     let xv = Var::from_tensor(&x).unwrap();
-    let g = layers::max_pool3d_2(&xv)
+    let g = ops::max_pool3d_2(&xv)
         .unwrap()
         .sum_all()
         .unwrap()
@@ -667,7 +663,7 @@ fn named_checkpoints_resolve_from_the_hf_cache_offline() {
 
 #[test]
 fn fused_inference_kernels_match_the_composed_operations() {
-    use univ_model::layers::{Act, NormKind, norm_act};
+    use univ_model::ops::{Act, NormKind, norm_act};
     let x = (rand(&[2, 8, 5, 4, 3], 50) * 3.0).unwrap();
     let w = rand(&[8], 51);
     let b = rand(&[8], 52);
@@ -684,9 +680,9 @@ fn fused_inference_kernels_match_the_composed_operations() {
     // The dynamic head: fused kernel vs batched matmuls (tracked params force the latter).
     let f = rand(&[2, 8, 3, 5, 7], 53);
     let p = (rand(&[2, 5, 153], 54) * 0.5).unwrap();
-    let fused = univ_model::nets::dynamic_head(&f, &p).unwrap();
+    let fused = univ_model::ops::dynamic_head(&f, &p).unwrap();
     let pv = Var::from_tensor(&p).unwrap();
-    let composed = univ_model::nets::dynamic_head(&f, &pv).unwrap();
+    let composed = univ_model::ops::dynamic_head(&f, &pv).unwrap();
     assert!(max_abs_diff(&fused, &composed) < 1e-5);
     // And the explicit per-class formula of spec §1.2 at one voxel.
     let fv = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -715,9 +711,9 @@ fn fused_transposed_conv_matches_the_composed_path() {
     ts.insert("weight".to_string(), w.clone());
     ts.insert("bias".to_string(), b.clone());
     let vb = candle_nn::VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
-    let m = layers::ConvTranspose3d::load(vb, 5, 7, 2, true).unwrap();
+    let m = layers::ConvTranspose3d::load(vb, 5, 7, 2, Default::default()).unwrap();
     let fused = m.forward(&x).unwrap();
-    let composed = layers::conv_transpose3d_k_eq_s(&x, &w)
+    let composed = ops::conv_transpose3d_k_eq_s(&x, &w)
         .unwrap()
         .broadcast_add(&b.reshape((1, 7, 1, 1, 1)).unwrap())
         .unwrap();
@@ -734,7 +730,7 @@ fn strided_conv_module_matches_the_sampled_reference() {
     use candle_core::Module;
     let x = rand(&[1, 2, 7, 6, 5], 70);
     let w = rand(&[3, 2, 3, 3, 3], 71);
-    let conv = layers::Conv3d::new(w.clone(), None, 1, 2).unwrap();
+    let conv = layers::Conv3d::new(w.clone(), None, conv_cfg(1, 2)).unwrap();
     let y = conv.forward(&x).unwrap();
     // PyTorch: out = floor((n + 2p - k) / s) + 1.
     assert_eq!(y.dims(), &[1, 3, 4, 3, 3]);
@@ -748,7 +744,7 @@ fn strided_conv_module_matches_the_sampled_reference() {
         .index_select(&pick(&[0, 2, 4]), 4)
         .unwrap();
     assert!(max_abs_diff(&y, &want) < 1e-4);
-    assert!(layers::Conv3d::new(w, None, 3, 2).is_err());
+    assert!(layers::Conv3d::new(w, None, conv_cfg(3, 2)).is_err());
 }
 
 #[test]
@@ -982,17 +978,17 @@ fn convolution_of_a_concatenation_needs_no_copy_and_matches() {
     let b = rand(&[1, 2, 6, 5, 4], 91);
     let w = rand(&[4, 5, 3, 3, 3], 92);
     let cat = Tensor::cat(&[&a, &b], 1).unwrap();
-    let want = layers::conv3d(&cat, &w, [1; 3]).unwrap();
-    let got = layers::conv::conv3d_concat(&[&a, &b], &w, [1; 3]).unwrap();
+    let want = ops::conv3d(&cat, &w, [1; 3]).unwrap();
+    let got = ops::conv3d_concat(&[&a, &b], &w, [1; 3]).unwrap();
     assert!(max_abs_diff(&got, &want) < 1e-5);
     // Tracked inputs take the concatenating, differentiable path.
     let av = Var::from_tensor(&a).unwrap();
-    let g = layers::conv::conv3d_concat(&[&av, &b], &w, [1; 3]).unwrap();
+    let g = ops::conv3d_concat(&[&av, &b], &w, [1; 3]).unwrap();
     assert!(g.track_op());
     assert!(max_abs_diff(&g, &want) < 1e-5);
     let w1 = rand(&[4, 5, 1, 1, 1], 93);
-    let got1 = layers::conv::conv3d_concat(&[&a, &b], &w1, [0; 3]).unwrap();
-    assert!(max_abs_diff(&got1, &layers::conv3d(&cat, &w1, [0; 3]).unwrap()) < 1e-5);
+    let got1 = ops::conv3d_concat(&[&a, &b], &w1, [0; 3]).unwrap();
+    assert!(max_abs_diff(&got1, &ops::conv3d(&cat, &w1, [0; 3]).unwrap()) < 1e-5);
 }
 
 /// Convolutions whose padded input is made a few planes at a time (a tiny budget forces one
@@ -1001,7 +997,8 @@ fn convolution_of_a_concatenation_needs_no_copy_and_matches() {
 #[test]
 fn convolutions_padded_block_by_block_match() {
     use candle_core::Module;
-    use layers::conv::{DEFAULT_SLAB_BYTES, set_slab_bytes};
+    use univ_model::nets::unet::up_then_concat_conv;
+    use univ_model::runtime::{DEFAULT_SLAB_BYTES, set_slab_bytes};
     let x = rand(&[2, 3, 7, 5, 6], 140);
     let w = rand(&[4, 3, 3, 3, 3], 141);
     let a = rand(&[1, 3, 7, 5, 6], 142);
@@ -1018,18 +1015,20 @@ fn convolutions_padded_block_by_block_match() {
     ts.insert("conv1.weight".to_string(), rand(&[5, 8, 1, 1, 1], 151));
     ts.insert("conv1.bias".to_string(), rand(&[5], 152));
     let vb = candle_nn::VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
-    let up = layers::ConvTranspose3d::load(vb.pp("up"), 3, 6, 2, true).unwrap();
-    let conv = layers::Conv3d::load(vb.pp("conv"), 8, 5, 3, 1, 1, true).unwrap();
-    let conv1 = layers::Conv3d::load(vb.pp("conv1"), 8, 5, 1, 0, 1, true).unwrap();
+    let up = layers::ConvTranspose3d::load(vb.pp("up"), 3, 6, 2, Default::default()).unwrap();
+    let pad1 = layers::Conv3dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv = layers::Conv3d::load(vb.pp("conv"), 8, 5, 3, pad1).unwrap();
+    let conv1 = layers::Conv3d::load(vb.pp("conv1"), 8, 5, 1, Default::default()).unwrap();
     let run = || {
         let upsampled = up.forward(&u).unwrap();
         (
-            layers::conv3d(&x, &w, [1; 3]).unwrap(),
-            layers::conv::conv3d_concat(&[&a, &b], &wc, [1; 3]).unwrap(),
-            up.forward_into_concat_conv(&u, &skip, &conv)
-                .unwrap()
-                .unwrap(),
-            up.forward_into_concat_conv(&u, &skip, &conv1)
+            ops::conv3d(&x, &w, [1; 3]).unwrap(),
+            ops::conv3d_concat(&[&a, &b], &wc, [1; 3]).unwrap(),
+            up_then_concat_conv(&up, &u, &skip, &conv).unwrap().unwrap(),
+            up_then_concat_conv(&up, &u, &skip, &conv1)
                 .unwrap()
                 .unwrap(),
             conv.forward_concat(&[&upsampled, &skip]).unwrap(),
@@ -1051,20 +1050,20 @@ fn convolutions_padded_block_by_block_match() {
     // Tracked inputs are not fused.
     let uv = Var::from_tensor(&u).unwrap();
     assert!(
-        up.forward_into_concat_conv(&uv, &skip, &conv)
+        up_then_concat_conv(&up, &uv, &skip, &conv)
             .unwrap()
             .is_none()
     );
     // Mismatched skip sizes are a shape error, not a panic.
     let bad = rand(&[1, 2, 8, 6, 5], 153);
-    assert!(up.forward_into_concat_conv(&u, &bad, &conv).is_err());
+    assert!(up_then_concat_conv(&up, &u, &bad, &conv).is_err());
 }
 
 /// The fused training operations (used for f32 tensors on the CPU when gradients are needed)
 /// against the composed operations in f64.
 #[test]
 fn fused_training_operations_have_the_composed_gradients() {
-    use univ_model::layers::{Act, NormKind};
+    use univ_model::ops::{Act, NormKind};
     let sh = [2usize, 4, 3, 3, 2];
     let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
         let a = a
@@ -1092,7 +1091,7 @@ fn fused_training_operations_have_the_composed_gradients() {
             let w = Var::from_tensor(&rand(&[4], 41)).unwrap();
             let b = Var::from_tensor(&rand(&[4], 42)).unwrap();
             let r = rand(&sh, 43);
-            let y = layers::norm_act(
+            let y = ops::norm_act(
                 x.as_tensor(),
                 kind,
                 Some(w.as_tensor()),
@@ -1110,19 +1109,19 @@ fn fused_training_operations_have_the_composed_gradients() {
                 to64(b.as_tensor()),
             );
             let z = match kind {
-                NormKind::Batch => layers::batch_norm_batch_stats(
+                NormKind::Batch => ops::batch_norm_batch_stats(
                     x64.as_tensor(),
                     Some(w64.as_tensor()),
                     Some(b64.as_tensor()),
                     1e-5,
                 ),
-                NormKind::Instance => layers::instance_norm(x64.as_tensor(), 1e-5).map(|n| {
+                NormKind::Instance => ops::instance_norm(x64.as_tensor(), 1e-5).map(|n| {
                     n.broadcast_mul(&w64.as_tensor().reshape((1, 4, 1, 1, 1)).unwrap())
                         .unwrap()
                         .broadcast_add(&b64.as_tensor().reshape((1, 4, 1, 1, 1)).unwrap())
                         .unwrap()
                 }),
-                NormKind::Group(gr) => layers::group_norm(
+                NormKind::Group(gr) => ops::group_norm(
                     x64.as_tensor(),
                     gr,
                     Some(w64.as_tensor()),
@@ -1154,10 +1153,9 @@ fn fused_training_operations_have_the_composed_gradients() {
     let f = Var::from_tensor(&rand(&[2, 8, 3, 4, 5], 50)).unwrap();
     let p = Var::from_tensor(&rand(&[2, 3, 153], 51)).unwrap();
     let r = rand(&[2, 3, 3, 4, 5], 52);
-    let y = univ_model::nets::universal::dynamic_head(f.as_tensor(), p.as_tensor()).unwrap();
+    let y = univ_model::ops::dynamic_head(f.as_tensor(), p.as_tensor()).unwrap();
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let y2 =
-        univ_model::nets::universal::dynamic_head_composed(f.as_tensor(), p.as_tensor()).unwrap();
+    let y2 = univ_model::ops::dynamic_head_composed(f.as_tensor(), p.as_tensor()).unwrap();
     let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(max_diff(&y, &y2) < 1e-5);
     for (v, name) in [(&f, "features"), (&p, "params")] {
@@ -1187,12 +1185,16 @@ fn fused_training_convolutions_have_the_composed_gradients() {
     let x = Var::from_tensor(&rand(&[2, 3, 5, 4, 6], 60)).unwrap();
     let w = Var::from_tensor(&rand(&[4, 3, 3, 3, 3], 61)).unwrap();
     let b = Var::from_tensor(&rand(&[4], 62)).unwrap();
-    let conv =
-        layers::Conv3d::new(w.as_tensor().clone(), Some(b.as_tensor().clone()), 1, 1).unwrap();
+    let conv = layers::Conv3d::new(
+        w.as_tensor().clone(),
+        Some(b.as_tensor().clone()),
+        conv_cfg(1, 1),
+    )
+    .unwrap();
     let y = conv.forward(x.as_tensor()).unwrap();
     let r = rand(y.dims(), 63);
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let y2 = layers::conv::conv3d_composed(x.as_tensor(), w.as_tensor(), [1; 3])
+    let y2 = ops::conv3d_composed(x.as_tensor(), w.as_tensor(), [1; 3])
         .unwrap()
         .broadcast_add(&bias5(b.as_tensor()))
         .unwrap();
@@ -1209,12 +1211,11 @@ fn fused_training_convolutions_have_the_composed_gradients() {
     let a = Var::from_tensor(&rand(&[2, 2, 4, 5, 3], 64)).unwrap();
     let c = Var::from_tensor(&rand(&[2, 3, 4, 5, 3], 65)).unwrap();
     let wc = Var::from_tensor(&rand(&[4, 5, 3, 3, 3], 66)).unwrap();
-    let y = layers::conv::conv3d_concat(&[a.as_tensor(), c.as_tensor()], wc.as_tensor(), [1; 3])
-        .unwrap();
+    let y = ops::conv3d_concat(&[a.as_tensor(), c.as_tensor()], wc.as_tensor(), [1; 3]).unwrap();
     let r = rand(y.dims(), 67);
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let cat = Tensor::cat(&[a.as_tensor(), c.as_tensor()], 1).unwrap();
-    let y2 = layers::conv::conv3d_composed(&cat, wc.as_tensor(), [1; 3]).unwrap();
+    let y2 = ops::conv3d_composed(&cat, wc.as_tensor(), [1; 3]).unwrap();
     let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(max_diff(&y, &y2) < 1e-4);
     for (v, name) in [(&a, "a"), (&c, "c"), (&wc, "w")] {
@@ -1227,14 +1228,14 @@ fn fused_training_convolutions_have_the_composed_gradients() {
     // Transposed convolution (k = s = 2) with bias.
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let up = layers::ConvTranspose3d::load(vb, 3, 4, 2, true).unwrap();
+    let up = layers::ConvTranspose3d::load(vb, 3, 4, 2, Default::default()).unwrap();
     let x = Var::from_tensor(&rand(&[2, 3, 3, 2, 4], 68)).unwrap();
     let y = up.forward(x.as_tensor()).unwrap();
     let r = rand(y.dims(), 69);
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let data = varmap.data().lock().unwrap();
     let (wt, bt) = (&data["weight"], &data["bias"]);
-    let y2 = layers::conv_transpose3d_k_eq_s(x.as_tensor(), wt.as_tensor())
+    let y2 = ops::conv_transpose3d_k_eq_s(x.as_tensor(), wt.as_tensor())
         .unwrap()
         .broadcast_add(&bias5(bt.as_tensor()))
         .unwrap();
@@ -1250,5 +1251,14 @@ fn fused_training_convolutions_have_the_composed_gradients() {
             d < 1e-4,
             "transposed conv: gradient of {name} differs by {d}"
         );
+    }
+}
+
+/// A convolution's settings from its padding and stride.
+fn conv_cfg(padding: usize, stride: usize) -> layers::Conv3dConfig {
+    layers::Conv3dConfig {
+        padding,
+        stride,
+        ..Default::default()
     }
 }

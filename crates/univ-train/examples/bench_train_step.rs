@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let threads = arg("--threads", 2);
     let base = arg("--base", 32);
     let batch = arg("--batch", 1);
-    univ_model::cpu::init_threads(Some(threads));
+    univ_model::runtime::init_threads(Some(threads));
     let verbose = std::env::var_os("UNIV_BENCH_VERBOSE").is_some();
     let dev = Device::Cpu;
     let mut cfg = UniversalConfig::universal_unet();

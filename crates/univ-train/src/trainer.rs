@@ -250,7 +250,7 @@ impl Trainer {
         }
         if let Some(p) = &cfg.model.embeddings {
             let e = load_embeddings(p)?;
-            if e.dims() != [cfg.model.classes, univ_model::nets::universal::TEXT_DIM] {
+            if e.dims() != [cfg.model.classes, univ_model::nets::TEXT_DIM] {
                 return Err(Error::Checkpoint {
                     path: p.clone(),
                     reason: format!(

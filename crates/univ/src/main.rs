@@ -276,7 +276,7 @@ fn main() -> ExitCode {
     };
     match threads {
         Some(n) => set_threads(n),
-        None => univ::model::cpu::init_threads(None),
+        None => univ::model::runtime::init_threads(None),
     }
     let result = match cli.command {
         Command::Info { file, json, dicom } => info(&file, json, &dicom),
@@ -411,7 +411,7 @@ fn set_threads(n: usize) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("UNIV_NUM_THREADS", n.to_string());
     }
-    univ::model::cpu::init_threads(Some(n));
+    univ::model::runtime::init_threads(Some(n));
 }
 
 fn info(path: &Path, json: bool, dicom: &DicomArgs) -> Result<()> {

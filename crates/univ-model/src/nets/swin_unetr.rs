@@ -1,5 +1,6 @@
-//! The Swin UNETR backbone of the Universal Model (`model/SwinUNETR.py` of
-//! ljwztc/CLIP-Driven-Universal-Model @ 43c1239 with MONAI 0.9.0's blocks; spec §1.3).
+//! The Swin UNETR backbone of the Universal Model (`model/SwinUNETR.py` of the official
+//! repository, ljwztc/CLIP-Driven-Universal-Model at commit 43c1239, built from MONAI 0.9.0's
+//! blocks).
 //!
 //! Quirks copied for checkpoint parity: MONAI 0.9.0's patch merging concatenates the strided
 //! sub-volumes in the order (000, 100, 010, 001, 101, 010, 001, 111) (two duplicated, two
@@ -12,9 +13,13 @@ use candle_core::{D, DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-use crate::layers::fused::add_act_owned;
-use crate::layers::norm::norm_act_owned;
-use crate::layers::{Act, Conv3d, ConvTranspose3d, LayerNorm, Linear, NormKind, layer_norm};
+use crate::layers::{
+    Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig, LayerNorm, Linear, LinearConfig,
+    NormConfig,
+};
+use crate::ops::elementwise::add_act_owned;
+use crate::ops::norm::norm_act_owned;
+use crate::ops::{Act, NormKind, layer_norm};
 
 /// Swin UNETR hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +82,10 @@ impl SwinUnetrConfig {
 }
 
 const LN_EPS: f64 = 1e-5;
+const LN: NormConfig = NormConfig {
+    eps: LN_EPS,
+    affine: true,
+};
 const IN_EPS: f64 = 1e-5;
 const MASK_VALUE: f64 = -100.0;
 
@@ -211,8 +220,8 @@ impl WindowAttention {
     fn new(vb: VarBuilder, dim: usize, heads: usize, window: usize) -> Result<Self> {
         let m = 2 * window - 1;
         Ok(WindowAttention {
-            qkv: Linear::load(vb.pp("qkv"), dim, 3 * dim, true)?,
-            proj: Linear::load(vb.pp("proj"), dim, dim, true)?,
+            qkv: Linear::load(vb.pp("qkv"), dim, 3 * dim, LinearConfig::default())?,
+            proj: Linear::load(vb.pp("proj"), dim, dim, LinearConfig::default())?,
             bias_table: vb.get_with_hints(
                 (m * m * m, heads),
                 "relative_position_bias_table",
@@ -312,12 +321,13 @@ struct SwinBlock {
 
 impl SwinBlock {
     fn new(vb: VarBuilder, dim: usize, heads: usize, window: usize, shifted: bool) -> Result<Self> {
+        let bias = LinearConfig::default();
         Ok(SwinBlock {
-            norm1: LayerNorm::load(vb.pp("norm1"), dim, LN_EPS)?,
+            norm1: LayerNorm::load(vb.pp("norm1"), dim, LN)?,
             attn: WindowAttention::new(vb.pp("attn"), dim, heads, window)?,
-            norm2: LayerNorm::load(vb.pp("norm2"), dim, LN_EPS)?,
-            linear1: Linear::load(vb.pp("mlp").pp("linear1"), dim, 4 * dim, true)?,
-            linear2: Linear::load(vb.pp("mlp").pp("linear2"), 4 * dim, dim, true)?,
+            norm2: LayerNorm::load(vb.pp("norm2"), dim, LN)?,
+            linear1: Linear::load(vb.pp("mlp").pp("linear1"), dim, 4 * dim, bias)?,
+            linear2: Linear::load(vb.pp("mlp").pp("linear2"), 4 * dim, dim, bias)?,
             shifted,
             window,
         })
@@ -378,8 +388,13 @@ struct PatchMerging {
 impl PatchMerging {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(PatchMerging {
-            norm: LayerNorm::load(vb.pp("norm"), 8 * dim, LN_EPS)?,
-            reduction: Linear::load(vb.pp("reduction"), 8 * dim, 2 * dim, false)?,
+            norm: LayerNorm::load(vb.pp("norm"), 8 * dim, LN)?,
+            reduction: Linear::load(
+                vb.pp("reduction"),
+                8 * dim,
+                2 * dim,
+                LinearConfig { bias: false },
+            )?,
         })
     }
 
@@ -475,7 +490,11 @@ pub struct SwinTransformer {
 impl SwinTransformer {
     fn new(vb: VarBuilder, cfg: &SwinUnetrConfig) -> Result<Self> {
         let fs = cfg.feature_size;
-        let patch_embed = Conv3d::load(vb.pp("patch_embed").pp("proj"), 1, fs, 2, 0, 2, true)?;
+        let patch = Conv3dConfig {
+            stride: 2,
+            ..Conv3dConfig::default()
+        };
+        let patch_embed = Conv3d::load(vb.pp("patch_embed").pp("proj"), 1, fs, 2, patch)?;
         let layers = (0..4)
             .map(|s| {
                 BasicLayer::new(
@@ -518,19 +537,20 @@ struct ResBlock {
 
 impl ResBlock {
     fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        let k3 = Conv3dConfig {
+            padding: 1,
+            bias: false,
+            ..Conv3dConfig::default()
+        };
+        let k1 = Conv3dConfig {
+            bias: false,
+            ..Conv3dConfig::default()
+        };
         Ok(ResBlock {
-            conv1: Conv3d::load(vb.pp("conv1").pp("conv"), cin, cout, 3, 1, 1, false)?,
-            conv2: Conv3d::load(vb.pp("conv2").pp("conv"), cout, cout, 3, 1, 1, false)?,
+            conv1: Conv3d::load(vb.pp("conv1").pp("conv"), cin, cout, 3, k3)?,
+            conv2: Conv3d::load(vb.pp("conv2").pp("conv"), cout, cout, 3, k3)?,
             conv3: if cin != cout {
-                Some(Conv3d::load(
-                    vb.pp("conv3").pp("conv"),
-                    cin,
-                    cout,
-                    1,
-                    0,
-                    1,
-                    false,
-                )?)
+                Some(Conv3d::load(vb.pp("conv3").pp("conv"), cin, cout, 1, k1)?)
             } else {
                 None
             },
@@ -572,7 +592,13 @@ struct UpBlock {
 impl UpBlock {
     fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
         Ok(UpBlock {
-            transp: ConvTranspose3d::load(vb.pp("transp_conv").pp("conv"), cin, cout, 2, false)?,
+            transp: ConvTranspose3d::load(
+                vb.pp("transp_conv").pp("conv"),
+                cin,
+                cout,
+                2,
+                ConvTranspose3dConfig { bias: false },
+            )?,
             block: ResBlock::new(vb.pp("conv_block"), 2 * cout, cout)?,
         })
     }

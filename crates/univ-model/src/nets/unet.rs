@@ -1,16 +1,23 @@
-//! The U-Net backbone of the Universal Model: the Models Genesis `UNet3D`
-//! (`model/Unet.py` of ljwztc/CLIP-Driven-Universal-Model @ 43c1239; spec §1.4).
+//! The U-Net backbone of the Universal Model: the Models Genesis `UNet3D` as the official
+//! repository (ljwztc/CLIP-Driven-Universal-Model, `model/Unet.py` at commit 43c1239) defines
+//! it: four down stages of two 3×3×3 convolutions with max pooling between them (channels
+//! base·(1→2, 2→4, 4→8, 8→16)), and three up stages that up-sample 2×2×2, concatenate the skip
+//! map and convolve twice.
 //!
 //! Every 3×3×3 convolution is followed by `ContBatchNorm3d`, which **always normalises with the
 //! statistics of the current batch**, also at inference; we copy that. Key names mirror the
 //! checkpoint: `down_tr64.ops.0.conv1.weight`, `down_tr64.ops.0.bn1.weight`, `up_tr256.up_conv.*`.
 
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::cpu::conv_transpose::{conv_transpose_planes, pack_transpose_weights};
+use crate::cpu::correlate::{correlate_chunked, pack_weights, pad_planes};
 use crate::error::{Error, Result};
-use crate::layers::norm::norm_act_owned;
-use crate::layers::{Act, Conv3d, ConvTranspose3d, NormKind, max_pool3d_2};
+use crate::layers::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig};
+use crate::ops::conv::check_conv3d;
+use crate::ops::norm::norm_act_owned;
+use crate::ops::{Act, ExecPath, NormKind, max_pool3d_2, to_f32_vec, with_f32_slices};
 
 /// Width of the U-Net.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +55,16 @@ struct LuConv {
 
 impl LuConv {
     fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
-        let conv = Conv3d::load(vb.pp("conv1"), cin, cout, 3, 1, 1, true)?;
+        let conv = Conv3d::load(
+            vb.pp("conv1"),
+            cin,
+            cout,
+            3,
+            Conv3dConfig {
+                padding: 1,
+                ..Conv3dConfig::default()
+            },
+        )?;
         let bn = vb.pp("bn1");
         Ok(LuConv {
             conv,
@@ -114,7 +130,13 @@ struct UpTransition {
 impl UpTransition {
     fn new(vb: VarBuilder, cin: usize, skip: usize, cout: usize) -> Result<Self> {
         Ok(UpTransition {
-            up: ConvTranspose3d::load(vb.pp("up_conv"), cin, cin, 2, true)?,
+            up: ConvTranspose3d::load(
+                vb.pp("up_conv"),
+                cin,
+                cin,
+                2,
+                ConvTranspose3dConfig::default(),
+            )?,
             ops: TwoConvs::new(vb, cin + skip, cout, cout)?,
         })
     }
@@ -125,10 +147,7 @@ impl UpTransition {
         // At inference the up-sampled map is made a few planes at a time as the first
         // convolution needs them; otherwise that convolution reads [up, skip] without a
         // concatenated copy.
-        let y = match self
-            .up
-            .forward_into_concat_conv(x, skip, &self.ops.a.conv)?
-        {
+        let y = match up_then_concat_conv(&self.up, x, skip, &self.ops.a.conv)? {
             Some(y) => self.ops.a.norm_act(y)?,
             None => {
                 let up = self.up.forward(x)?;
@@ -138,6 +157,135 @@ impl UpTransition {
         drop((x_owned, skip_owned));
         self.ops.b.forward(&y)
     }
+}
+
+/// `conv([up(x) ‖ skip])` (the stride-1 `conv` over the channel-wise concatenation of the
+/// up-sampled `x` and `skip`) for one sample at inference on the CPU, without materialising the
+/// up-sampled map: its planes are computed a few at a time, as the convolution's padded input
+/// needs them (at full resolution the map would be 453 MB). `None` when this path does not
+/// apply (tracked tensors, another device, a batch, a strided `conv`); the caller then composes
+/// the two operations.
+///
+/// # Errors
+/// Shape mismatches between `x`, `skip` and the two weights.
+pub fn up_then_concat_conv(
+    upconv: &ConvTranspose3d,
+    x: &Tensor,
+    skip: &Tensor,
+    conv: &Conv3d,
+) -> Result<Option<Tensor>> {
+    let path = ExecPath::of(&[
+        Some(x),
+        Some(skip),
+        Some(upconv.weight()),
+        upconv.bias(),
+        Some(conv.weight()),
+        conv.bias(),
+    ]);
+    if conv.config().stride != 1
+        || path != ExecPath::CpuInference
+        || x.rank() != 5
+        || skip.rank() != 5
+        || x.dim(0)? != 1
+        || skip.dim(0)? != 1
+    {
+        return Ok(None);
+    }
+    let (_, ci, d, h, wd) = x.dims5()?;
+    let (wci, co, kd, kh, kw) = upconv.weight().dims5()?;
+    let (_, cs, sd, sh, sw) = skip.dims5()?;
+    let (o, cc, ckd, ckh, ckw) = conv.weight().dims5()?;
+    let up = [d * kd, h * kh, wd * kw];
+    if wci != ci || up != [sd, sh, sw] || cc != co + cs {
+        return Err(Error::shape(
+            "up-convolution + convolution",
+            format!(
+                "input {:?} with weight {:?}, skip {:?}, convolution weight {:?}",
+                x.dims(),
+                upconv.weight().dims(),
+                skip.dims(),
+                conv.weight().dims()
+            ),
+        ));
+    }
+    let pad = [conv.config().padding; 3];
+    check_conv3d(&skip.narrow(1, 0, 1)?, &conv.weight().narrow(1, 0, 1)?, pad)?;
+    let wt = pack_transpose_weights(&to_f32_vec(upconv.weight())?, ci, co, [kd, kh, kw]);
+    let bt = upconv.bias().map(to_f32_vec).transpose()?;
+    let k = [ckd, ckh, ckw];
+    let wp = pack_weights(
+        &to_f32_vec(conv.weight())?,
+        o,
+        cc,
+        k.iter().product(),
+        false,
+    );
+    let bc = conv.bias().map(to_f32_vec).transpose()?;
+    let od = [
+        up[0] + 2 * pad[0] + 1 - k[0],
+        up[1] + 2 * pad[1] + 1 - k[1],
+        up[2] + 2 * pad[2] + 1 - k[2],
+    ];
+    let mut out = vec![0f32; o * od.iter().product::<usize>()];
+    let (x, skip) = (x.contiguous()?, skip.contiguous()?);
+    let (hw, vol) = (up[1] * up[2], up[0] * up[1] * up[2]);
+    with_f32_slices(&[&x, &skip], |datas| {
+        let (xv, sv) = (datas[0], datas[1]);
+        // Up-sampled planes of the current block, reused from block to block.
+        let mut planes: Vec<f32> = Vec::new();
+        correlate_chunked(
+            cc,
+            up,
+            pad,
+            &wp,
+            o,
+            k,
+            bc.as_deref(),
+            &mut out,
+            |pz0, np, dst| {
+                let zlo = pz0.saturating_sub(pad[0]).min(up[0]);
+                let zhi = (pz0 + np).saturating_sub(pad[0]).min(up[0]);
+                let (iz0, iz1) = (zlo / kd, zhi.div_ceil(kd));
+                let nloc = (iz1 - iz0) * kd;
+                planes.resize(co * nloc * hw, 0.0);
+                if iz1 > iz0 {
+                    conv_transpose_planes(
+                        xv,
+                        [ci, d, h, wd],
+                        &wt,
+                        co,
+                        [kd, kh, kw],
+                        bt.as_deref(),
+                        iz0..iz1,
+                        &mut planes,
+                    );
+                }
+                let planes = &planes;
+                pad_planes(
+                    |c, z| {
+                        if c < co {
+                            let zl = z - iz0 * kd;
+                            &planes[(c * nloc + zl) * hw..(c * nloc + zl + 1) * hw]
+                        } else {
+                            let c = c - co;
+                            &sv[c * vol + z * hw..c * vol + (z + 1) * hw]
+                        }
+                    },
+                    cc,
+                    up,
+                    pad,
+                    pz0,
+                    np,
+                    dst,
+                )
+            },
+        );
+    })?;
+    Ok(Some(Tensor::from_vec(
+        out,
+        (1, o, od[0], od[1], od[2]),
+        &Device::Cpu,
+    )?))
 }
 
 /// The UNet3D backbone: returns `(deep, decoder)` maps.

@@ -1,4 +1,6 @@
-//! CPU settings for speed (flushing subnormal floats to zero) and the process's peak memory.
+//! Process-wide settings for speed and memory: rayon's pool (threads flushing subnormal floats
+//! to zero), how much padded input a CPU convolution builds at once, and the process's peak
+//! memory.
 //!
 //! Training produces tiny gradients (the BCE gradient of well-classified voxels, divided by
 //! the voxel count, shrinks layer after layer). Once they fall below f32's normal range
@@ -40,3 +42,5 @@ pub fn peak_resident_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};

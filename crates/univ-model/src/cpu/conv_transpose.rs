@@ -1,0 +1,123 @@
+//! The transposed convolution with kernel = stride (no overlap between taps): for each tap,
+//! `Y = W_tapᵀ · X` over blocks of input positions, scattered straight into the interleaved
+//! output.
+
+use rayon::prelude::*;
+
+use crate::cpu::OutPtr;
+use crate::cpu::correlate::block_len;
+
+/// The body of [`conv_transpose_cpu`] on buffers.
+pub(crate) fn conv_transpose_slices(
+    xv: &[f32],
+    xs: [usize; 5],
+    wv: &[f32],
+    co: usize,
+    k: [usize; 3],
+    bv: Option<&[f32]>,
+) -> Vec<f32> {
+    let [n, ci, d, h, wd] = xs;
+    let wp = pack_transpose_weights(wv, ci, co, k);
+    let v_in = d * h * wd;
+    let v_out = v_in * k[0] * k[1] * k[2];
+    let mut out = vec![0f32; n * co * v_out];
+    for b in 0..n {
+        conv_transpose_planes(
+            &xv[b * ci * v_in..(b + 1) * ci * v_in],
+            [ci, d, h, wd],
+            &wp,
+            co,
+            k,
+            bv,
+            0..d,
+            &mut out[b * co * v_out..(b + 1) * co * v_out],
+        );
+    }
+    out
+}
+
+/// Packs `(Ci, Co, kd, kh, kw)` transposed-convolution weights as `(taps, Co, Ci)`.
+pub(crate) fn pack_transpose_weights(wv: &[f32], ci: usize, co: usize, k: [usize; 3]) -> Vec<f32> {
+    let taps = k[0] * k[1] * k[2];
+    let mut wp = vec![0f32; taps * co * ci];
+    for i in 0..ci {
+        for o in 0..co {
+            for t in 0..taps {
+                wp[(t * co + o) * ci + i] = wv[(i * co + o) * taps + t];
+            }
+        }
+    }
+    wp
+}
+
+/// The transposed convolution (kernel = stride) of input planes `zs` of one sample `xs`
+/// `(Ci, D, H, W)`: writes output planes `zs.start·kd .. zs.end·kd` into `out`
+/// `(Co, len(zs)·kd, H·kh, W·kw)`, every element once. `wp` is packed by
+/// [`pack_transpose_weights`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_transpose_planes(
+    xs: &[f32],
+    dims: [usize; 4],
+    wp: &[f32],
+    co: usize,
+    k: [usize; 3],
+    bv: Option<&[f32]>,
+    zs: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let [ci, d, h, wd] = dims;
+    let [kd, kh, kw] = k;
+    let taps = kd * kh * kw;
+    let v_in = d * h * wd;
+    let (d2, h2, w2) = (zs.len() * kd, h * kh, wd * kw);
+    assert_eq!(out.len(), co * d2 * h2 * w2);
+    let (q_lo, q_hi) = (zs.start * h * wd, zs.end * h * wd);
+    let blen = block_len(co).min((q_hi - q_lo).max(1));
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..(q_hi - q_lo).div_ceil(blen))
+        .into_par_iter()
+        .for_each_init(
+            || vec![0f32; co * blen],
+            |buf, bi| {
+                let q0 = q_lo + bi * blen;
+                let len = blen.min(q_hi - q0);
+                for t in 0..taps {
+                    // SAFETY: reads stay inside `xs` (rows of length v_in, columns q0..q0+len).
+                    unsafe {
+                        gemm::gemm(
+                            co,
+                            len,
+                            ci,
+                            buf.as_mut_ptr(),
+                            1,
+                            len as isize,
+                            false,
+                            wp.as_ptr().add(t * co * ci),
+                            1,
+                            ci as isize,
+                            xs.as_ptr().add(q0),
+                            1,
+                            v_in as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    let (a, bb, c) = (t / (kh * kw), (t / kw) % kh, t % kw);
+                    for o in 0..co {
+                        let bias_o = bv.map_or(0.0, |v| v[o]);
+                        for r in 0..len {
+                            let q = q0 + r;
+                            let (z, y, xx) = (q / (h * wd) - zs.start, (q / wd) % h, q % wd);
+                            let oi = ((o * d2 + kd * z + a) * h2 + kh * y + bb) * w2 + kw * xx + c;
+                            // SAFETY: (o, position, tap) maps to a unique output element.
+                            unsafe { *dst.get().add(oi) = buf[o * len + r] + bias_o };
+                        }
+                    }
+                }
+            },
+        );
+}

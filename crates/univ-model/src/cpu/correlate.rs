@@ -1,0 +1,348 @@
+//! The stride-1 3-D correlation as an *implicit GEMM*: the input is zero-padded a block of
+//! planes at a time, and for each kernel tap the product `W_tap (O×C) · X_shifted
+//! (C×positions)` reads the shifted input in place (no im2col copy), accumulating into a
+//! cache-sized block of the output. Blocks run in parallel on rayon; each product uses the
+//! `gemm` crate's micro-kernels (AVX-512 when the CPU has it). The input gradient is the same
+//! kernel on flipped, transposed weights ([`pack_weights`] with `flip_transpose`).
+
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+
+use crate::cpu::{OutPtr, assume_init_slice, assume_init_vec, tap_offsets, uninit_vec};
+
+/// Number of output positions per block of the implicit GEMM (times the output channels, this
+/// is the block of output kept in cache while the taps accumulate).
+pub(crate) fn block_len(out_channels: usize) -> usize {
+    let target = (96 * 1024) / out_channels.max(1);
+    target.clamp(512, 8192).next_multiple_of(64)
+}
+
+/// Default of [`set_slab_bytes`]: the padded copy of a whole full-resolution U-Net decoder
+/// input would be 0.7 GB.
+pub const DEFAULT_SLAB_BYTES: usize = 96 << 20;
+
+static SLAB_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_SLAB_BYTES);
+
+/// Sets how many bytes of zero-padded input a CPU convolution builds at once (per sample; at
+/// least the planes one output plane needs). The input is padded and convolved block of
+/// planes by block of planes, so this bounds the convolution's extra memory; results do not
+/// depend on it. Process-wide; the default is [`DEFAULT_SLAB_BYTES`].
+pub fn set_slab_bytes(bytes: usize) {
+    SLAB_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// Writes the zero-padded planes `pz0..pz0+np` (in padded depth coordinates) of `c` channels
+/// into `dst` `(C, np, H+2p, W+2p)`; `plane(ci, z)` gives the `H·W` voxels of plane `z` of
+/// channel `ci` (so that several tensors, or planes computed on the fly, can be padded as if
+/// they were one concatenated tensor). Every element of `dst` is written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pad_planes<'a>(
+    plane: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    pz0: usize,
+    np: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    let [d, h, w] = dhw;
+    let (p1, p2) = (h + 2 * pad[1], w + 2 * pad[2]);
+    let slab = np * p1 * p2;
+    assert_eq!(dst.len(), c * slab);
+    let zero = MaybeUninit::new(0f32);
+    dst.par_chunks_mut(p1 * p2)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (ci, pz) = (i / np, pz0 + i % np);
+            if pz < pad[0] || pz >= pad[0] + d {
+                out.fill(zero);
+                return;
+            }
+            let src = plane(ci, pz - pad[0]);
+            for y in 0..p1 {
+                let row = &mut out[y * p2..(y + 1) * p2];
+                if y < pad[1] || y >= pad[1] + h {
+                    row.fill(zero);
+                    continue;
+                }
+                row[..pad[2]].fill(zero);
+                row[pad[2] + w..].fill(zero);
+                let s = (y - pad[1]) * w;
+                for (o, v) in row[pad[2]..pad[2] + w].iter_mut().zip(&src[s..s + w]) {
+                    o.write(*v);
+                }
+            }
+        });
+}
+
+/// Zero-pads one whole sample to `(C, D+2p, H+2p, W+2p)`; `channel(ci)` gives channel `ci`'s
+/// `D·H·W` voxels.
+pub(crate) fn pad_sample<'a>(
+    channel: impl Fn(usize) -> &'a [f32] + Sync,
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+) -> (Vec<f32>, [usize; 3]) {
+    let [d, h, w] = dhw;
+    let p = [d + 2 * pad[0], h + 2 * pad[1], w + 2 * pad[2]];
+    let mut out = uninit_vec(c * p[0] * p[1] * p[2]);
+    let hw = h * w;
+    pad_planes(
+        |ci, z| &channel(ci)[z * hw..(z + 1) * hw],
+        c,
+        dhw,
+        pad,
+        0,
+        p[0],
+        &mut out,
+    );
+    // SAFETY: `pad_planes` wrote every element.
+    let out = unsafe { assume_init_vec(out) };
+    (out, p)
+}
+
+/// Stride-1 correlation of one padded block of planes: `out[o, z, y, x] = b[o] + Σ_c Σ_t
+/// w[t][o][c] · xp[c, z+kd, y+kh, x+kw]`, with `wp` packed as `(taps, O, C)`. Output channel
+/// `o` starts at `out[o · cstride]` (the block may be a run of planes of a larger output).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn correlate_sample(
+    xp: &[f32],
+    c: usize,
+    p: [usize; 3],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    cstride: usize,
+) {
+    let vp = p[0] * p[1] * p[2];
+    let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
+    let plane = p[1] * p[2];
+    let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
+    let taps = tap_offsets(k, p);
+    let blen = block_len(o);
+    let nblocks = span.div_ceil(blen);
+    let n_out = od[0] * od[1] * od[2];
+    assert!(xp.len() == c * vp && cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..nblocks).into_par_iter().for_each_init(
+        || vec![0f32; o * blen],
+        |buf, bi| {
+            let q0 = bi * blen;
+            let len = blen.min(span - q0);
+            for (t, off) in taps.iter().enumerate() {
+                // SAFETY: `q0 + off + len - 1 + (c-1)·vp < c·vp` because `span` ends at the
+                // last valid output position and every tap offset keeps it inside the padded
+                // block.
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        len,
+                        c,
+                        buf.as_mut_ptr(),
+                        1,
+                        len as isize,
+                        t > 0,
+                        wp.as_ptr().add(t * o * c),
+                        1,
+                        c as isize,
+                        xp.as_ptr().add(q0 + off),
+                        1,
+                        vp as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            // Scatter the valid positions of this block: runs of whole output rows.
+            let mut q = q0;
+            while q < q0 + len {
+                let z = q / plane;
+                let y = (q % plane) / p[2];
+                let x = q % p[2];
+                let run_end = (q - x + p[2]).min(q0 + len);
+                if z < od[0] && y < od[1] && x < od[2] {
+                    let n = (run_end - q).min(od[2] - x);
+                    let base = (z * od[1] + y) * od[2] + x;
+                    for oc in 0..o {
+                        let src = &buf[oc * len + (q - q0)..][..n];
+                        // SAFETY: (oc, z, y, x..x+n) is written by this block only, and lies
+                        // inside `out` (checked above).
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
+                        };
+                        match bias {
+                            Some(b) => {
+                                let bo = b[oc];
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d = s + bo;
+                                }
+                            }
+                            None => dst.copy_from_slice(src),
+                        }
+                    }
+                }
+                q = run_end;
+            }
+        },
+    );
+}
+
+/// Packs `(O, C, kd, kh, kw)` weights as `(taps, O, C)`, optionally flipping the taps and
+/// swapping O and C (for the input gradient).
+pub(crate) fn pack_weights(
+    w: &[f32],
+    o: usize,
+    c: usize,
+    taps: usize,
+    flip_transpose: bool,
+) -> Vec<f32> {
+    let mut out = vec![0f32; taps * o * c];
+    for oi in 0..o {
+        for ci in 0..c {
+            for t in 0..taps {
+                let v = w[(oi * c + ci) * taps + t];
+                if flip_transpose {
+                    // New layout: (taps, C as outputs, O as inputs), tap reversed.
+                    out[((taps - 1 - t) * c + ci) * o + oi] = v;
+                } else {
+                    out[(t * o + oi) * c + ci] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A stride-1 correlation of one sample whose zero-padded input is made a few planes at a
+/// time: `fill(pz0, np, dst)` writes padded planes `pz0..pz0+np` of all `c` channels (see
+/// [`pad_planes`]) and the output planes they determine are computed before the next block,
+/// so at most about [`set_slab_bytes`] of padded input exist at once. `out` is `(O, D', H', W')`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn correlate_chunked(
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    mut fill: impl FnMut(usize, usize, &mut [MaybeUninit<f32>]),
+) {
+    let p = [
+        dhw[0] + 2 * pad[0],
+        dhw[1] + 2 * pad[1],
+        dhw[2] + 2 * pad[2],
+    ];
+    let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
+    let (plane_out, n_out) = (od[1] * od[2], od[0] * od[1] * od[2]);
+    let per_plane = (c * p[1] * p[2] * 4).max(1);
+    let budget = SLAB_BYTES.load(Ordering::Relaxed);
+    let planes = (budget / per_plane).max(k[0] + 1);
+    let step = (planes + 1 - k[0]).clamp(1, od[0]);
+    let mut slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
+    for oz0 in (0..od[0]).step_by(step) {
+        let t = step.min(od[0] - oz0);
+        let np = t + k[0] - 1;
+        let buf = &mut slab[..c * np * p[1] * p[2]];
+        fill(oz0, np, buf);
+        // SAFETY: `fill` writes every element of its buffer.
+        let xp = unsafe { assume_init_slice(buf) };
+        correlate_sample(
+            xp,
+            c,
+            [np, p[1], p[2]],
+            wp,
+            o,
+            k,
+            bias,
+            &mut out[oz0 * plane_out..],
+            n_out,
+        );
+    }
+}
+
+/// CPU forward of a stride-1 correlation (plus an optional bias) over a batch.
+pub(crate) fn correlate(
+    x: &[f32],
+    xs: [usize; 5],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    pad: [usize; 3],
+    bias: Option<&[f32]>,
+) -> (Vec<f32>, [usize; 5]) {
+    let [n, c, d, h, w] = xs;
+    let od = [
+        d + 2 * pad[0] + 1 - k[0],
+        h + 2 * pad[1] + 1 - k[1],
+        w + 2 * pad[2] + 1 - k[2],
+    ];
+    let per_out = o * od[0] * od[1] * od[2];
+    let per_in = c * d * h * w;
+    let (dhw, hw) = (d * h * w, h * w);
+    let mut out = vec![0f32; n * per_out];
+    for b in 0..n {
+        let sample = &x[b * per_in..(b + 1) * per_in];
+        correlate_chunked(
+            c,
+            [d, h, w],
+            pad,
+            wp,
+            o,
+            k,
+            bias,
+            &mut out[b * per_out..(b + 1) * per_out],
+            |pz0, np, dst| {
+                pad_planes(
+                    |ci, z| &sample[ci * dhw + z * hw..ci * dhw + (z + 1) * hw],
+                    c,
+                    [d, h, w],
+                    pad,
+                    pz0,
+                    np,
+                    dst,
+                )
+            },
+        );
+    }
+    (out, [n, o, od[0], od[1], od[2]])
+}
+
+/// [`correlate_chunked`] of one sample over the channel-wise concatenation of `srcs`
+/// (each `(data, channels)`, `data` being `(C_i, D, H, W)`), never materialised.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn correlate_concat_sample(
+    srcs: &[(&[f32], usize)],
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    wp: &[f32],
+    o: usize,
+    k: [usize; 3],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let c: usize = srcs.iter().map(|s| s.1).sum();
+    let (vol, hw) = (dhw[0] * dhw[1] * dhw[2], dhw[1] * dhw[2]);
+    let plane = |ci: usize, z: usize| -> &[f32] {
+        let mut ci = ci;
+        for (data, cn) in srcs {
+            if ci < *cn {
+                return &data[ci * vol + z * hw..ci * vol + (z + 1) * hw];
+            }
+            ci -= cn;
+        }
+        unreachable!("channel index within the total")
+    };
+    correlate_chunked(c, dhw, pad, wp, o, k, bias, out, |pz0, np, dst| {
+        pad_planes(plane, c, dhw, pad, pz0, np, dst)
+    });
+}
