@@ -12,22 +12,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
-use univ::outputs::{OutputOptions, class_name, write_outputs};
-use univ::{SegmentOptions, segment};
+use univ::{OutputOptions, SegmentOptions, load_model, segment, write_outputs};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Keeps freed memory mapped between windows (mimalloc's `purge_delay` = -1).
-fn keep_freed_memory() {
-    // SAFETY: setting an option is thread-safe and valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
-}
-
-/// Where the demo checkpoint made by univ-train (issue #6) is expected.
-const DEMO_CHECKPOINT: &str = "models/demo/univ_demo_unet.safetensors";
+static GLOBAL: univ::model::runtime::MiMalloc = univ::model::runtime::MiMalloc;
 
 #[derive(Parser)]
 #[command(about = "Segment a BTCV-style CT and print per-organ Dice against its label")]
@@ -47,7 +37,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    univ::model::runtime::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -73,24 +63,10 @@ fn run(a: Args) -> Result<()> {
                 .or_else(|| Some(shared.join("derived_example_ct_seg_fast_um32.nii.gz"))),
         ),
     };
-    let checkpoint = match a.checkpoint {
-        Some(c) => c,
-        None => {
-            let demo = root.join(DEMO_CHECKPOINT);
-            if !demo.exists() {
-                bail!(
-                    "no --checkpoint given and the demo model ({}) does not exist yet: it is made by \
-                     univ-train (issue #6). Pass --checkpoint with an official file (`unet`, \
-                     `swinunetr`, or a .pth path) to run now",
-                    demo.display()
-                );
-            }
-            demo.display().to_string()
-        }
-    };
-    let resolved = univ::model::hub::resolve_checkpoint(&checkpoint)?;
-    let (model, _) =
-        univ::model::Checkpoint::load(&resolved.path)?.build(&candle_core::Device::Cpu)?;
+    // Without --checkpoint: the demo model, found as `univ segment` finds it.
+    let loaded = load_model(a.checkpoint.as_deref(), &candle_core::Device::Cpu)?;
+    println!("model: {}", loaded.path.display());
+    let model = loaded.model;
     let ct = univ::io::read_image(&image)?;
     println!(
         "{}: {:?} voxels at {:?} mm",
@@ -125,9 +101,11 @@ fn run(a: Args) -> Result<()> {
                 .unwrap_or_default()
         ))
     });
-    let mut oo = OutputOptions::default();
-    oo.overwrite = true;
-    write_outputs(&out, &ct, &seg, &oo)?;
+    let oo = OutputOptions {
+        overwrite: true,
+        ..OutputOptions::default()
+    };
+    write_outputs(&out, &ct, &seg, &oo, None)?;
     println!("outputs in {}", out.display());
     let Some(label) = label else { return Ok(()) };
     let gt = univ::io::read_label(&label)
@@ -139,11 +117,11 @@ fn run(a: Args) -> Result<()> {
     );
     let mut dices = Vec::new();
     for id in 1..=13usize {
-        let Some(i) = seg.classes.iter().position(|c| *c == id) else {
+        let Some(c) = seg.class_by_id(id) else {
             continue;
         };
         let g: Vec<bool> = gt.data().iter().map(|v| usize::from(*v) == id).collect();
-        let p = seg.masks[i].to_bools();
+        let p = c.mask.to_bools();
         let o = univ::train::metrics::overlap(&p, &g);
         if o.gt == 0 {
             continue;
@@ -151,7 +129,7 @@ fn run(a: Args) -> Result<()> {
         dices.push(o.dice());
         println!(
             "{id:<3} {:<30} {:>10} {:>10} {:>7.4}",
-            class_name(id),
+            c.name(),
             o.gt,
             o.pred,
             o.dice()

@@ -671,20 +671,18 @@ fn preview_png_of_a_reference_segmentation() {
     let ct = univ::io::read_image(shared.join("data/ct/example_ct.nii.gz")).unwrap();
     let lab = univ::io::read_label(shared.join("data/ct/derived_example_ct_seg_fast_um32.nii.gz"))
         .unwrap();
-    let masks: Vec<(usize, String, univ::io::ClassMask)> = (1..=32usize)
-        .map(|id| {
-            (
-                id,
-                univ::outputs::class_name(id),
-                univ::io::ClassMask::from_fn(lab.shape(), |v| usize::from(lab.data()[v]) == id),
-            )
+    let classes: Vec<univ::ClassResult> = univ::ClassTable::universal()
+        .iter()
+        .map(|c| univ::ClassResult {
+            info: c.clone(),
+            mask: univ::io::ClassMask::from_fn(lab.shape(), |v| usize::from(lab.data()[v]) == c.id),
+            probabilities: None,
+            lesion_probabilities: None,
         })
         .collect();
-    let refs: Vec<(usize, String, &univ::io::ClassMask)> =
-        masks.iter().map(|(i, n, m)| (*i, n.clone(), m)).collect();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("preview.png");
-    univ::preview::write_preview(&p, &ct, &refs).unwrap();
+    univ::preview::write_preview(&p, &ct, &classes).unwrap();
     let bytes = std::fs::read(&p).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(&bytes[12..16], b"IHDR");

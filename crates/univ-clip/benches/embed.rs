@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{Criterion, criterion_group, criterion_main};
-use univ_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, universal_prompts};
+use univ_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 
 fn bench(c: &mut Criterion) {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -26,7 +26,16 @@ fn bench(c: &mut Criterion) {
         &ClipTextConfig::vit_b_32(),
     )
     .unwrap();
-    let prompts = universal_prompts();
+    // The 32 official prompts, as the fixture records them.
+    let meta = dir.join("../../fixtures/clip_text/meta.json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(meta).unwrap()).unwrap();
+    let prompts: Vec<String> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
     let mut g = c.benchmark_group("clip_vit_b_32");
     g.sample_size(10);
     g.bench_function("tokenize_32_prompts", |b| {

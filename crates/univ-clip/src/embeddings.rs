@@ -7,7 +7,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use sha2::Digest;
 
-use crate::classes::{TEMPLATE, UNIVERSAL_CLASSES, prompt};
 use crate::error::{Error, Result};
 
 /// Class embeddings `(K, D)` with the class names and the exact prompt strings.
@@ -123,30 +122,18 @@ impl ClassEmbeddings {
         })
     }
 
-    /// Rows with the 32 universal classes' names and official prompts when there are 32 of
-    /// them, else `class_1`, `class_2`, ... with unknown prompts.
+    /// Rows named `class_1`, `class_2`, ... with unknown prompts (a file that stores no names,
+    /// such as the official `txt_encoding.pth`; the caller may set [`names`](Self::names)
+    /// and [`prompts`](Self::prompts) from what it knows).
     fn with_default_names(t: Tensor) -> Result<Self> {
         let (k, _) = t
             .dims2()
             .map_err(|_| Error::Invalid(format!("expected (K, D), got {:?}", t.dims())))?;
-        let (names, prompts) = if k == UNIVERSAL_CLASSES.len() {
-            (
-                UNIVERSAL_CLASSES
-                    .iter()
-                    .map(|c| c.name.to_string())
-                    .collect(),
-                UNIVERSAL_CLASSES
-                    .iter()
-                    .map(|c| prompt(c.prompt_name))
-                    .collect(),
-            )
-        } else {
-            (
-                (1..=k).map(|i| format!("class_{i}")).collect(),
-                vec![String::new(); k],
-            )
-        };
-        Self::new(names, prompts, t)
+        Self::new(
+            (1..=k).map(|i| format!("class_{i}")).collect(),
+            vec![String::new(); k],
+            t,
+        )
     }
 
     /// Loads `.pth` (a torch-saved tensor, such as the official `txt_encoding.pth`),
@@ -273,7 +260,8 @@ impl ClassEmbeddings {
     }
 
     /// Writes safetensors (tensor `embeddings`, f32 `(K, D)`) with metadata: names, prompts
-    /// (JSON lists), template, sha256 of the tensor, and the provenance entries; atomically.
+    /// (JSON lists), sha256 of the tensor, and the provenance entries (the prompt template
+    /// among them, when the caller recorded it); atomically.
     ///
     /// # Errors
     /// [`Error::File`] when the file cannot be written.
@@ -292,8 +280,6 @@ impl ClassEmbeddings {
             "prompts".into(),
             serde_json::to_string(&self.prompts).expect("strings"),
         );
-        meta.entry("template".into())
-            .or_insert_with(|| TEMPLATE.to_string());
         meta.insert("sha256".into(), self.sha256()?);
         let data: Vec<u8> = self
             .embeddings

@@ -2,16 +2,12 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod classes;
 pub mod embeddings;
 pub mod error;
 pub mod hub;
 pub mod model;
 pub mod tokenizer;
 
-pub use classes::{
-    TEMPLATE, UNIVERSAL_CLASSES, UniversalClass, find_class, prompt, universal_prompts,
-};
 pub use embeddings::ClassEmbeddings;
 pub use error::{Error, Result};
 pub use model::{ClipTextConfig, ClipTextModel, ClipTextOutput};

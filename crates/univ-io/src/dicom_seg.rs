@@ -550,25 +550,17 @@ pub fn write_dicom_seg(
     let file = o
         .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
         .map_err(|e| err(format!("cannot build the file meta table: {e}")))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    if let Err(e) = file.write_to_file(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(format!("cannot write: {e}")));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    crate::atomic::write_atomic_with(
+        path,
+        |tmp| {
+            file.write_to_file(tmp)
+                .map_err(|e| err(format!("cannot write: {e}")))
+        },
+        |e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    )?;
     Ok((kept.len(), nframes))
 }
 

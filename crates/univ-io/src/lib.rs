@@ -4,6 +4,7 @@
 // Index loops read better than iterator chains in 3×3/4×4 matrix and grid code.
 #![allow(clippy::needless_range_loop)]
 
+pub mod atomic;
 #[cfg(feature = "dicom")]
 pub mod dicom;
 #[cfg(feature = "dicom")]
@@ -13,7 +14,7 @@ pub mod geometry;
 pub mod input;
 pub mod mask;
 pub mod nii;
-pub mod parallel;
+pub(crate) mod parallel;
 pub mod png;
 pub mod preprocess;
 pub mod transforms;

@@ -11,7 +11,6 @@
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use flate2::read::MultiGzDecoder;
 use nifti::{IntoNdArray, NiftiHeader, NiftiType};
@@ -25,7 +24,6 @@ use crate::volume::{NiftiGeometry, Volume, Voxel, check_affine, grid_difference}
 /// Defaults: 2³⁰ voxels (a 1024³ volume; a 512×512×4096 CT) and 8 GiB for the voxel buffers
 /// (the raw bytes plus the decoded `f32` copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Limits {
     /// Largest number of voxels accepted.
     pub max_voxels: u64,
@@ -401,7 +399,6 @@ pub fn read_header(path: impl AsRef<Path>, limits: &Limits) -> Result<NiftiInfo>
 
 /// Options for reading a NIfTI volume.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-#[non_exhaustive]
 pub struct ReadOptions {
     /// The allocation budget.
     pub limits: Limits,
@@ -620,7 +617,6 @@ writable!(f32, u8, i16);
 
 /// Options for writing a NIfTI file.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
 pub struct WriteOptions {
     /// Text for the header's `descrip` field (at most 80 bytes; longer is cut).
     pub description: String,
@@ -636,8 +632,6 @@ impl Default for WriteOptions {
         }
     }
 }
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Builds the header geometry for a volume: its attached NIfTI fields when they still describe
 /// its affine, else an sform and a qform made from the affine (codes 2, "aligned", as nibabel).
@@ -735,10 +729,10 @@ pub fn write_nifti<T: NiftiWritable>(
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let lower = name.to_ascii_lowercase();
-    let (stem, ext) = if let Some(s) = lower.strip_suffix(".nii.gz") {
-        (&name[..s.len()], "nii.gz")
-    } else if let Some(s) = lower.strip_suffix(".nii") {
-        (&name[..s.len()], "nii")
+    let ext = if lower.ends_with(".nii.gz") {
+        "nii.gz"
+    } else if lower.ends_with(".nii") {
+        "nii"
     } else {
         return Err(Error::param(
             "path",
@@ -748,36 +742,23 @@ pub fn write_nifti<T: NiftiWritable>(
             ),
         ));
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{stem}-tmp-{}-{}.{ext}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
     let header = header_for(vol, opts);
-    let result = (|| -> Result<()> {
-        let level = opts.compression_level.min(9);
-        let mut w = nifti::writer::WriterOptions::new(&tmp).reference_header(&header);
-        if ext == "nii.gz" {
-            w = w.compression_level(flate2::Compression::new(level));
-        }
-        T::write_view(&w, &vol.view()).map_err(|e| match e {
-            nifti::NiftiError::Io(e) => Error::io(path, e),
-            other => Error::InvalidNifti {
-                path: path.to_path_buf(),
-                reason: other.to_string(),
-            },
-        })?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(path, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::atomic::write_atomic_with(
+        path,
+        |tmp| {
+            let level = opts.compression_level.min(9);
+            let mut w = nifti::writer::WriterOptions::new(tmp).reference_header(&header);
+            if ext == "nii.gz" {
+                w = w.compression_level(flate2::Compression::new(level));
+            }
+            T::write_view(&w, &vol.view()).map_err(|e| match e {
+                nifti::NiftiError::Io(e) => Error::io(path, e),
+                other => Error::InvalidNifti {
+                    path: path.to_path_buf(),
+                    reason: other.to_string(),
+                },
+            })
+        },
+        |e| Error::io(path, e),
+    )
 }

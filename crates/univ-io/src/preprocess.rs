@@ -17,7 +17,6 @@ use crate::volume::{NiftiGeometry, Volume, Voxel};
 
 /// Settings of [`preprocess`]; [`Default`] gives the official ones.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[non_exhaustive]
 pub struct PreprocessOptions {
     /// Target orientation codes (`"RAS"`).
     pub axcodes: String,
@@ -50,30 +49,6 @@ impl PreprocessOptions {
     /// The official settings.
     pub fn universal_model() -> Self {
         Self::default()
-    }
-
-    /// Sets the target voxel size.
-    pub fn pixdim(mut self, pixdim: [f64; 3]) -> Self {
-        self.pixdim = pixdim;
-        self
-    }
-
-    /// Sets (or removes) the intensity window.
-    pub fn intensity(mut self, w: Option<ScaleIntensityRange>) -> Self {
-        self.intensity = w;
-        self
-    }
-
-    /// Sets (or removes) the foreground crop.
-    pub fn crop(mut self, c: Option<CropForeground>) -> Self {
-        self.crop = c;
-        self
-    }
-
-    /// Sets the target orientation codes.
-    pub fn axcodes(mut self, codes: impl Into<String>) -> Self {
-        self.axcodes = codes.into();
-        self
     }
 }
 

@@ -828,7 +828,10 @@ fn preprocess_inverse_on_an_oblique_lps_volume() {
     assert_eq!(img.axcodes(), "LPS");
     // At the input's own voxel size the resampled grid is the oriented input grid, so the
     // round trip is exact.
-    let same = PreprocessOptions::default().pixdim([0.8, 0.8, 2.0]);
+    let same = PreprocessOptions {
+        pixdim: [0.8, 0.8, 2.0],
+        ..PreprocessOptions::default()
+    };
     let pre = preprocess(img.clone(), Some(lab.clone()), &same).unwrap();
     let back = pre
         .record

@@ -9,16 +9,6 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-/// mimalloc's option number for `purge_delay` (see mimalloc.h).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps freed memory mapped: every window allocates and frees the same large buffers, and
-/// returning them to the OS would make each new window fault in (and zero) fresh pages.
-fn keep_freed_memory() {
-    // SAFETY: setting an option is thread-safe and valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 /// mimalloc, counting the bytes allocated and not yet freed (and their peak), to report the
 /// memory a window needs independently of what the allocator keeps mapped.
 struct Counting;
@@ -29,7 +19,7 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 // SAFETY: every call is forwarded to mimalloc unchanged; only counters are updated.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        let p = unsafe { univ_model::runtime::MiMalloc.alloc(l) };
         if !p.is_null() {
             let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
             PEAK.fetch_max(now, Ordering::Relaxed);
@@ -37,11 +27,11 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { mimalloc::MiMalloc.dealloc(p, l) };
+        unsafe { univ_model::runtime::MiMalloc.dealloc(p, l) };
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
+        let p = unsafe { univ_model::runtime::MiMalloc.alloc_zeroed(l) };
         if !p.is_null() {
             let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
             PEAK.fetch_max(now, Ordering::Relaxed);
@@ -49,7 +39,7 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        let q = unsafe { univ_model::runtime::MiMalloc.realloc(p, l, new) };
         if !q.is_null() {
             if new >= l.size() {
                 let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
@@ -260,7 +250,7 @@ fn bench(
 }
 
 fn main() -> anyhow::Result<()> {
-    keep_freed_memory();
+    univ_model::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let get = |flag: &str| {
         args.iter()

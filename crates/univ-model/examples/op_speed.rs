@@ -4,18 +4,8 @@
 
 use std::time::Instant;
 
-/// mimalloc's option number for `purge_delay` (see mimalloc.h).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps freed memory mapped: every window allocates and frees the same large buffers, and
-/// returning them to the OS would make each new window fault in (and zero) fresh pages.
-fn keep_freed_memory() {
-    // SAFETY: setting an option is thread-safe and valid at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: univ_model::runtime::MiMalloc = univ_model::runtime::MiMalloc;
 
 use candle_core::{Device, Tensor};
 use univ_model::ops;
@@ -28,7 +18,7 @@ fn time<T>(name: &str, f: impl Fn() -> T) {
 }
 
 fn main() -> anyhow::Result<()> {
-    keep_freed_memory();
+    univ_model::runtime::keep_freed_memory();
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (1, 64, 96, 96, 96), &dev)?;
     let w = Tensor::randn(0f32, 1.0, 64, &dev)?;

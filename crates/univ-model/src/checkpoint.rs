@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::classes::ClassTable;
 use crate::error::{Error, Result};
 use crate::nets::{
     BackboneConfig, Encoding, SwinUnetrConfig, UnetConfig, UniversalConfig, UniversalModel,
@@ -23,7 +24,13 @@ pub struct Checkpoint {
     pub path: PathBuf,
     /// Canonical name → tensor.
     pub tensors: HashMap<String, Tensor>,
+    /// The file's metadata (safetensors `__metadata__`; empty for `.pth` files).
+    pub metadata: HashMap<String, String>,
 }
+
+/// The metadata key under which a checkpoint names its classes: a JSON list of names, one
+/// per class row (written by `univ train`).
+pub const CLASS_NAMES_KEY: &str = "univ.classes";
 
 /// Maps an official key to its canonical name: a leading `module.` is dropped, and the flat
 /// keys of the released Swin UNETR file (`swinViT.*`, `encoder*`, `decoder*`) go under
@@ -55,8 +62,15 @@ impl Checkpoint {
             return Err(ckpt_err(path, "no such file"));
         }
         let is_st = path.extension().is_some_and(|e| e == "safetensors");
+        let mut metadata = HashMap::new();
         let raw: Vec<(String, Tensor)> = if is_st {
-            candle_core::safetensors::load(path, &Device::Cpu)
+            let bytes = std::fs::read(path).map_err(|e| ckpt_err(path, e.to_string()))?;
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+                .map_err(|e| ckpt_err(path, format!("cannot read safetensors: {e}")))?;
+            if let Some(m) = meta.metadata() {
+                metadata = m.clone().into_iter().collect();
+            }
+            candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
                 .map_err(|e| ckpt_err(path, format!("cannot read safetensors: {e}")))?
                 .into_iter()
                 .collect()
@@ -93,7 +107,24 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: path.to_path_buf(),
             tensors,
+            metadata,
         })
+    }
+
+    /// The class names the checkpoint records ([`CLASS_NAMES_KEY`]), one per class row.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the entry is not a JSON list of strings.
+    pub fn class_names(&self) -> Result<Option<Vec<String>>> {
+        match self.metadata.get(CLASS_NAMES_KEY) {
+            None => Ok(None),
+            Some(v) => serde_json::from_str(v).map(Some).map_err(|e| {
+                ckpt_err(
+                    &self.path,
+                    format!("metadata {CLASS_NAMES_KEY} is not a list of names: {e}"),
+                )
+            }),
+        }
     }
 
     fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
@@ -182,6 +213,21 @@ impl Checkpoint {
             device.clone(),
         );
         let model = UniversalModel::new(vb, cfg)?;
+        let names = self.class_names()?;
+        if let Some(n) = &names
+            && n.len() != cfg.num_classes
+        {
+            return Err(ckpt_err(
+                &self.path,
+                format!(
+                    "metadata {CLASS_NAMES_KEY} names {} classes, the model has {}",
+                    n.len(),
+                    cfg.num_classes
+                ),
+            ));
+        }
+        let model =
+            model.with_class_table(ClassTable::for_model(cfg.num_classes, names.as_deref()))?;
         let st = state.state.lock().expect("not poisoned");
         let mut unexpected: Vec<String> = self
             .tensors
@@ -204,6 +250,38 @@ impl Checkpoint {
         }
         Ok((model, report))
     }
+}
+
+/// Saves f32 tensors (converted from any dtype) with string metadata as safetensors,
+/// atomically (see [`univ_io::atomic`]), readable by everyone like any other output.
+///
+/// # Errors
+/// [`Error::Checkpoint`] naming the file.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bad = |reason: String| ckpt_err(path, reason);
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v = crate::ops::to_f32_vec(t)?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        buffers.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let mut views = Vec::with_capacity(buffers.len());
+    for (name, shape, bytes) in &buffers {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map_err(|e| bad(e.to_string()))?;
+        views.push((name.as_str(), view));
+    }
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| bad(e.to_string()))?;
+    univ_io::atomic::write_atomic_with(
+        path,
+        |tmp| std::fs::write(tmp, &bytes).map_err(|e| bad(format!("cannot write: {e}"))),
+        |e| bad(format!("cannot write: {e}")),
+    )
 }
 
 /// Keys the model does not read by design: BatchNorm running statistics (the official U-Net

@@ -9,6 +9,9 @@ pub enum Error {
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// An error reading, preprocessing or mapping a volume (its source is univ-io's error).
+    #[error(transparent)]
+    Io(#[from] univ_io::Error),
     /// A tensor has the wrong shape for an operation.
     #[error("{op}: {reason}")]
     Shape {

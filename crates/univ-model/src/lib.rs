@@ -4,11 +4,13 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod checkpoint;
+pub mod classes;
 pub(crate) mod cpu;
 pub mod error;
 pub mod hub;
 pub mod inferers;
 pub mod layers;
+pub mod lesions;
 pub mod nets;
 pub mod ops;
 pub mod postprocess;
@@ -16,6 +18,7 @@ pub mod runtime;
 pub mod segment;
 
 pub use checkpoint::{Checkpoint, LoadReport};
+pub use classes::{ClassInfo, ClassKind, ClassTable};
 pub use error::{Error, Result};
 pub use nets::{UniversalConfig, UniversalModel};
 pub use segment::{SegmentOptions, Segmentation, segment};

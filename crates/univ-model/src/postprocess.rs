@@ -1,47 +1,98 @@
-//! The official organ post-processing (spec §7.3, `utils.organ_post_process`), rule by rule
-//! switchable: largest 26-connected component per organ, the lung union and left/right split,
-//! the portal vein cut below the pancreas, and kidney and liver tumours kept inside the closed
-//! and dilated organ.
+//! The official organ post-processing (`utils.organ_post_process` of the official repository),
+//! as rules that take their classes as parameters (as MONAI's `KeepLargestConnectedComponent`
+//! takes its labels): largest 26-connected component per organ, the lung union and its
+//! left/right split, the portal vein cut below the pancreas, and tumours kept inside the
+//! closed and dilated organ. [`PostprocessOptions::official`] gives the official rules for
+//! the universal classes.
 //!
 //! Masks are `bool` volumes in the preprocessed (RAS, 1.5 mm) frame, first axis fastest: index
 //! `x + X·(y + Y·z)`, axis 0 towards patient Right, axis 2 towards Superior.
 
 use univ_io::ClassMask;
 
-/// Which rules to apply; [`Default`] applies them all, as the official code.
+use crate::classes::{ClassKind, ClassTable};
+
+/// A tumour kept only inside its organ: voxels outside the organ mask (its `components`
+/// largest 26-connected components), closed and then dilated with a 5×5×5 box, are removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TumourInOrgan {
+    /// The tumour class.
+    pub tumour: usize,
+    /// The organ classes whose union is the organ mask.
+    pub organs: Vec<usize>,
+    /// How many components of the organ mask are kept (2 for the kidneys, 1 for the liver).
+    pub components: usize,
+}
+
+/// The vein cut: vein voxels on slices below the lowest slice of the reference class are
+/// removed (the official code cuts the portal and splenic vein below the pancreas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
+pub struct VeinCut {
+    /// The vein class.
+    pub vein: usize,
+    /// The class whose lowest slice bounds it (after its own rule).
+    pub below: usize,
+}
+
+/// Which rules to apply, with their classes; [`Default`] is [`PostprocessOptions::official`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostprocessOptions {
-    /// Keep only the largest 26-connected component of each organ.
-    pub largest_component: bool,
-    /// Split the union of both lungs into its two largest components, left and right by the
-    /// mean first-axis index.
-    pub lung_split: bool,
-    /// Remove portal/splenic vein voxels below the lowest pancreas slice.
-    pub portal_vein_cut: bool,
-    /// Keep kidney and liver tumour voxels only inside the closed, dilated organ.
-    pub tumour_in_organ: bool,
+    /// Classes kept as their largest 26-connected component.
+    pub largest_component: Vec<usize>,
+    /// `(right, left)`: the union of both lungs split into its two largest components, the
+    /// one with the smaller mean first-axis index (towards the patient's left) being left.
+    pub lung_split: Option<(usize, usize)>,
+    /// The vein cut.
+    pub vein_cut: Option<VeinCut>,
+    /// Tumours kept inside their organ.
+    pub tumour_in_organ: Vec<TumourInOrgan>,
 }
 
 impl Default for PostprocessOptions {
     fn default() -> Self {
-        PostprocessOptions {
-            largest_component: true,
-            lung_split: true,
-            portal_vein_cut: true,
-            tumour_in_organ: true,
-        }
+        Self::official()
     }
 }
 
 impl PostprocessOptions {
+    /// The official rules for the universal classes: the largest component of every organ
+    /// but the portal vein (10), the hepatic vessel (15) and the lungs (16, 17), which are
+    /// split from their union instead; the portal vein cut below the pancreas (11); kidney
+    /// tumours (26) inside the two largest kidney components (2, 3), liver tumours (27)
+    /// inside the liver (6). Other tumours and the cyst are kept as thresholded.
+    pub fn official() -> Self {
+        let table = ClassTable::universal();
+        let (lungs, vein, vessel) = ((16, 17), 10, 15);
+        PostprocessOptions {
+            largest_component: table
+                .ids_of(ClassKind::Organ)
+                .into_iter()
+                .filter(|c| ![vein, vessel, lungs.0, lungs.1].contains(c))
+                .collect(),
+            lung_split: Some(lungs),
+            vein_cut: Some(VeinCut { vein, below: 11 }),
+            tumour_in_organ: vec![
+                TumourInOrgan {
+                    tumour: 26,
+                    organs: vec![2, 3],
+                    components: 2,
+                },
+                TumourInOrgan {
+                    tumour: 27,
+                    organs: vec![6],
+                    components: 1,
+                },
+            ],
+        }
+    }
+
     /// No rule: masks are copied as thresholded.
     pub fn none() -> Self {
         PostprocessOptions {
-            largest_component: false,
-            lung_split: false,
-            portal_vein_cut: false,
-            tumour_in_organ: false,
+            largest_component: Vec::new(),
+            lung_split: None,
+            vein_cut: None,
+            tumour_in_organ: Vec::new(),
         }
     }
 }
@@ -249,51 +300,34 @@ fn post_process_with(
     mut put: impl FnMut(usize, Vec<bool>),
 ) -> Vec<String> {
     let n: usize = shape.iter().product();
+    let plane = shape[0] * shape[1];
     let empty = || vec![false; n];
     let mut notes = Vec::new();
+    // A class's own rule: its largest component, or the mask as it is.
+    let own = |c: usize| -> Vec<bool> {
+        if opts.largest_component.contains(&c) {
+            keep_largest(&get(c), shape, 1)
+        } else {
+            get(c)
+        }
+    };
     for &organ in organ_list {
-        match organ {
-            11 => {
-                let pancreas = if opts.largest_component {
-                    keep_largest(&get(11), shape, 1)
-                } else {
-                    get(11)
-                };
-                if organ_list.contains(&10) {
-                    let mut vein = get(10);
-                    if opts.portal_vein_cut {
-                        let zmin = (0..n)
-                            .filter(|i| pancreas[*i])
-                            .map(|i| i / (shape[0] * shape[1]))
-                            .min();
-                        match zmin {
-                            Some(z0) => {
-                                for (i, v) in vein.iter_mut().enumerate() {
-                                    if i / (shape[0] * shape[1]) < z0 {
-                                        *v = false;
-                                    }
-                                }
-                            }
-                            None => {
-                                notes.push("pancreas is empty: the portal vein was not cut".into())
-                            }
-                        }
-                    }
-                    put(9, vein);
-                }
-                put(10, pancreas);
-            }
-            16 if opts.lung_split => {
-                let union: Vec<bool> = get(16).iter().zip(get(17)).map(|(a, b)| *a || b).collect();
+        if let Some((right, left)) = opts.lung_split {
+            if organ == right {
+                let union: Vec<bool> = get(right)
+                    .iter()
+                    .zip(get(left))
+                    .map(|(a, b)| *a || b)
+                    .collect();
                 let (labels, sizes) = label_components(&union, shape);
                 let two = top_k(&sizes, 2);
                 if two.len() < 2 {
-                    notes.push(
-                        "fewer than two lung components: both lungs are empty (official behaviour)"
-                            .into(),
-                    );
-                    put(15, empty());
-                    put(16, empty());
+                    notes.push(format!(
+                        "fewer than two lung components: both lungs (classes {right} and \
+                         {left}) are empty (official behaviour)"
+                    ));
+                    put(right - 1, empty());
+                    put(left - 1, empty());
                 } else {
                     let mean_x = |lab: u32| {
                         let (mut s, mut c) = (0f64, 0f64);
@@ -305,47 +339,63 @@ fn post_process_with(
                         }
                         s / c
                     };
-                    let (left, right) = if mean_x(two[0]) < mean_x(two[1]) {
+                    let (l, r) = if mean_x(two[0]) < mean_x(two[1]) {
                         (two[0], two[1])
                     } else {
                         (two[1], two[0])
                     };
-                    put(16, labels.iter().map(|l| *l == left).collect());
-                    put(15, labels.iter().map(|l| *l == right).collect());
+                    put(left - 1, labels.iter().map(|v| *v == l).collect());
+                    put(right - 1, labels.iter().map(|v| *v == r).collect());
                 }
+                continue;
             }
-            16 => put(15, get(16)),
-            17 if opts.lung_split => {}
-            17 => put(16, get(17)),
-            1..=9 | 12 | 13 | 14 | 18..=25 => {
-                let m = if opts.largest_component {
-                    keep_largest(&get(organ), shape, 1)
-                } else {
-                    get(organ)
-                };
-                put(organ - 1, m);
+            if organ == left {
+                continue;
             }
-            26 | 27 if opts.tumour_in_organ => {
-                let (organs, k): (&[usize], usize) =
-                    if organ == 26 { (&[2, 3], 2) } else { (&[6], 1) };
-                let mut organ_mask = empty();
-                for c in organs {
-                    for (a, b) in organ_mask.iter_mut().zip(get(*c)) {
-                        *a |= b;
+        }
+        if let Some(cut) = opts.vein_cut.filter(|v| v.below == organ) {
+            let reference = own(organ);
+            if organ_list.contains(&cut.vein) {
+                let mut vein = get(cut.vein);
+                let zmin = (0..n).filter(|i| reference[*i]).map(|i| i / plane).min();
+                match zmin {
+                    Some(z0) => {
+                        for (i, v) in vein.iter_mut().enumerate() {
+                            if i / plane < z0 {
+                                *v = false;
+                            }
+                        }
                     }
+                    None => notes.push(format!(
+                        "class {organ} is empty: class {} was not cut below it",
+                        cut.vein
+                    )),
                 }
-                let organ_mask = keep_largest(&organ_mask, shape, k);
-                let closed = box_filter(&box_filter(&organ_mask, shape, 2, true), shape, 2, false);
-                let region = box_filter(&closed, shape, 2, true);
-                let tumour = get(organ)
-                    .iter()
-                    .zip(region)
-                    .map(|(t, r)| *t && r)
-                    .collect();
-                put(organ - 1, tumour);
+                put(cut.vein - 1, vein);
             }
-            c if (1..=k.max(32)).contains(&c) => put(c - 1, get(c)),
-            _ => {}
+            put(organ - 1, reference);
+            continue;
+        }
+        if let Some(rule) = opts.tumour_in_organ.iter().find(|r| r.tumour == organ) {
+            let mut organ_mask = empty();
+            for c in &rule.organs {
+                for (a, b) in organ_mask.iter_mut().zip(get(*c)) {
+                    *a |= b;
+                }
+            }
+            let organ_mask = keep_largest(&organ_mask, shape, rule.components);
+            let closed = box_filter(&box_filter(&organ_mask, shape, 2, true), shape, 2, false);
+            let region = box_filter(&closed, shape, 2, true);
+            let tumour = get(organ)
+                .iter()
+                .zip(region)
+                .map(|(t, r)| *t && r)
+                .collect();
+            put(organ - 1, tumour);
+            continue;
+        }
+        if (1..=k.max(32)).contains(&organ) {
+            put(organ - 1, own(organ));
         }
     }
     notes

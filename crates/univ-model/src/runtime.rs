@@ -44,3 +44,20 @@ pub fn peak_resident_bytes() -> Option<u64> {
 }
 
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
+
+/// mimalloc, the allocator the univ binaries and benchmarks install as the global allocator
+/// (`#[global_allocator] static A: MiMalloc = MiMalloc;`), with [`keep_freed_memory`].
+#[cfg(feature = "mimalloc")]
+pub use mimalloc::MiMalloc;
+
+/// Tells mimalloc to keep freed memory mapped (its `purge_delay` option set to −1): every
+/// window allocates and frees the same large buffers, and returning them to the operating
+/// system would make each new window fault in (and zero) fresh pages. Call it first thing in
+/// `main` of a program whose global allocator is [`MiMalloc`].
+#[cfg(feature = "mimalloc")]
+pub fn keep_freed_memory() {
+    /// mimalloc's option number for `purge_delay` (see mimalloc.h).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: setting an option is thread-safe and valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}

@@ -6,24 +6,21 @@ use std::time::Instant;
 use candle_core::Device;
 use univ_io::{ClassMask, Interpolation, PreprocessOptions, PreprocessRecord, Volume};
 
+use crate::classes::ClassInfo;
 use crate::error::{Error, Result};
 use crate::inferers::{SlidingWindowOptions, sliding_window_inference, volume_to_network_layout};
 use crate::nets::UniversalModel;
 use crate::postprocess::{PostprocessOptions, organ_post_process_masks};
 
-/// Universal classes whose lesions are reported (tumours and the kidney cyst).
-pub const LESION_CLASSES: [usize; 7] = [26, 27, 28, 29, 30, 31, 32];
-
 /// Settings of [`segment`]; [`Default`] gives the official pipeline for all classes.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct SegmentOptions {
     /// Preprocessing (the official one by default); `None` when the volume is already
     /// preprocessed (RAS, 1.5 mm, intensities in [0, 1]); results then stay on its grid.
     pub preprocess: Option<PreprocessOptions>,
     /// Sliding-window settings.
     pub window: SlidingWindowOptions,
-    /// Universal class ids (1-based rows of the model's embeddings) to compute; empty = all.
+    /// Class ids of the model's class table to compute, in output order; empty = all.
     pub classes: Vec<usize>,
     /// Probability threshold per class id (strict `>`); classes not listed use 0.5.
     pub thresholds: Vec<(usize, f32)>,
@@ -105,22 +102,46 @@ impl SparseProbs {
     }
 }
 
+/// The result of one class.
+#[derive(Debug, Clone)]
+pub struct ClassResult {
+    /// The class (id, name, kind, ...).
+    pub info: ClassInfo,
+    /// Its mask on the input grid (compact: bits over its bounding box).
+    pub mask: ClassMask,
+    /// Sigmoid probabilities × 255 on the input grid, when asked for
+    /// ([`SegmentOptions::keep_probabilities`]).
+    pub probabilities: Option<Volume<u8>>,
+    /// For lesion classes (tumours, cysts): the probability × 255 at each voxel of the mask,
+    /// in [`ClassMask::voxels`] order (for the lesion report); `None` for other classes.
+    pub lesion_probabilities: Option<Vec<u8>>,
+}
+
+impl ClassResult {
+    /// The class id.
+    pub fn id(&self) -> usize {
+        self.info.id
+    }
+
+    /// The display name.
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Voxels in the mask.
+    pub fn voxels(&self) -> usize {
+        self.mask.count()
+    }
+}
+
 /// What [`segment`] produces.
 #[derive(Debug, Clone)]
 pub struct Segmentation {
-    /// The computed class ids, in output order.
-    pub classes: Vec<usize>,
+    /// The computed classes, in output order.
+    pub classes: Vec<ClassResult>,
     /// The label map on the input grid, with the input's geometry: class ids painted in
     /// increasing order, so tumours and cysts (26–32) lie over their organ; 0 elsewhere.
     pub label_map: Volume<u8>,
-    /// One mask per class on the input grid (compact: bits over its bounding box).
-    pub masks: Vec<ClassMask>,
-    /// Sigmoid probabilities × 255 on the input grid, per class, when asked for
-    /// ([`SegmentOptions::keep_probabilities`]).
-    pub probabilities: Vec<Option<Volume<u8>>>,
-    /// For the lesion classes (26–32): the probability × 255 at each voxel of the class's
-    /// mask, in [`ClassMask::voxels`] order (for the lesion report); `None` for other classes.
-    pub lesion_probabilities: Vec<Option<Vec<u8>>>,
     /// The logits on the network grid, when asked for.
     pub logits: Option<NetworkLogits>,
     /// What preprocessing did (absent without preprocessing).
@@ -141,6 +162,36 @@ fn sigmoid_u8(l: f32) -> u8 {
     (p * 255.0).round() as u8
 }
 
+impl Segmentation {
+    /// The result of a class given by id (`"6"`), name, slug or prompt name (`"liver"`,
+    /// `"Liver Tumor"`, `"liver_tumor"`).
+    pub fn class(&self, name_or_id: &str) -> Option<&ClassResult> {
+        self.classes.iter().find(|c| c.info.matches(name_or_id))
+    }
+
+    /// The result of a class id.
+    pub fn class_by_id(&self, id: usize) -> Option<&ClassResult> {
+        self.classes.iter().find(|c| c.info.id == id)
+    }
+
+    /// The computed class ids, in output order.
+    pub fn ids(&self) -> Vec<usize> {
+        self.classes.iter().map(ClassResult::id).collect()
+    }
+
+    /// The volume of one voxel of the input grid, in mL.
+    pub fn voxel_volume_ml(&self) -> f64 {
+        let m = univ_io::geometry::linear_part(self.label_map.affine());
+        univ_io::geometry::det3(&m).abs() / 1000.0
+    }
+
+    /// The volume of a class's mask in mL (`None` for a class not computed).
+    pub fn volume_ml(&self, name_or_id: &str) -> Option<f64> {
+        self.class(name_or_id)
+            .map(|c| c.voxels() as f64 * self.voxel_volume_ml())
+    }
+}
+
 /// Segments a CT volume (see the module docs). `progress(done, total)` is called after each
 /// window.
 ///
@@ -155,21 +206,34 @@ pub fn segment(
     let mut timings = Vec::new();
     let mut notes = Vec::new();
     let t = Instant::now();
-    let k_all = model.config().num_classes;
+    let table = model.classes().clone();
     let classes: Vec<usize> = if opts.classes.is_empty() {
-        (1..=k_all).collect()
+        table.ids()
     } else {
         opts.classes.clone()
     };
-    let model = if classes.len() == k_all && classes.iter().enumerate().all(|(i, c)| *c == i + 1) {
+    let mut rows = Vec::with_capacity(classes.len());
+    for c in &classes {
+        let row = table.row_of(*c).ok_or_else(|| {
+            Error::Config(format!(
+                "class {c} is not one of the model's classes ({})",
+                table.describe()
+            ))
+        })?;
+        rows.push(row + 1);
+    }
+    let infos: Vec<ClassInfo> = rows
+        .iter()
+        .map(|r| table.row(r - 1).expect("a row").clone())
+        .collect();
+    let model = if rows.len() == table.len() && rows.iter().enumerate().all(|(i, r)| *r == i + 1) {
         model.clone()
     } else {
-        model.select_classes(&classes)?
+        model.select_classes(&rows)?
     };
     let (pre_image, record) = match &opts.preprocess {
         Some(p) => {
-            let pre = univ_io::preprocess(image.clone(), None, p)
-                .map_err(|e| Error::Config(e.to_string()))?;
+            let pre = univ_io::preprocess(image.clone(), None, p)?;
             (pre.image, Some(pre.record))
         }
         None => {
@@ -210,7 +274,7 @@ pub fn segment(
     // voxels over the threshold (post-processing only removes voxels, so that covers the final
     // masks), as (voxel, probability × 255) pairs.
     let keep_prob: Vec<bool> = classes.iter().map(|_| opts.keep_probabilities).collect();
-    let lesion: Vec<bool> = classes.iter().map(|c| LESION_CLASSES.contains(c)).collect();
+    let lesion: Vec<bool> = infos.iter().map(ClassInfo::is_lesion).collect();
     let sparse_ok = u32::try_from(n).is_ok();
     let mut sparse_probs: Vec<SparseProbs> = (0..k).map(|_| SparseProbs::new(n)).collect();
     // One bit per voxel and class while the windows run (32 classes of a 10-million-voxel
@@ -278,7 +342,7 @@ pub fn segment(
         crate::runtime::peak_resident_bytes(),
     ));
 
-    // Post-processing by universal class id.
+    // Post-processing by class id.
     let t = Instant::now();
     let max_id = classes.iter().copied().max().unwrap_or(0).max(32);
     let mut by_id: Vec<ClassMask> = vec![ClassMask::empty(dims); max_id];
@@ -287,12 +351,13 @@ pub fn segment(
     }
     let mut order = classes.clone();
     order.sort_unstable();
-    for (tumour, organs) in [(26usize, [2usize, 3].as_slice()), (27, [6].as_slice())] {
-        if opts.postprocess.tumour_in_organ
-            && classes.contains(&tumour)
-            && !organs.iter().all(|o| classes.contains(o))
-        {
-            notes.push(format!("class {tumour} is kept only inside its organ (classes {organs:?}), which was not computed: it will be empty"));
+    for rule in &opts.postprocess.tumour_in_organ {
+        if classes.contains(&rule.tumour) && !rule.organs.iter().all(|o| classes.contains(o)) {
+            notes.push(format!(
+                "class {} is kept only inside its organ (classes {:?}), which was not \
+                 computed: it will be empty",
+                rule.tumour, rule.organs
+            ));
         }
     }
     let (processed, pnotes) = organ_post_process_masks(&by_id, dims, &order, &opts.postprocess);
@@ -304,19 +369,13 @@ pub fn segment(
     // Back onto the input grid.
     let t = Instant::now();
     let to_input = |data: Vec<u8>| -> Result<Volume<u8>> {
-        let v = pre_image
-            .with_data(data)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        match &record {
-            Some(r) => r
-                .invert(&v, Interpolation::Nearest)
-                .map_err(|e| Error::Config(e.to_string())),
-            None => Ok(v),
-        }
+        let v = pre_image.with_data(data)?;
+        Ok(match &record {
+            Some(r) => r.invert(&v, Interpolation::Nearest)?,
+            None => v,
+        })
     };
-    let mut masks = Vec::with_capacity(k);
-    let mut probabilities = Vec::with_capacity(k);
-    let mut lesion_probabilities = Vec::with_capacity(k);
+    let mut results: Vec<ClassResult> = Vec::with_capacity(k);
     // Painted in increasing class order; the first class's volume gives the input grid.
     let mut paint: Vec<usize> = (0..k).collect();
     paint.sort_by_key(|i| classes[*i]);
@@ -325,10 +384,7 @@ pub fn segment(
         let m = to_input(processed[c - 1].to_u8())?;
         let mask = ClassMask::from_u8(m.data(), m.shape());
         if label_map.is_none() {
-            label_map = Some(
-                m.with_data(vec![0u8; m.len()])
-                    .map_err(|e| Error::Config(e.to_string()))?,
-            );
+            label_map = Some(m.with_data(vec![0u8; m.len()])?);
         }
         let full = std::mem::take(&mut probs_pre[i]);
         let full = if full.is_empty() {
@@ -336,7 +392,7 @@ pub fn segment(
         } else {
             Some(to_input(full)?)
         };
-        lesion_probabilities.push(if !lesion[i] {
+        let lesion_probabilities = if !lesion[i] {
             None
         } else if let Some(p) = &full {
             Some(mask.voxels().map(|v| p.data()[v]).collect())
@@ -345,9 +401,13 @@ pub fn segment(
             let dense = std::mem::replace(&mut sparse_probs[i], SparseProbs::new(0)).into_dense();
             let p = to_input(dense)?;
             Some(mask.voxels().map(|v| p.data()[v]).collect())
+        };
+        results.push(ClassResult {
+            info: infos[i].clone(),
+            mask,
+            probabilities: if keep_prob[i] { full } else { None },
+            lesion_probabilities,
         });
-        probabilities.push(if keep_prob[i] { full } else { None });
-        masks.push(mask);
     }
     let mut label_map = match label_map {
         Some(l) => l,
@@ -357,7 +417,7 @@ pub fn segment(
         let lab = label_map.data_mut();
         for i in paint {
             let id = classes[i].min(255) as u8;
-            for v in masks[i].voxels() {
+            for v in results[i].mask.voxels() {
                 lab[v] = id;
             }
         }
@@ -371,11 +431,8 @@ pub fn segment(
         crate::runtime::peak_resident_bytes(),
     ));
     Ok(Segmentation {
-        classes,
+        classes: results,
         label_map,
-        masks,
-        probabilities,
-        lesion_probabilities,
         logits: logits.map(|data| NetworkLogits {
             data,
             shape: [k, nx, ny, nz],

@@ -6,7 +6,7 @@
 // The tests allocate many large tensors; mimalloc reuses freed memory instead of faulting in
 // fresh pages each time.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: univ_model::runtime::MiMalloc = univ_model::runtime::MiMalloc;
 
 #[path = "../../../tests/common/shared.rs"]
 mod shared;
@@ -1261,4 +1261,24 @@ fn conv_cfg(padding: usize, stride: usize) -> layers::Conv3dConfig {
         stride,
         ..Default::default()
     }
+}
+
+/// The class table's official prompts are the strings the official embedding was made from
+/// (the fixture records them, legacy spellings included).
+#[test]
+fn class_table_prompts_are_the_official_ones() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("fixtures/clip_text/meta.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<Option<String>> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Some(p.as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(univ_model::ClassTable::universal().prompts(), want);
 }

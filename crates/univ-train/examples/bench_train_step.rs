@@ -19,7 +19,7 @@ use univ_train::vars::VarStore;
 use univ_train::{AdamW, AdamWConfig, DiceMode, Rng, partial_label_loss};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: univ_model::runtime::MiMalloc = univ_model::runtime::MiMalloc;
 
 fn status_gb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -45,8 +45,7 @@ fn arg(name: &str, default: usize) -> usize {
 
 fn main() -> anyhow::Result<()> {
     // Keep freed pages mapped: every step allocates and frees the same large buffers.
-    // SAFETY: setting an option is thread-safe.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
+    univ_model::runtime::keep_freed_memory();
     let size = arg("--size", 96);
     let steps = arg("--steps", 3);
     let threads = arg("--threads", 2);

@@ -64,6 +64,35 @@ pub struct ModelSection {
     /// Initial weights.
     #[serde(default)]
     pub init: Option<PathBuf>,
+    /// Names of classes by id (`class_names = { 33 = "Bone Lesion" }`), for classes beyond the
+    /// 32 universal ones or to rename one; written into the checkpoints (`univ.classes`) so
+    /// that `univ segment --classes` knows them.
+    #[serde(default)]
+    pub class_names: std::collections::BTreeMap<String, String>,
+}
+
+impl ModelSection {
+    /// The configured class names as `(id, name)`, ids checked against the class count.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a key that is not an id of the model.
+    pub fn class_names(&self) -> Result<Vec<(usize, String)>> {
+        self.class_names
+            .iter()
+            .map(|(k, v)| match k.trim().parse::<usize>() {
+                Ok(id) if (1..=self.classes).contains(&id) && !v.trim().is_empty() => {
+                    Ok((id, v.trim().to_string()))
+                }
+                _ => Err(Error::config(
+                    Path::new("model.class_names"),
+                    format!(
+                        "{k:?} = {v:?}: keys must be class ids in 1..={} and names non-empty",
+                        self.classes
+                    ),
+                )),
+            })
+            .collect()
+    }
 }
 
 /// `[data]`.

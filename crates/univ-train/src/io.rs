@@ -1,10 +1,9 @@
 //! Small file helpers: atomic writes and safetensors with metadata.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -14,53 +13,25 @@ use crate::error::{Error, Result};
 /// # Errors
 /// [`Error::File`] naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::file(path, e));
-    }
-    Ok(())
+    univ_io::atomic::write_atomic_with(
+        path,
+        |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::file(path, e)),
+        |e| Error::file(path, e),
+    )
 }
 
 /// Saves f32 tensors (converted) with string metadata, atomically.
 ///
 /// # Errors
-/// Tensor errors and [`Error::File`].
+/// [`Error::Model`] naming the file.
 pub fn save_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let mut buffers = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        buffers.push((name.clone(), t.dims().to_vec(), bytes));
-    }
-    let st_err = |e: safetensors::SafeTensorError| Error::file(path, std::io::Error::other(e));
-    let mut views = Vec::with_capacity(buffers.len());
-    for (name, shape, bytes) in &buffers {
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map_err(st_err)?;
-        views.push((name.as_str(), view));
-    }
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(st_err)?;
-    write_atomic(path, &bytes)
+    Ok(univ_model::checkpoint::save_safetensors(
+        path, tensors, metadata,
+    )?)
 }
 
 /// Loads every tensor of a safetensors file onto `device`, with its metadata.

@@ -170,6 +170,8 @@ mod fused {
     use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
     use rayon::prelude::*;
 
+    use univ_model::ops::{storage_f32, with_f32_slices};
+
     use super::{DiceMode, LossParts, pairs_of};
     use crate::error::Result;
 
@@ -178,13 +180,6 @@ mod fused {
         k: usize,
         slices: usize,
         per: usize,
-    }
-
-    fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-            _ => candle_core::bail!("partial-label loss: expected contiguous f32 tensors"),
-        }
     }
 
     #[inline]
@@ -225,8 +220,8 @@ mod fused {
             s2: &CpuStorage,
             l2: &Layout,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
-            let x = slice_of(s1, l1)?;
-            let t = slice_of(s2, l2)?;
+            let x = storage_f32(s1, l1, "partial-label loss logits")?;
+            let t = storage_f32(s2, l2, "partial-label loss target")?;
             let v = self.slices * self.per;
             let stats: Vec<(f64, f64)> = self
                 .pairs
@@ -255,21 +250,11 @@ mod fused {
             grad: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
             let g = grad.to_vec1::<f32>()?;
-            let dx = read_f32(logits, |x| read_f32(target, |t| self.backward(x, t, &g)))??;
+            let dx = with_f32_slices(&[logits, target], |s| self.backward(s[0], s[1], &g))?;
             Ok((
                 Some(Tensor::from_vec(dx, logits.shape(), logits.device())?),
                 None,
             ))
-        }
-    }
-
-    /// Runs `f` on the f32 CPU data of `t` in place (made contiguous first).
-    fn read_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-        let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok(f(slice_of(s, layout)?)),
-            _ => candle_core::bail!("partial-label loss: expected a CPU tensor"),
         }
     }
 

@@ -7,12 +7,8 @@ use serde_json::json;
 use univ_io::Volume;
 use univ_train::metrics::{hausdorff, overlap, surface_dice};
 
-/// Universal tumour classes, for case-level detection.
-pub const TUMOUR_CLASSES: [u8; 6] = [26, 27, 28, 29, 30, 31];
-
 /// Settings of [`evaluate_pair`].
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct EvalOptions {
     /// Surface-Dice tolerances in mm.
     pub tolerances: Vec<f64>,
@@ -108,12 +104,13 @@ pub fn evaluate_pair(
     Ok(json!({"spacing_mm": spacing, "labels": labels}))
 }
 
-/// Case-level tumour detection: for each tumour class, a case is positive when any voxel of
-/// the class is there (spec §8). Returns sensitivity and specificity over `cases` of
-/// (prediction, reference) label maps.
+/// Case-level tumour detection, as the paper evaluates it: for each tumour class of the
+/// universal table, a case is positive when any voxel of the class is there. Returns
+/// sensitivity and specificity over `cases` of (prediction, reference) label maps.
 pub fn tumour_detection(cases: &[(Volume<u8>, Volume<u8>)]) -> serde_json::Value {
     let mut out = serde_json::Map::new();
-    for t in TUMOUR_CLASSES {
+    let tumours = univ_model::ClassTable::universal().ids_of(univ_model::ClassKind::Tumour);
+    for t in tumours.into_iter().filter_map(|t| u8::try_from(t).ok()) {
         let (mut tp, mut fn_, mut tn, mut fp) = (0usize, 0usize, 0usize, 0usize);
         for (p, g) in cases {
             let pp = p.data().contains(&t);

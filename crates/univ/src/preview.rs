@@ -5,47 +5,7 @@ use std::path::Path;
 
 use univ_io::png::Canvas;
 use univ_io::{ClassMask, OrientTransform, Volume};
-
-/// 32 distinguishable colours, one per universal class (cycled beyond).
-const PALETTE: [[u8; 3]; 32] = [
-    [230, 25, 75],
-    [60, 180, 75],
-    [255, 225, 25],
-    [0, 130, 200],
-    [245, 130, 48],
-    [145, 30, 180],
-    [70, 240, 240],
-    [240, 50, 230],
-    [210, 245, 60],
-    [250, 190, 212],
-    [0, 128, 128],
-    [220, 190, 255],
-    [170, 110, 40],
-    [255, 250, 200],
-    [128, 0, 0],
-    [170, 255, 195],
-    [128, 128, 0],
-    [255, 215, 180],
-    [0, 0, 128],
-    [128, 128, 128],
-    [255, 255, 255],
-    [255, 99, 71],
-    [64, 224, 208],
-    [218, 112, 214],
-    [255, 0, 0],
-    [255, 255, 0],
-    [0, 255, 0],
-    [0, 255, 255],
-    [255, 0, 255],
-    [255, 128, 0],
-    [128, 255, 0],
-    [0, 128, 255],
-];
-
-/// The colour of a class id.
-pub fn class_colour(id: usize) -> [u8; 3] {
-    PALETTE[(id.max(1) - 1) % PALETTE.len()]
-}
+use univ_model::segment::ClassResult;
 
 /// A 2-D slice: values at (col, row), with the physical size of a pixel along each.
 struct Slice<T> {
@@ -108,15 +68,18 @@ fn slices<T: Copy + Default>(
     ]
 }
 
-/// Writes `preview.png` for a CT and its class masks (on the CT's grid).
+/// Writes `preview.png` for a CT and its classes' masks (on the CT's grid), with each class's
+/// colour and name.
 ///
 /// # Errors
 /// I/O errors, or masks on another grid.
 pub fn write_preview(
     path: &Path,
     ct: &Volume<f32>,
-    masks: &[(usize, String, &ClassMask)],
+    classes: &[ClassResult],
 ) -> std::io::Result<()> {
+    let masks: Vec<(usize, &ClassResult, &ClassMask)> =
+        classes.iter().map(|c| (c.id(), c, &c.mask)).collect();
     let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     if let Some((_, _, m)) = masks.iter().find(|(_, _, m)| m.shape() != ct.shape()) {
         return Err(bad(format!(
@@ -135,10 +98,10 @@ pub fn write_preview(
     let ct = orient.apply(ct.clone()).map_err(|e| bad(e.to_string()))?;
     let shape = ct.shape();
     let sp = ct.spacing();
-    // Centre on the largest organ (classes 1–25), else the volume's centre.
+    // Centre on the largest organ, else the volume's centre.
     let largest = masks
         .iter()
-        .filter(|(id, _, m)| *id <= 25 && !m.is_empty())
+        .filter(|(_, c, m)| !c.info.is_lesion() && !m.is_empty())
         .max_by_key(|(_, _, m)| m.count());
     let mut centre = shape.map(|s| s / 2);
     let largest_ras = largest
@@ -165,15 +128,15 @@ pub fn write_preview(
         .map(|v| (((v + 175.0) / 425.0).clamp(0.0, 1.0) * 255.0) as u8)
         .collect();
     let ct_slices = slices(&gray, shape, sp, centre);
-    let present: Vec<&(usize, String, &ClassMask)> =
+    let present: Vec<&(usize, &ClassResult, &ClassMask)> =
         masks.iter().filter(|(_, _, m)| !m.is_empty()).collect();
-    let mut mask_slices: Vec<(usize, [Slice<u8>; 3])> = Vec::new();
-    for (id, _, m) in &present {
+    let mut mask_slices: Vec<([u8; 3], [Slice<u8>; 3])> = Vec::new();
+    for (id, c, m) in &present {
         let sl = match &largest_ras {
             Some((lid, r)) if lid == id => slices(r.data(), shape, sp, centre),
             _ => slices(to_ras(m)?.data(), shape, sp, centre),
         };
-        mask_slices.push((*id, sl));
+        mask_slices.push((c.info.colour, sl));
     }
     // Each panel is drawn at a common pixel size: the finest spacing, at most 400 px a side.
     let px_mm = sp.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -220,13 +183,13 @@ pub fn write_preview(
             }
         }
         // Outlines: pixels whose class differs from a 4-neighbour's.
-        for (id, ms) in &mask_slices {
+        for (col, ms) in &mask_slices {
             let m = &ms[p];
             let on = |px: usize, py: usize| {
                 let (sx, sy) = src(px, py);
                 m.at[sy * m.w + sx] > 0
             };
-            let col = class_colour(*id);
+            let col = *col;
             for py in 0..ph {
                 for px in 0..pw {
                     if !on(px, py) {
@@ -250,14 +213,20 @@ pub fn write_preview(
         x0 += pw + 10;
     }
     let top = dims.iter().map(|d| d[1]).max().unwrap_or(1) + 30;
-    for (i, (id, name, _)) in present.iter().enumerate() {
+    for (i, (id, c, _)) in present.iter().enumerate() {
         let (cx, cy) = (10 + (i % 3) * ((w.max(300) - 20) / 3), top + (i / 3) * 12);
         for dy in 0..8 {
             for dx in 0..8 {
-                cv.set(cx + dx, cy + dy, class_colour(*id));
+                cv.set(cx + dx, cy + dy, c.info.colour);
             }
         }
-        cv.text(cx + 12, cy, &format!("{id} {name}"), [230, 230, 230], 1);
+        cv.text(
+            cx + 12,
+            cy,
+            &format!("{id} {}", c.name()),
+            [230, 230, 230],
+            1,
+        );
     }
     cv.write_png(path)
 }

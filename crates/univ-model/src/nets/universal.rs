@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use crate::classes::ClassTable;
 use crate::error::{Error, Result};
 use crate::nets::head::{Encoding, UniversalHead};
 use crate::nets::swin_unetr::{SwinUnetr, SwinUnetrConfig};
@@ -123,6 +124,7 @@ pub struct UniversalModel {
     cfg: UniversalConfig,
     backbone: Backbone,
     head: UniversalHead,
+    classes: ClassTable,
 }
 
 impl UniversalModel {
@@ -153,6 +155,7 @@ impl UniversalModel {
             cfg,
             backbone,
             head,
+            classes: ClassTable::for_model(cfg.num_classes, None),
         })
     }
 
@@ -171,19 +174,54 @@ impl UniversalModel {
         &self.head
     }
 
+    /// The classes of the output channels, in channel order (the universal classes unless
+    /// the checkpoint named others; see [`crate::Checkpoint::class_names`]).
+    pub fn classes(&self) -> &ClassTable {
+        &self.classes
+    }
+
+    /// The model with another class table (one class per embedding row).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the table has another number of classes.
+    pub fn with_class_table(mut self, classes: ClassTable) -> Result<Self> {
+        if classes.len() != self.head.num_classes() {
+            return Err(Error::Config(format!(
+                "{} class names for {} class rows",
+                classes.len(),
+                self.head.num_classes()
+            )));
+        }
+        self.classes = classes;
+        Ok(self)
+    }
+
     /// The class embeddings in use: `(K, 512)` CLIP rows (word mode) or `(K, 256)` learned rows.
     pub fn class_embeddings(&self) -> &Tensor {
         self.head.class_embeddings()
     }
 
     /// Replaces the class embeddings (word mode: `(K', 512)` CLIP rows), changing the number
-    /// of classes: a new class is a new row.
+    /// of classes: a new class is a new row. The class table keeps the names of the rows that
+    /// remain; new rows are named by `names` where given (see [`ClassTable::for_model`]).
     ///
     /// # Errors
     /// A wrong embedding width.
-    pub fn with_class_embeddings(mut self, emb: Tensor) -> Result<Self> {
+    pub fn with_class_embeddings(mut self, emb: Tensor, names: Option<&[String]>) -> Result<Self> {
         self.head.set_class_embeddings(emb)?;
-        self.cfg.num_classes = self.head.num_classes();
+        let k = self.head.num_classes();
+        let mut known: Vec<String> = self.classes.iter().map(|c| c.name.clone()).collect();
+        if let Some(n) = names {
+            for (i, name) in n.iter().enumerate() {
+                match known.get_mut(i) {
+                    Some(slot) => *slot = name.clone(),
+                    None => known.push(name.clone()),
+                }
+            }
+        }
+        known.truncate(k);
+        self.classes = ClassTable::for_model(k, Some(&known));
+        self.cfg.num_classes = k;
         Ok(self)
     }
 
@@ -199,9 +237,11 @@ impl UniversalModel {
                 "classes {classes:?} must be in 1..={k}"
             )));
         }
-        let rows: Vec<u32> = classes.iter().map(|c| (*c - 1) as u32).collect();
+        let rows: Vec<usize> = classes.iter().map(|c| *c - 1).collect();
         let mut out = self.clone();
-        out.head.select_rows(&rows)?;
+        out.head
+            .select_rows(&rows.iter().map(|r| *r as u32).collect::<Vec<_>>())?;
+        out.classes = self.classes.select_rows(&rows);
         out.cfg.num_classes = classes.len();
         Ok(out)
     }

@@ -96,8 +96,12 @@ pub fn to_f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
-/// The `f32` data of a contiguous CPU storage, as a custom operation receives it.
-pub(crate) fn storage_f32<'a>(
+/// The `f32` data of a contiguous CPU storage, as a custom operation's `cpu_fwd` receives it
+/// (`what` names the operand in the error).
+///
+/// # Errors
+/// Another dtype, or a non-contiguous layout.
+pub fn storage_f32<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,

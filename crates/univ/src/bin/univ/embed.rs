@@ -4,19 +4,36 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use univ::clip::{ClassEmbeddings, ClipTextEncoder, TEMPLATE, UNIVERSAL_CLASSES, prompt};
+use univ::ClassTable;
+use univ::clip::{ClassEmbeddings, ClipTextEncoder};
+use univ::model::classes::{PROMPT_TEMPLATE, prompt};
 
-/// What to embed, in output order: the universal bank, then classes, then raw prompts.
-pub struct EmbedArgs {
-    pub clip: Option<String>,
-    pub prompts: Vec<String>,
-    pub classes: Vec<String>,
-    pub universal: bool,
-    pub output: Option<PathBuf>,
-    pub inspect: Option<PathBuf>,
+/// Arguments of `univ embed`. What is embedded, in output order: the universal bank, then
+/// classes, then raw prompts.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A folder with config.json, safetensors weights and tokenizer files, or a Hugging Face
+    /// repository id in the local cache (e.g. openai/clip-vit-base-patch32).
+    #[arg(long)]
+    clip: Option<String>,
+    /// A prompt, embedded as given (repeatable).
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    /// A class name, put into "A computerized tomography of a {}" (repeatable).
+    #[arg(long = "class")]
+    classes: Vec<String>,
+    /// The 32 universal classes with the official prompt strings.
+    #[arg(long)]
+    universal: bool,
+    /// Output safetensors file (tensor `embeddings`, (N, D)).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Print the classes, norms and similarity table of an embedding file.
+    #[arg(long, conflicts_with_all = ["clip", "prompts", "classes", "universal", "output"])]
+    inspect: Option<PathBuf>,
 }
 
-pub fn run(a: EmbedArgs) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     if let Some(file) = &a.inspect {
         return inspect(file);
     }
@@ -37,9 +54,9 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let mut names = Vec::new();
     let mut prompts = Vec::new();
     if a.universal {
-        for c in &UNIVERSAL_CLASSES {
-            names.push(c.name.to_string());
-            prompts.push(prompt(c.prompt_name));
+        for c in ClassTable::universal().iter() {
+            names.push(c.name.clone());
+            prompts.push(c.prompt().context("a universal class without its prompt")?);
         }
     }
     for c in &a.classes {
@@ -69,7 +86,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
         format!("CLIP text encoder from {clip} (encode_text, not normalised)"),
     );
     bank.provenance
-        .insert("template".into(), TEMPLATE.to_string());
+        .insert("template".into(), PROMPT_TEMPLATE.to_string());
     bank.save_safetensors(output)?;
     println!(
         "embedded {} prompts ({} values each) in {:.2} s -> {}",
@@ -82,7 +99,21 @@ pub fn run(a: EmbedArgs) -> Result<()> {
 }
 
 fn inspect(file: &Path) -> Result<()> {
-    let e = ClassEmbeddings::load(file)?;
+    let mut e = ClassEmbeddings::load(file)?;
+    // A file without names (the official txt_encoding.pth) with one row per universal class.
+    let table = ClassTable::universal();
+    if e.names
+        .iter()
+        .enumerate()
+        .all(|(i, n)| *n == format!("class_{}", i + 1))
+        && e.len() == table.len()
+    {
+        e.names = table.iter().map(|c| c.name.clone()).collect();
+        e.prompts = table
+            .iter()
+            .map(|c| c.prompt().unwrap_or_default())
+            .collect();
+    }
     let norms = e.norms()?;
     println!(
         "{}: {} classes x {} values, sha256 {}",

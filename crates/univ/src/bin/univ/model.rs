@@ -1,13 +1,50 @@
 //! `univ inspect`, `univ convert` and `univ forward`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use univ::model::checkpoint::{Checkpoint, official_layout};
 use univ::model::hub::resolve_checkpoint;
 use univ::model::nets::{BackboneConfig, Encoding};
+
+use crate::args::RuntimeArgs;
+
+/// Arguments of `univ inspect`.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// A .pth or .safetensors file, or a named official checkpoint (unet, swinunetr).
+    checkpoint: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `univ convert`.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// A .pth or .safetensors file, or a named official checkpoint.
+    input: String,
+    /// The output .safetensors file.
+    output: PathBuf,
+}
+
+/// Arguments of `univ forward`.
+#[derive(clap::Args)]
+pub struct ForwardArgs {
+    /// A .pth or .safetensors file, or a named official checkpoint.
+    #[arg(long)]
+    checkpoint: String,
+    /// Safetensors file holding `input`.
+    #[arg(long)]
+    input: PathBuf,
+    /// Safetensors file to write `logits` to.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
 
 /// Loads a checkpoint given as a path or a name, saying which file it is.
 fn load(spec: &str) -> Result<(Checkpoint, String)> {
@@ -19,7 +56,8 @@ fn load(spec: &str) -> Result<(Checkpoint, String)> {
     Ok((ckpt, r.sha256))
 }
 
-pub fn inspect(spec: &str, json: bool) -> Result<()> {
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let (spec, json) = (a.checkpoint.as_str(), a.json);
     let (ckpt, sha) = load(spec)?;
     let cfg = ckpt.detect_config()?;
     let (_, report) = ckpt.build(&Device::Cpu)?;
@@ -76,37 +114,27 @@ pub fn inspect(spec: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn write_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .context("output has no file name")?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}-tmp-{}", std::process::id()));
-    let res = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| {
-            // Readable like any other output (the writer creates the file owner-only).
+/// Writes tensors as safetensors (dtypes kept), atomically, readable like any other output
+/// (candle's writer creates the file owner-only).
+fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    univ::io::atomic::write_atomic_with(
+        path,
+        |tmp| {
+            candle_core::safetensors::save(tensors, tmp)?;
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+                std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))?;
             }
             Ok(())
-        })
-        .and_then(|()| Ok(std::fs::File::open(&tmp)?.sync_all()?))
-        .and_then(|()| Ok(std::fs::rename(&tmp, path)?))
-        .with_context(|| format!("{}: cannot write", path.display()));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+        },
+        anyhow::Error::from,
+    )
+    .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-pub fn convert(input: &str, output: &Path) -> Result<()> {
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let (input, output) = (a.input.as_str(), a.output.as_path());
     if output.extension().is_none_or(|e| e != "safetensors") {
         bail!(
             "{}: the output must be a .safetensors file",
@@ -116,7 +144,7 @@ pub fn convert(input: &str, output: &Path) -> Result<()> {
     let (ckpt, _) = load(input)?;
     // Check that it is a model we know before writing anything.
     ckpt.build(&Device::Cpu)?;
-    write_safetensors_atomic(output, &ckpt.tensors)?;
+    write_safetensors(output, &ckpt.tensors)?;
     println!(
         "{} -> {} ({} tensors, canonical keys)",
         ckpt.path.display(),
@@ -126,18 +154,9 @@ pub fn convert(input: &str, output: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).with_context(|| {
-            "no CUDA device: this build needs `--features cuda` and a GPU".to_string()
-        }),
-        other => bail!("--device {other:?}: expected cpu or cuda"),
-    }
-}
-
-pub fn forward(spec: &str, input: &Path, output: &Path, dev: &str) -> Result<()> {
-    let dev = device(dev)?;
+pub fn forward(a: ForwardArgs) -> Result<()> {
+    let (spec, input, output) = (a.checkpoint.as_str(), a.input.as_path(), a.output.as_path());
+    let dev = a.runtime.device()?;
     let (ckpt, _) = load(spec)?;
     let (model, _) = ckpt.build(&dev)?;
     let mut t = candle_core::safetensors::load(input, &dev)
@@ -163,5 +182,5 @@ pub fn forward(spec: &str, input: &Path, output: &Path, dev: &str) -> Result<()>
     );
     let mut out = HashMap::new();
     out.insert("logits".to_string(), logits);
-    write_safetensors_atomic(output, &out)
+    write_safetensors(output, &out)
 }

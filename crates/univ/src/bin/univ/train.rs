@@ -5,26 +5,43 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use univ::ClassTable;
 use univ::train::{TrainConfig, Trainer, ValidationLog};
 
-pub struct TrainArgs {
-    pub config: PathBuf,
-    pub resume: bool,
-    pub extend: Option<PathBuf>,
-    pub freeze_backbone: bool,
-    pub device: String,
-    pub quiet: bool,
+use crate::args::RuntimeArgs;
+
+/// Arguments of `univ train`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The training configuration (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    resume: bool,
+    /// Start from this trained checkpoint and add classes (model.classes larger than its
+    /// class count); reports validation Dice before and after in extend_report.json.
+    #[arg(long)]
+    extend: Option<PathBuf>,
+    /// Train only the head and class encodings.
+    #[arg(long)]
+    freeze_backbone: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
 }
 
-fn dice_table(v: &ValidationLog) -> String {
+fn dice_table(v: &ValidationLog, classes: &ClassTable) -> String {
     v.per_class
         .iter()
-        .map(|(c, d)| format!("{} {:.3}", univ::outputs::class_name(*c), d))
+        .map(|(c, d)| format!("{} {:.3}", classes.name(*c), d))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     let mut cfg = TrainConfig::load(&a.config)?;
     let old_classes = match &a.extend {
         Some(ck) => {
@@ -55,13 +72,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    let device = crate::model_cmds::device(&a.device)?;
+    let device = a.runtime.device()?;
     let quiet = a.quiet;
     let mut trainer = Trainer::new(cfg, device, |m| {
         if !quiet {
             eprintln!("{m}");
         }
     })?;
+    let classes = trainer.class_table();
     let r = trainer.init_report();
     if !r.mismatched.is_empty() {
         eprintln!(
@@ -88,7 +106,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(_) => {
             let v = trainer.validate().context("validation before extending")?;
             if !quiet {
-                eprintln!("validation Dice before: {}", dice_table(&v));
+                eprintln!("validation Dice before: {}", dice_table(&v, &classes));
             }
             Some(v)
         }
@@ -138,7 +156,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     v.step,
                     v.epoch,
                     v.mean,
-                    dice_table(v)
+                    dice_table(v, &classes)
                 );
             }
         },
@@ -156,7 +174,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 worst = Some(worst.map_or(ch, |w: f64| w.min(ch)));
             }
             rows.push(serde_json::json!({
-                "class": c, "name": univ::outputs::class_name(*c),
+                "class": c, "name": classes.name(*c),
                 "taught_in_this_run": !old,
                 "dice_before": b, "dice_after": a, "change_points": change,
             }));
@@ -171,7 +189,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let path = out.join("extend_report.json");
         univ::train::io::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         if !quiet {
-            eprintln!("validation Dice after: {}", dice_table(&after));
+            eprintln!("validation Dice after: {}", dice_table(&after, &classes));
             eprintln!("wrote {}", path.display());
         }
     }

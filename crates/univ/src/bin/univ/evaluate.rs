@@ -5,8 +5,27 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use univ::evaluate::{EvalOptions, evaluate_pair, remap, tumour_detection};
+use univ::pipeline::{case_name, is_nifti};
 
-use crate::segment_cmd::is_nifti;
+/// Arguments of `univ evaluate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A label map, or a folder of them (or of `univ segment` outputs).
+    #[arg(long)]
+    pred: PathBuf,
+    /// The reference label map, or a folder of them.
+    #[arg(long)]
+    gt: PathBuf,
+    /// JSON object mapping reference ids to prediction ids (others are ignored).
+    #[arg(long)]
+    label_map: Option<PathBuf>,
+    /// Surface-Dice tolerances in mm.
+    #[arg(long, default_value = "1,3")]
+    tolerance: String,
+    /// Dice only (skip NSD and HD95).
+    #[arg(long)]
+    no_surface: bool,
+}
 
 fn read_map(path: &Path) -> Result<BTreeMap<u8, u8>> {
     let text = std::fs::read_to_string(path)
@@ -29,21 +48,17 @@ fn read_map(path: &Path) -> Result<BTreeMap<u8, u8>> {
         .collect()
 }
 
-pub fn run(
-    pred: &Path,
-    gt: &Path,
-    label_map: Option<&PathBuf>,
-    tolerances: &str,
-    no_surface: bool,
-) -> Result<()> {
-    let mut opts = EvalOptions::default();
-    opts.label_map = label_map.map(|p| read_map(p)).transpose()?;
-    opts.surface = !no_surface;
-    opts.tolerances = tolerances
-        .split(',')
-        .map(|t| t.trim().parse::<f64>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--tolerance {tolerances:?}: expected numbers in mm"))?;
+pub fn run(a: Args) -> Result<()> {
+    let (pred, gt, tolerances) = (a.pred.as_path(), a.gt.as_path(), a.tolerance.as_str());
+    let opts = EvalOptions {
+        label_map: a.label_map.as_deref().map(read_map).transpose()?,
+        surface: !a.no_surface,
+        tolerances: tolerances
+            .split(',')
+            .map(|t| t.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--tolerance {tolerances:?}: expected numbers in mm"))?,
+    };
     let out = if pred.is_dir() && gt.is_dir() {
         let mut cases = Vec::new();
         let mut per_case = serde_json::Map::new();
@@ -55,11 +70,7 @@ pub fn run(
         for g in names {
             let name = g.file_name().expect("a file").to_owned();
             // The prediction: same file name, or <case>/segmentation.nii.gz from `univ segment`.
-            let stem = name
-                .to_string_lossy()
-                .trim_end_matches(".gz")
-                .trim_end_matches(".nii")
-                .to_string();
+            let stem = case_name(&g);
             let cand = [
                 pred.join(&name),
                 pred.join(&stem).join("segmentation.nii.gz"),

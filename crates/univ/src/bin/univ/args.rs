@@ -1,0 +1,91 @@
+//! Arguments shared by several subcommands.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+/// Where the work runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// The device the network runs on.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+/// A device choice.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+impl RuntimeArgs {
+    /// The candle device.
+    pub fn device(&self) -> Result<Device> {
+        match self.device {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => Device::new_cuda(0)
+                .context("no CUDA device: this build needs `--features cuda` and a GPU"),
+        }
+    }
+}
+
+/// How a DICOM series is read.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DicomArgs {
+    /// The Series Instance UID to read when a DICOM folder holds several series.
+    #[arg(long)]
+    pub series: Option<String>,
+    /// Accept a gantry tilt (slices shifted sideways); the affine then has a shear.
+    #[arg(long)]
+    pub allow_tilt: bool,
+}
+
+impl DicomArgs {
+    /// The reader options.
+    pub fn options(&self) -> univ::io::dicom::DicomReadOptions {
+        univ::io::dicom::DicomReadOptions {
+            series: self.series.clone(),
+            allow_tilt: self.allow_tilt,
+            ..Default::default()
+        }
+    }
+}
+
+/// A progress bar on stderr, drawn only on a terminal.
+pub struct Progress {
+    label: String,
+    on: bool,
+}
+
+impl Progress {
+    /// A bar for `label`, drawn when stderr is a terminal and `quiet` is off.
+    pub fn new(label: impl Into<String>, quiet: bool) -> Self {
+        Progress {
+            label: label.into(),
+            on: std::io::IsTerminal::is_terminal(&std::io::stderr()) && !quiet,
+        }
+    }
+
+    /// Draws `done` of `total` `unit`.
+    pub fn draw(&self, done: usize, total: usize, unit: &str) {
+        if !self.on {
+            return;
+        }
+        let w = 30;
+        let f = done * w / total.max(1);
+        eprint!(
+            "\r{}: [{}{}] {done}/{total} {unit}",
+            self.label,
+            "#".repeat(f),
+            " ".repeat(w - f)
+        );
+        if done == total {
+            eprintln!();
+        }
+    }
+}

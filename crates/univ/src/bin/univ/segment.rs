@@ -1,0 +1,177 @@
+//! `univ segment`: CT in, result folder out, through [`univ::segment_case`].
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use univ::model::inferers::{BlendMode, SlidingWindowOptions};
+use univ::model::postprocess::PostprocessOptions;
+use univ::{CaseOptions, Event, OutputOptions, SegmentOptions};
+
+use crate::args::{DicomArgs, Progress, RuntimeArgs};
+
+/// Arguments of `univ segment`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A NIfTI file or DICOM series folder, or a folder of them (one output folder per case).
+    input: PathBuf,
+    /// Output folder.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// A .pth/.safetensors checkpoint, or `unet` / `swinunetr` (official weights); default:
+    /// the small demo model (see the README for where it is looked for).
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// Only these classes, by name or id (e.g. `liver,spleen` or `6,1`).
+    #[arg(long)]
+    classes: Option<String>,
+    /// Overlap of neighbouring windows.
+    #[arg(long, default_value_t = 0.5)]
+    overlap: f64,
+    /// Windows per network call (1 as the official code; the U-Net's batch statistics then
+    /// pool over the batch).
+    #[arg(long, default_value_t = 1)]
+    sw_batch: usize,
+    /// Blend windows with equal weights instead of the Gaussian.
+    #[arg(long)]
+    constant_blend: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Also write masks/<class>.nii.gz.
+    #[arg(long)]
+    per_class: bool,
+    /// Also write probabilities/<class>.nii.gz (sigmoid × 255).
+    #[arg(long)]
+    probabilities: bool,
+    /// Skip the organ post-processing.
+    #[arg(long)]
+    no_postprocess: bool,
+    /// The input is already preprocessed (RAS, 1.5 mm, 0..1); outputs stay on its grid.
+    #[arg(long)]
+    no_preprocess: bool,
+    /// Also write the stitched logits (K, X, Y, Z) as logits.safetensors.
+    #[arg(long)]
+    save_logits: bool,
+    /// Replace existing results.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress bar or summary.
+    #[arg(long)]
+    quiet: bool,
+    /// For a DICOM series input, also write segmentation.dcm: a DICOM Segmentation with one
+    /// segment per class present, referencing the source images.
+    #[arg(long)]
+    dicom_seg: bool,
+    #[command(flatten)]
+    dicom: DicomArgs,
+}
+
+impl Args {
+    /// The library's options for these arguments (classes parsed with the model's table).
+    fn options(&self, classes: &univ::ClassTable) -> Result<CaseOptions> {
+        let segment = SegmentOptions {
+            window: SlidingWindowOptions {
+                overlap: self.overlap,
+                sw_batch_size: self.sw_batch,
+                mode: if self.constant_blend {
+                    BlendMode::Constant
+                } else {
+                    BlendMode::Gaussian { sigma_scale: 0.125 }
+                },
+                ..SlidingWindowOptions::default()
+            },
+            classes: match &self.classes {
+                Some(s) => classes
+                    .parse_list(s)
+                    .map_err(|e| anyhow::anyhow!("--classes: {e}"))?,
+                None => Vec::new(),
+            },
+            postprocess: if self.no_postprocess {
+                PostprocessOptions::none()
+            } else {
+                PostprocessOptions::default()
+            },
+            keep_probabilities: self.probabilities,
+            keep_logits: self.save_logits,
+            device: self.runtime.device()?,
+            preprocess: if self.no_preprocess {
+                None
+            } else {
+                SegmentOptions::default().preprocess
+            },
+            ..SegmentOptions::default()
+        };
+        Ok(CaseOptions {
+            segment,
+            output: OutputOptions {
+                per_class: self.per_class,
+                probabilities: self.probabilities,
+                save_logits: self.save_logits,
+                dicom_seg: self.dicom_seg,
+                overwrite: self.overwrite,
+                ..OutputOptions::default()
+            },
+            dicom: self.dicom.options(),
+        })
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.dicom_seg && !a.input.is_dir() && !univ::io::is_dicom(&a.input) {
+        bail!(
+            "{}: --dicom-seg needs a DICOM series as input",
+            a.input.display()
+        );
+    }
+    let cases = univ::case_list(&a.input, &a.output)?;
+    let model = univ::load_model(a.checkpoint.as_deref(), &a.runtime.device()?)?;
+    if model.downloaded {
+        eprintln!("downloaded {}", model.path.display());
+    }
+    if model.demo && !a.quiet {
+        eprintln!(
+            "note: no --checkpoint given: using the small demo model {} (trained on one CT; \
+             see its model card); pass `unet` or `swinunetr` for the official weights",
+            model.path.display()
+        );
+    }
+    let opts = a.options(model.model.classes())?;
+    let mut failed = 0;
+    for (input, out) in &cases {
+        let bar = Progress::new(univ::pipeline::case_name(input), a.quiet);
+        let result = univ::segment_case(input, out, &model, &opts, |e| match e {
+            Event::Warning(w) => eprintln!("warning: {}: {w}", input.display()),
+            Event::Windows { done, total } => bar.draw(done, total, "windows"),
+        });
+        match result {
+            Ok(s) => {
+                for n in &s.notes {
+                    eprintln!("note: {}: {n}", input.display());
+                }
+                if !a.quiet {
+                    if let Some((n, frames)) = s.dicom_seg {
+                        println!(
+                            "{}: {n} segments, {frames} frames",
+                            out.join("segmentation.dcm").display()
+                        );
+                    }
+                    println!(
+                        "{} -> {}: {} classes, {} windows, {:.1} s",
+                        input.display(),
+                        out.display(),
+                        s.classes,
+                        s.windows,
+                        s.seconds
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {}: {:#}", input.display(), anyhow::Error::from(e));
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} case(s) failed", cases.len());
+    }
+    Ok(())
+}

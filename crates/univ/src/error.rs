@@ -1,0 +1,69 @@
+//! The error type of the `univ` library: each layer's error as its source, and the errors of
+//! the pipeline itself (inputs, outputs, the demo model).
+
+use std::path::PathBuf;
+
+/// What can go wrong in the façade's pipeline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading, preprocessing or writing a volume.
+    #[error(transparent)]
+    Io(#[from] univ_io::Error),
+    /// Loading or running the model.
+    #[error(transparent)]
+    Model(#[from] univ_model::Error),
+    /// The CLIP text encoder or an embedding file.
+    #[error(transparent)]
+    Clip(#[from] univ_clip::Error),
+    /// Training.
+    #[error(transparent)]
+    Train(#[from] univ_train::Error),
+    /// An input that cannot be used as given.
+    #[error("{path}: {reason}")]
+    Input {
+        /// The input.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The output location is taken, or cannot be written.
+    #[error("{path}: {reason}")]
+    Output {
+        /// The output file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No demo model was found.
+    #[error(
+        "the demo model {file} was not found; looked in: {}. Set UNIV_DEMO_MODEL to its path, \
+         copy it beside the univ binary, or pass --checkpoint (`unet`, `swinunetr` or a file)",
+        looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    DemoNotFound {
+        /// The file name looked for.
+        file: &'static str,
+        /// Every place looked in, in order.
+        looked: Vec<PathBuf>,
+    },
+}
+
+/// `Result` with [`enum@Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn output(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Error::Output {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn input(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Error::Input {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}

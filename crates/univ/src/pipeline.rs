@@ -1,0 +1,303 @@
+//! The whole job for one CT, owned by the library: read the input (a NIfTI file or a DICOM
+//! series), segment it, build the report and write every output (DICOM-SEG included) into a
+//! temporary folder that one rename turns into the result. The `univ segment` command only
+//! parses its arguments and calls [`segment_case`].
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use univ_io::Volume;
+use univ_io::dicom::{DicomReadOptions, DicomSeries};
+use univ_model::hub::resolve_checkpoint;
+use univ_model::inferers::BlendMode;
+use univ_model::{Checkpoint, LoadReport, SegmentOptions, UniversalModel, segment};
+
+use crate::error::{Error, Result};
+use crate::outputs::{OutputOptions, check_output, write_outputs};
+
+/// A model with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// The model.
+    pub model: UniversalModel,
+    /// The checkpoint file.
+    pub path: PathBuf,
+    /// Its SHA-256 (hex).
+    pub sha256: String,
+    /// `true` for the demo model (chosen because no checkpoint was named).
+    pub demo: bool,
+    /// `true` when the file was downloaded by this call.
+    pub downloaded: bool,
+    /// What loading read.
+    pub report: LoadReport,
+}
+
+/// Loads a model: `spec` is a `.pth`/`.safetensors` path, or `unet` / `swinunetr` (the
+/// official weights through the hf-hub cache); `None` is the demo model ([`crate::demo`]).
+///
+/// # Errors
+/// A checkpoint that cannot be found, read or built; no demo model.
+pub fn load_model(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
+    let (spec, demo) = match spec {
+        Some(s) => (s.to_string(), false),
+        None => (crate::demo::find()?.display().to_string(), true),
+    };
+    let resolved = resolve_checkpoint(&spec)?;
+    let (model, report) = Checkpoint::load(&resolved.path)?.build(device)?;
+    Ok(LoadedModel {
+        model,
+        path: resolved.path,
+        sha256: resolved.sha256,
+        demo,
+        downloaded: resolved.downloaded,
+        report,
+    })
+}
+
+/// One CT as read: the volume in HU and, for a DICOM series, the series.
+#[derive(Debug, Clone)]
+pub struct CaseInput {
+    /// The file or folder it was read from.
+    pub path: PathBuf,
+    /// The voxels (HU) with their geometry.
+    pub image: Volume<f32>,
+    /// The DICOM series, when the input is one.
+    pub series: Option<DicomSeries>,
+}
+
+impl CaseInput {
+    /// Reads a NIfTI file or a DICOM series (folder or file).
+    ///
+    /// # Errors
+    /// The input cannot be read.
+    pub fn read(path: &Path, dicom: &DicomReadOptions) -> Result<Self> {
+        if univ_io::is_dicom(path) {
+            let s = univ_io::dicom::read_dicom_series(path, dicom)?;
+            Ok(CaseInput {
+                path: path.to_path_buf(),
+                image: s.volume.clone(),
+                series: Some(s),
+            })
+        } else {
+            Ok(CaseInput {
+                path: path.to_path_buf(),
+                image: univ_io::read_volume(path)?,
+                series: None,
+            })
+        }
+    }
+
+    /// Warnings about the input: the DICOM reader's, and intensities that do not look like
+    /// Hounsfield units.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w: Vec<String> = self
+            .series
+            .as_ref()
+            .map(|s| s.warnings.clone())
+            .unwrap_or_default();
+        let (lo, hi) = self.image.min_max();
+        if hi < 100.0 || lo > -500.0 {
+            w.push(format!(
+                "intensities {lo}..{hi} do not look like CT Hounsfield units"
+            ));
+        }
+        w
+    }
+}
+
+/// Settings of [`segment_case`]; [`Default`] is the official pipeline with the default outputs.
+#[derive(Debug, Clone, Default)]
+pub struct CaseOptions {
+    /// Segmentation.
+    pub segment: SegmentOptions,
+    /// Outputs.
+    pub output: OutputOptions,
+    /// How a DICOM series is read.
+    pub dicom: DicomReadOptions,
+}
+
+/// What [`segment_case`] reports while it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A warning about the input, known before the segmentation starts.
+    Warning(String),
+    /// Windows done of the total.
+    Windows {
+        /// Windows done.
+        done: usize,
+        /// Windows in all.
+        total: usize,
+    },
+}
+
+/// What [`segment_case`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseSummary {
+    /// The input.
+    pub input: PathBuf,
+    /// The result folder.
+    pub output: PathBuf,
+    /// Classes computed.
+    pub classes: usize,
+    /// Windows run.
+    pub windows: usize,
+    /// Seconds from start to written outputs.
+    pub seconds: f64,
+    /// DICOM-SEG `(segments, frames)`, when written.
+    pub dicom_seg: Option<(usize, usize)>,
+    /// The segmentation's notes (rules that could not apply, suspicious input).
+    pub notes: Vec<String>,
+}
+
+/// The report entries that describe the run: checkpoint, class embedding, settings.
+fn run_entries(
+    model: &LoadedModel,
+    opts: &CaseOptions,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert(
+        "checkpoint".to_string(),
+        serde_json::json!({"file": model.path, "sha256": model.sha256, "demo": model.demo}),
+    );
+    if let Ok(s) = univ_model::hub::sha256_of_tensor(model.model.class_embeddings()) {
+        extra.insert("class_embedding_sha256".to_string(), serde_json::json!(s));
+    }
+    let s = &opts.segment;
+    let classes = if s.classes.is_empty() {
+        model.model.classes().ids()
+    } else {
+        s.classes.clone()
+    };
+    extra.insert(
+        "settings".to_string(),
+        serde_json::json!({
+            "overlap": s.window.overlap,
+            "sw_batch_size": s.window.sw_batch_size,
+            "blend": match s.window.mode {
+                BlendMode::Constant => "constant",
+                BlendMode::Gaussian { .. } => "gaussian",
+            },
+            "classes": classes,
+            "postprocess": s.postprocess != univ_model::postprocess::PostprocessOptions::none(),
+            "preprocess": s.preprocess.is_some(),
+            "device": if s.device.is_cpu() { "cpu" } else { "cuda" },
+        }),
+    );
+    extra
+}
+
+/// Segments one CT and writes its results to `out` (see the module docs). `events` hears
+/// warnings about the input and the progress of the windows.
+///
+/// # Errors
+/// An output location that is taken (checked before any work), an unreadable input, model
+/// and write errors.
+pub fn segment_case(
+    input: &Path,
+    out: &Path,
+    model: &LoadedModel,
+    opts: &CaseOptions,
+    mut events: impl FnMut(Event),
+) -> Result<CaseSummary> {
+    let start = Instant::now();
+    check_output(out, opts.output.overwrite)?;
+    if opts.output.dicom_seg && !univ_io::is_dicom(input) {
+        return Err(Error::input(
+            input,
+            "DICOM-SEG output (--dicom-seg) needs a DICOM series as input",
+        ));
+    }
+    let case = CaseInput::read(input, &opts.dicom)?;
+    if opts.segment.preprocess.is_some() {
+        for w in case.warnings() {
+            events(Event::Warning(w));
+        }
+    } else if let Some(s) = &case.series {
+        for w in &s.warnings {
+            events(Event::Warning(w.clone()));
+        }
+    }
+    let seg = segment(&case.image, &model.model, &opts.segment, |done, total| {
+        events(Event::Windows { done, total })
+    })?;
+    let mut output = opts.output.clone();
+    let mut extra = run_entries(model, opts);
+    extra.append(&mut output.report_extra);
+    output.report_extra = extra;
+    let written = write_outputs(out, &case.image, &seg, &output, case.series.as_ref())?;
+    Ok(CaseSummary {
+        input: input.to_path_buf(),
+        output: out.to_path_buf(),
+        classes: seg.classes.len(),
+        windows: seg.windows,
+        seconds: start.elapsed().as_secs_f64(),
+        dicom_seg: written.dicom_seg,
+        notes: seg.notes,
+    })
+}
+
+/// `true` for a `.nii` or `.nii.gz` file name.
+pub fn is_nifti(p: &Path) -> bool {
+    let n = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    n.ends_with(".nii") || n.ends_with(".nii.gz")
+}
+
+/// A case's name: the file name without `.nii` / `.nii.gz` (a folder's name as it is).
+pub fn case_name(p: &Path) -> String {
+    let n = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let lower = n.to_ascii_lowercase();
+    for ext in [".nii.gz", ".nii"] {
+        if lower.ends_with(ext) {
+            return n[..n.len() - ext.len()].to_string();
+        }
+    }
+    n
+}
+
+/// The cases of an input: one (a NIfTI file or a DICOM series) written to `out`, or every
+/// NIfTI file and DICOM series folder of a folder, each written to `out/<case name>`, sorted.
+///
+/// # Errors
+/// [`Error::Input`] for a folder without cases, or two inputs with one case name (such as
+/// `ct1.nii` and `ct1.nii.gz`), which would write to one folder.
+pub fn case_list(input: &Path, out: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    if !input.is_dir() || univ_io::is_dicom(input) {
+        return Ok(vec![(input.to_path_buf(), out.to_path_buf())]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+        .map_err(|e| Error::input(input, format!("cannot list: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_nifti(p) || (p.is_dir() && univ_io::is_dicom(p)))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::input(
+            input,
+            "no .nii or .nii.gz files or DICOM series folders",
+        ));
+    }
+    let mut cases: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
+    for f in files {
+        let o = out.join(case_name(&f));
+        if let Some((other, _)) = cases.iter().find(|(_, p)| *p == o) {
+            return Err(Error::input(
+                input,
+                format!(
+                    "{} and {} would both write to {}: rename one of them",
+                    other.display(),
+                    f.display(),
+                    o.display()
+                ),
+            ));
+        }
+        cases.push((f, o));
+    }
+    Ok(cases)
+}
