@@ -1,6 +1,7 @@
 //! The Universal Model's inference preprocessing, recorded so that it can be undone.
 //!
-//! Order, as in the official MONAI pipeline (spec §5.2): `Orientation(RAS)` →
+//! Order, as in the official MONAI pipeline (the validation transforms of the official
+//! repository's `dataset/dataloader.py`): `Orientation(RAS)` →
 //! `Spacing(1.5 mm; trilinear image, nearest label)` → `ScaleIntensityRange(−175..250 → 0..1,
 //! clip)` → `CropForeground(image > 0)`. [`PreprocessRecord::invert`] maps a result in the
 //! preprocessed frame back onto the input grid, like MONAI's `Invertd`: pad back what the crop

@@ -118,6 +118,7 @@ fn json_shape(v: &serde_json::Value) -> [usize; 3] {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn preprocess_matches_monai_on_example_ct() {
     let Some(shared) = shared::shared_dir() else {
         return;
@@ -231,6 +232,7 @@ fn preprocess_matches_monai_on_example_ct() {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn resampling_coordinates_match_monai() {
     // MONAI's float64 source coordinate per output index, for the 3 mm -> 1.5 mm grid.
     let Some(p) =
@@ -883,6 +885,7 @@ mod dicom {
     use univ_io::{OrientTransform, read_label};
 
     #[test]
+    #[ignore = "needs ../shared (real CT data and golden fixtures)"]
     fn the_j2k_and_uncompressed_series_give_one_volume_on_the_reference_grid() {
         let Some(shared) = shared::shared_dir() else {
             return;
@@ -946,6 +949,7 @@ mod dicom {
     }
 
     #[test]
+    #[ignore = "needs ../shared (real CT data and golden fixtures)"]
     fn a_single_file_reads_as_one_slice_in_hounsfield_units() {
         let Some(shared) = shared::shared_dir() else {
             return;
@@ -992,6 +996,7 @@ mod dicom {
     }
 
     #[test]
+    #[ignore = "needs ../shared (real CT data and golden fixtures)"]
     fn bad_series_get_errors_or_warnings_that_name_the_files() {
         use dicom_core::VR;
         use dicom_dictionary_std::tags;
@@ -1170,6 +1175,7 @@ mod dicom {
     }
 
     #[test]
+    #[ignore = "needs ../shared (real CT data and golden fixtures)"]
     fn dicom_seg_round_trips_the_masks_and_references_the_source() {
         use dicom_dictionary_std::tags;
         let Some(shared) = shared::shared_dir() else {

@@ -1,4 +1,4 @@
-//! Sliding-window inference with MONAI 0.9.0's semantics (spec §7.1), in bounded memory.
+//! Sliding-window inference with MONAI 0.9.0's semantics (the official inference: `sliding_window_inference` with a 96³ window, overlap 0.5 and Gaussian blending), in bounded memory.
 //!
 //! Windows of `roi` voxels are placed as MONAI places them (interval `int(roi·(1−overlap))`,
 //! the last window moved back to end at the border, sides smaller than the window zero-padded
@@ -326,6 +326,9 @@ mod tests {
 
     #[test]
     fn window_grid_matches_monai() {
+        // 241 × 191 (× 59, padded to 96) is the grid of fixtures/sliding_window, where MONAI
+        // 0.9.0 ran 5 × 3 × 1 = 15 windows; the starts follow its `dense_patch_slices`
+        // (interval int(96 · 0.5) = 48, the last start moved back to end at the border).
         assert_eq!(window_starts(241, 96, 0.5), vec![0, 48, 96, 144, 145]);
         assert_eq!(window_starts(191, 96, 0.5), vec![0, 48, 95]);
         assert_eq!(window_starts(96, 96, 0.5), vec![0]);
@@ -334,6 +337,10 @@ mod tests {
 
     #[test]
     fn gaussian_map_values() {
+        // Expected values computed independently in float64 (Python's math.erf) from MONAI
+        // 0.9.0's definition: per axis g(i − 48) / g(0) with g(x) = ½(erf((x + ½)/(σ√2)) −
+        // erf((x − ½)/(σ√2))), σ = 0.125 · 96, the product clamped below at 1e-3. That gives
+        // 0.135491939 at (24, 48, 48) and a sum of 27665.405 (ours sums f32 products).
         let m = importance_map([96; 3], BlendMode::Gaussian { sigma_scale: 0.125 });
         let at = |x: usize, y: usize, z: usize| m[(x * 96 + y) * 96 + z];
         assert!((at(48, 48, 48) - 1.0).abs() < 1e-7);
@@ -344,39 +351,90 @@ mod tests {
     }
 
     #[test]
-    fn constant_blend_of_an_identity_predictor_returns_the_input() {
-        // With a predictor that echoes its window, any blend reproduces the input.
+    fn any_blend_of_an_identity_predictor_returns_the_input() {
+        // A predictor that echoes its window gives the input back whatever the weights.
         let dims = [5, 7, 3];
         let input: Vec<f32> = (0..105).map(|i| i as f32).collect();
-        for batch in [1, 3] {
-            let opts = SlidingWindowOptions {
-                roi: [4, 4, 4],
-                overlap: 0.5,
-                mode: BlendMode::Gaussian { sigma_scale: 0.125 },
-                sw_batch_size: batch,
-            };
-            let mut got = vec![f32::NAN; 105];
-            let mut next = 0;
-            sliding_window_inference(
-                &input,
-                dims,
-                &opts,
-                &Device::Cpu,
-                |x| Ok(x.clone()),
-                |x0, planes| {
-                    assert_eq!(x0, next);
-                    let n = planes.len() / (7 * 3);
-                    got[x0 * 21..(x0 + n) * 21].copy_from_slice(planes);
-                    next += n;
-                    Ok(())
-                },
-                |_, _| {},
-            )
-            .unwrap();
-            assert_eq!(next, 5);
-            for (a, b) in got.iter().zip(&input) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        for mode in [
+            BlendMode::Constant,
+            BlendMode::Gaussian { sigma_scale: 0.125 },
+        ] {
+            for batch in [1, 3] {
+                let opts = SlidingWindowOptions {
+                    roi: [4, 4, 4],
+                    overlap: 0.5,
+                    mode,
+                    sw_batch_size: batch,
+                };
+                let got = stitch(&input, dims, &opts, |x| Ok(x.clone()));
+                for (a, b) in got.iter().zip(&input) {
+                    assert!((a - b).abs() < 1e-4, "{mode:?}: {a} vs {b}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn constant_blend_averages_the_windows_covering_each_voxel() {
+        // Each window predicts its own number everywhere; with equal weights a voxel gets the
+        // mean of the numbers of the windows covering it. Along one axis of 6 voxels with
+        // windows of 4 at overlap 0.5 the interval is 2 and the starts 0, 2, 4, the last moved
+        // back to end at the border and so merged with the second (MONAI's
+        // `dense_patch_slices`): voxels 0–1 see window 0, voxels 2–3 both, voxels 4–5 window 1.
+        let dims = [1, 1, 6];
+        let input = vec![0f32; 6];
+        let opts = SlidingWindowOptions {
+            roi: [1, 1, 4],
+            overlap: 0.5,
+            mode: BlendMode::Constant,
+            sw_batch_size: 1,
+        };
+        let mut n = 0f32;
+        let got = stitch(&input, dims, &opts, |x| {
+            n += 1.0;
+            Ok((x.ones_like()? * f64::from(10.0 * n))?)
+        });
+        assert_eq!(got, vec![10.0, 10.0, 15.0, 15.0, 20.0, 20.0]);
+        // The Gaussian weights the same windows unequally where they overlap.
+        let gauss = SlidingWindowOptions {
+            mode: BlendMode::Gaussian { sigma_scale: 0.125 },
+            ..opts
+        };
+        let mut n = 0f32;
+        let got = stitch(&input, dims, &gauss, |x| {
+            n += 1.0;
+            Ok((x.ones_like()? * f64::from(10.0 * n))?)
+        });
+        assert_ne!(got[2], 15.0);
+    }
+
+    /// Runs the sliding window and gathers the planes the sink receives into one volume.
+    fn stitch(
+        input: &[f32],
+        dims: [usize; 3],
+        opts: &SlidingWindowOptions,
+        predictor: impl FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Vec<f32> {
+        let plane = dims[1] * dims[2];
+        let mut got = vec![f32::NAN; input.len()];
+        let mut next = 0;
+        sliding_window_inference(
+            input,
+            dims,
+            opts,
+            &Device::Cpu,
+            predictor,
+            |x0, planes| {
+                assert_eq!(x0, next);
+                let n = planes.len() / plane;
+                got[x0 * plane..(x0 + n) * plane].copy_from_slice(planes);
+                next += n;
+                Ok(())
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(next, dims[0]);
+        got
     }
 }

@@ -75,20 +75,18 @@ impl ModelSection {
     /// The configured class names as `(id, name)`, ids checked against the class count.
     ///
     /// # Errors
-    /// [`Error::Config`] for a key that is not an id of the model.
-    pub fn class_names(&self) -> Result<Vec<(usize, String)>> {
+    /// A message for a key that is not an id of the model, or an empty name.
+    pub fn class_names(&self) -> std::result::Result<Vec<(usize, String)>, String> {
         self.class_names
             .iter()
             .map(|(k, v)| match k.trim().parse::<usize>() {
                 Ok(id) if (1..=self.classes).contains(&id) && !v.trim().is_empty() => {
                     Ok((id, v.trim().to_string()))
                 }
-                _ => Err(Error::config(
-                    Path::new("model.class_names"),
-                    format!(
-                        "{k:?} = {v:?}: keys must be class ids in 1..={} and names non-empty",
-                        self.classes
-                    ),
+                _ => Err(format!(
+                    "model.class_names: {k:?} = {v:?}: keys must be class ids in 1..={} and \
+                     names non-empty",
+                    self.classes
                 )),
             })
             .collect()
@@ -324,6 +322,9 @@ impl TrainConfig {
         if !(self.train.lr > 0.0 && self.train.lr.is_finite()) || self.train.weight_decay < 0.0 {
             return bad("train.lr must be positive and weight_decay non-negative".into());
         }
+        self.model
+            .class_names()
+            .map_err(|e| Error::config(&self.path, e))?;
         self.dice_mode()?;
         Ok(())
     }

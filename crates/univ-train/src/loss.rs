@@ -1,4 +1,4 @@
-//! The partial-label loss of the Universal Model (spec §6.1): binary cross-entropy with logits
+//! The partial-label loss of the Universal Model (the official `utils/loss.py`): binary cross-entropy with logits
 //! plus soft Dice, each averaged over the (sample, class) pairs that the sample's dataset
 //! supervises. Channels outside a sample's class list (stored as 255 in the official
 //! post-label files) never enter the loss and get no gradient.
@@ -41,7 +41,7 @@ pub struct LossParts {
 /// The partial-label loss.
 ///
 /// `logits` and `target` are `(B, K, D, H, W)`; `classes[b]` lists the 1-based classes that
-/// sample `b` supervises (its dataset's class list, spec §4.4). Target values of supervised
+/// sample `b` supervises (its dataset's class list, [`crate::data::presets`]). Target values of supervised
 /// channels are 0 or 1; other channels are ignored whatever they hold.
 ///
 /// BCE of a pair is the mean over its voxels of `max(x, 0) − x·t + ln(1 + e^{−|x|})`; the

@@ -1,4 +1,4 @@
-//! Segmentation metrics with MONAI's definitions (spec §8): Dice (standard, the official
+//! Segmentation metrics with MONAI's definitions (as the paper evaluates): Dice (standard, the official
 //! variant with +1 in the denominator, and MONAI's `compute_dice`), surface Dice (NSD) at a
 //! tolerance in mm, and the (95th percentile) Hausdorff distance.
 //!

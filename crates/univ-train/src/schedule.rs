@@ -1,5 +1,6 @@
 //! The learning-rate schedule of the official training: linear warm-up from 0, then cosine
-//! annealing to 0 (spec §6.2, `LinearWarmupCosineAnnealingLR` with `warmup_start_lr = 0` and
+//! annealing to 0 (the official `train.py`'s `LinearWarmupCosineAnnealingLR` from
+//! `optimizers/lr_scheduler.py` with `warmup_start_lr = 0` and
 //! `eta_min = 0`, in its closed form).
 
 /// Linear warm-up then cosine annealing.

@@ -18,6 +18,7 @@ fn same(a: f64, b: f64, tol: f64) -> bool {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn metrics_match_monai_on_totalsegmentator_maps() {
     let Some(shared) = shared::shared_dir() else {
         return;
@@ -102,6 +103,7 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn partial_label_loss_matches_the_official_loss_and_its_gradient() {
     use univ_train::{DiceMode, partial_label_loss};
     let Some(shared) = shared::shared_dir() else {
@@ -569,7 +571,7 @@ output = "run"
         let model = dir.path().join("run/model.safetensors");
         // Four classes now; the new one has no data here, the point is the bookkeeping.
         let text = format!(
-            "[model]\nbackbone = \"unet\"\nwidth = 4\nclasses = 4\ninit = {:?}\n\n[data]\nmanifest = \"datasets.toml\"\ncache = \"cache\"\nroi = [32, 32, 32]\n\n[train]\noutput = \"run2\"\nsteps = 2\nschedule_unit = \"step\"\nfreeze_backbone = true\n",
+            "[model]\nbackbone = \"unet\"\nwidth = 4\nclasses = 4\ninit = {:?}\nclass_names = {{ 4 = \"Bone Lesion\" }}\n\n[data]\nmanifest = \"datasets.toml\"\ncache = \"cache\"\nroi = [32, 32, 32]\n\n[train]\noutput = \"run2\"\nsteps = 2\nschedule_unit = \"step\"\nfreeze_backbone = true\n",
             model
         );
         let cfg2 = TrainConfig::parse(&text, dir.path(), &dir.path().join("t2.toml")).unwrap();
@@ -597,6 +599,26 @@ output = "run"
             .1;
         assert_eq!(emb_new.len(), 4 * 256);
         assert_eq!(emb_old.len(), 3 * 256);
+        // The checkpoint names its classes: the three it was extended from, then the new one,
+        // so that `univ segment --classes` knows it.
+        let ck = univ_model::Checkpoint::load(dir.path().join("run2/model.safetensors")).unwrap();
+        let names = ck.class_names().unwrap().unwrap();
+        assert_eq!(
+            names,
+            ["Spleen", "Right Kidney", "Left Kidney", "Bone Lesion"]
+        );
+        let (m, _) = ck.build(&Device::Cpu).unwrap();
+        assert_eq!(m.classes().parse_list("bone_lesion").unwrap(), vec![4]);
+        assert_eq!(
+            m.classes().get(4).unwrap().kind,
+            univ_model::ClassKind::Tumour
+        );
+        // A name for a class the model does not have is refused.
+        let bad = text.replace("4 = \"Bone Lesion\"", "5 = \"Brain\"");
+        let e = TrainConfig::parse(&bad, dir.path(), &dir.path().join("t3.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t3.toml") && e.contains("class_names"), "{e}");
     }
 
     #[test]
@@ -634,6 +656,7 @@ output = "run"
 }
 
 #[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn presets_match_the_official_tables() {
     let Some(shared) = shared::shared_dir() else {
         return;

@@ -3,7 +3,7 @@
 //! activation. [`norm_act`] picks the fused CPU kernel at inference, a custom operation with a
 //! recomputing backward pass for training on the CPU, and candle operations elsewhere (built
 //! from elementary operations so that every input gets a gradient: candle's fused `LayerNorm`
-//! drops the input gradient, candle issue #2977). Statistics use the biased variance, as
+//! drops the input gradient, <https://github.com/huggingface/candle/issues/2977>). Statistics use the biased variance, as
 //! PyTorch does.
 
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Shape, Tensor};

@@ -1,4 +1,5 @@
-//! Training patches as the official pipeline draws them (spec §5.1 steps 7–11): random zoom
+//! Training patches as the official pipeline draws them (the random transforms at the end of
+//! the official `dataset/dataloader.py` training list): random zoom
 //! (MSD datasets), crops centred by foreground/background (2 : 1) or by label class
 //! (1 : 1 : 5 for the tumour datasets), a random quarter turn in the first two axes, and a
 //! random intensity shift. All randomness comes from the [`Rng`] given.

@@ -1,6 +1,7 @@
 //! One training case made ready: read, labels mapped to universal classes, paired organs split
 //! into right and left, reoriented, resampled and cropped as the official pipeline does
-//! (spec §4.3, §5.1 steps 0–6), and cached on disk.
+//! (the official label conventions of `data::presets` and the first, deterministic transforms
+//! of the official training pipeline: orientation, spacing, intensity window, crop), and cached on disk.
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
-//! The label conventions of the official training datasets (spec §4.3–4.4), as data: raw label
+//! The label conventions of the official training datasets (the official
+//! repository's offline `label_transfer.py` and the `TEMPLATE` table of its `utils/utils.py`), as data: raw label
 //! id → universal class, the classes each dataset supervises, which paired organs are split into
 //! right and left, which tumours are merged into their organ, and the dataset's crop rule.
 

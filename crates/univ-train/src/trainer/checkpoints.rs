@@ -138,3 +138,45 @@ impl Trainer {
         Ok(Some(step))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_train: &str) -> crate::config::TrainConfig {
+        let text = format!(
+            "[model]\nbackbone = \"unet\"\nwidth = 4\n\n[data]\nmanifest = \"d.toml\"\n\n\
+             [train]\noutput = \"run\"\nsteps = 2\n{extra_train}\n"
+        );
+        crate::config::TrainConfig::parse(&text, std::path::Path::new("."), "t.toml".as_ref())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_resume_key_covers_every_field_that_changes_training() {
+        let base = resume_key(&config(""));
+        // What may change between a run and its resumption leaves the key alone ...
+        assert_eq!(base, resume_key(&config("checkpoint_every = 7")));
+        let mut longer = config("");
+        longer.train.steps = Some(5);
+        longer.data.workers = 9;
+        assert_eq!(base, resume_key(&longer));
+        // ... and everything else changes it, field by field, without a list of the fields:
+        // every leaf of the serialised configuration outside RESUME_FREE is in the key.
+        let value = serde_json::to_value(config("")).unwrap();
+        let key: serde_json::Value = serde_json::from_str(&base).unwrap();
+        for (section, fields) in value.as_object().unwrap() {
+            for field in fields.as_object().unwrap().keys() {
+                let free = RESUME_FREE.contains(&(section.as_str(), field.as_str()))
+                    || (section == "model" && field == "embeddings");
+                assert_eq!(
+                    key[section].get(field).is_some(),
+                    !free,
+                    "{section}.{field}"
+                );
+            }
+        }
+        assert_ne!(base, resume_key(&config("lr = 0.5")));
+        assert_ne!(base, resume_key(&config("schedule_unit = \"step\"")));
+    }
+}

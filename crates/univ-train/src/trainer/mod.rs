@@ -193,7 +193,11 @@ impl Trainer {
             }
             init.insert("organ_embedding".into(), e);
         }
-        for (id, name) in cfg.model.class_names()? {
+        let configured = cfg
+            .model
+            .class_names()
+            .map_err(|e| Error::config(&cfg.path, e))?;
+        for (id, name) in configured {
             names[id - 1] = name;
         }
         let classes = ClassTable::for_model(cfg.model.classes, Some(&names));
