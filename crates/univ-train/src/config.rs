@@ -8,6 +8,7 @@
 //! classes = 32             # output channels = embedding rows
 //! # embeddings = "txt_encoding.safetensors"   # clip mode: (K, 512) rows
 //! # init = "start.safetensors"               # start from these weights
+//! # class_names = { 33 = "Bone Lesion" }     # names of classes beyond the 32 (or renamed)
 //!
 //! [data]
 //! manifest = "datasets.toml"

@@ -1,5 +1,5 @@
 //! 3-D convolutions: stride 1 with any kernel and padding (the implicit GEMM of
-//! [`crate::cpu::correlate`] on the CPU, `conv2d` over depth taps elsewhere), the convolution of
+//! `cpu::correlate` on the CPU, `conv2d` over depth taps elsewhere), the convolution of
 //! a channel concatenation that is never materialised, kernel = stride patch projections, and a
 //! per-channel bias with a parallel gradient.
 

@@ -1,5 +1,5 @@
 //! Tensor operations on candle tensors, each choosing its execution path once, through
-//! [`ExecPath`]: the CPU kernels of [`crate::cpu`] at inference, the same kernels inside candle
+//! [`ExecPath`]: the CPU kernels of `crate::cpu` at inference, the same kernels inside candle
 //! custom operations with their own backward passes for training on the CPU, and compositions
 //! of candle operations elsewhere (any device, candle's autograd).
 //!

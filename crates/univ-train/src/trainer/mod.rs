@@ -2,7 +2,7 @@
 //! cosine schedule, checkpoints that resume bit for bit, validation Dice, a CSV log and a PNG
 //! of the curves.
 //!
-//! The code is split by concern: [`prepare`](self) (cases and embeddings), the loop with
+//! The code is split by concern: `prepare.rs` (cases and embeddings), the loop with
 //! gradient accumulation (`step.rs`), checkpoints and resuming (`checkpoints.rs`), logs
 //! (`logs.rs`) and validation (`validation.rs`).
 //!

@@ -38,7 +38,7 @@ pub type DatasetRules = Vec<(crate::data::presets::CropRule, bool)>;
 /// rule and zoom flag of each training dataset.
 ///
 /// # Errors
-/// As [`Trainer::new`].
+/// As [`Trainer::new`](super::Trainer::new).
 pub fn prepare_training_cases(
     cfg: &TrainConfig,
     note: &mut dyn FnMut(&str),
