@@ -180,10 +180,7 @@ fn download(cache: &hf_hub::Cache, file: &str, _allow: bool) -> Result<PathBuf> 
 /// # Errors
 /// Tensor errors.
 pub fn sha256_of_tensor(t: &candle_core::Tensor) -> Result<String> {
-    let v = t
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let v = crate::ops::to_f32_vec(t)?;
     let mut h = sha2::Sha256::new();
     for x in v {
         h.update(x.to_le_bytes());

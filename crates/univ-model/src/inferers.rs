@@ -12,7 +12,7 @@
 //! left are final: they are handed to a sink and their memory is reused. Peak memory is
 //! `K × roi × Y × Z` values, not `K × X × Y × Z`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -269,7 +269,7 @@ pub fn sliding_window_inference(
                 format!("{kk} channels after {k}"),
             ));
         }
-        let logits = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let logits = crate::ops::to_f32_vec(&y)?;
         for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
             let lj = &logits[j * k * wlen..(j + 1) * k * wlen];
             // Classes in parallel: each owns its part of the slab.
