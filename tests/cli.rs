@@ -324,6 +324,11 @@ fn write_small_ct(path: &Path, side: usize) {
             }
         }
     }
+    // A bone-bright rod, so that the intensities look like CT Hounsfield units.
+    for z in 1..shape[2] - 1 {
+        let i = v.index([side / 2, side / 2, z]);
+        v.data_mut()[i] = 700.0;
+    }
     univ::io::write_nifti(
         path,
         &v.map(|x| x as i16),
@@ -700,7 +705,8 @@ fn preview_png_of_a_reference_segmentation() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("preview.png");
-    univ::preview::write_preview(&p, &ct, &classes).unwrap();
+    univ::preview::write_preview(&p, &ct, &classes, Some("DEMO MODEL: NOT FOR CLINICAL USE"))
+        .unwrap();
     let bytes = std::fs::read(&p).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!(&bytes[12..16], b"IHDR");
@@ -915,6 +921,38 @@ fn segment_a_dicom_series_with_the_demo_model_and_write_dicom_seg() {
         has(b"Liver") && has(b"10200004"),
         "the liver segment and its SNOMED CT code"
     );
+    // A DICOM-SEG that cannot be written (no class has a voxel) leaves no result at all: it is
+    // written inside the temporary folder, before the one rename.
+    let s = univ::io::dicom::read_dicom_series(&series, &Default::default()).unwrap();
+    let empty = univ::Segmentation {
+        classes: vec![univ::ClassResult {
+            info: univ::ClassTable::universal().get(6).unwrap().clone(),
+            mask: univ::io::ClassMask::empty(s.volume.shape()),
+            probabilities: None,
+            lesion_probabilities: None,
+        }],
+        label_map: s.volume.map(|_| 0u8),
+        logits: None,
+        record: None,
+        windows: 0,
+        timings: Vec::new(),
+        peak_memory: Vec::new(),
+        notes: Vec::new(),
+    };
+    let failed = dir.path().join("failed");
+    let opts = univ::OutputOptions {
+        dicom_seg: true,
+        ..Default::default()
+    };
+    let e = univ::write_outputs(&failed, &s.volume, &empty, &opts, Some(&s)).unwrap_err();
+    assert!(e.to_string().contains("no segment"), "{e}");
+    assert!(!failed.exists(), "a result without its DICOM-SEG was left");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("univ-tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // --dicom-seg on NIfTI input is refused.
     let Some(ct) = shared::shared_file("data/ct/example_ct_sm.nii.gz") else {
         return;
@@ -937,12 +975,17 @@ fn the_five_line_example_segments_a_ct_from_rust() {
     let out = dir.path().join("out");
     let demo = demo_model();
     let seg = segment_ct_example::segment_ct(&ct, &out, Some(demo.to_str().unwrap())).unwrap();
-    // Per-class results by name or id, on the input's grid.
-    assert_eq!(seg.classes.len(), 32);
+    // Per-class results by name or id, on the input's grid: the 20 classes the demo model
+    // was trained on.
+    assert_eq!(seg.classes.len(), 20);
     let liver = seg.class("liver").unwrap();
     assert_eq!(liver.id(), 6);
     assert_eq!(seg.class("6").unwrap().name(), "Liver");
-    assert_eq!(seg.class("Liver Tumor").unwrap().id(), 27);
+    assert_eq!(seg.class("left_lung").unwrap().id(), 17);
+    assert!(
+        seg.class("Liver Tumor").is_none(),
+        "never trained: not computed"
+    );
     assert!(seg.class("brain").is_none());
     assert_eq!(liver.mask.shape(), [40, 40, 20]);
     for f in [
@@ -1083,4 +1126,231 @@ fn classes_added_by_extension_are_known_by_name() {
         "brain",
     ]);
     assert_clean_failure(&o, "33 bone_lesion");
+}
+
+/// `univ segment` with the demo model on a small synthetic CT, with extra arguments.
+fn segment_small(ct: &Path, out: &Path, extra: &[&str]) -> Output {
+    let demo = demo_model();
+    let mut args = vec![
+        "segment",
+        ct.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--checkpoint",
+        demo.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    univ(&args)
+}
+
+#[test]
+fn overwrite_replaces_only_univs_own_results_and_never_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 32);
+    // A plain file is not "results".
+    let file = dir.path().join("a_file");
+    std::fs::write(&file, b"keep me").unwrap();
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let o = segment_small(&ct, &file, extra);
+        assert_clean_failure(&o, "is a file");
+        assert!(!text(&o).1.contains("already holds"), "{}", text(&o).1);
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+    // An unrelated folder is refused with --overwrite too, naming what is in it.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("sub")).unwrap();
+    std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+    let o = segment_small(&ct, &other, &["--overwrite"]);
+    assert_clean_failure(&o, "notes.txt");
+    assert!(text(&o).1.contains("not a univ result"), "{}", text(&o).1);
+    assert!(other.join("notes.txt").exists() && other.join("sub").is_dir());
+    // The input inside the output folder is never deleted.
+    let holder = dir.path().join("holder");
+    std::fs::create_dir_all(&holder).unwrap();
+    let inner = holder.join("ct.nii.gz");
+    std::fs::copy(&ct, &inner).unwrap();
+    let o = segment_small(&inner, &holder, &["--overwrite"]);
+    assert_clean_failure(&o, "lies inside");
+    assert_eq!(std::fs::read(&inner).unwrap(), std::fs::read(&ct).unwrap());
+    // A univ result is replaced only with --overwrite; the marker is written last.
+    let res = dir.path().join("res");
+    // What a killed run left beside it: removed (its process is gone); a live one stays.
+    let stale = dir.path().join(".res-univ-tmp-999999999-0");
+    std::fs::create_dir_all(stale.join("masks")).unwrap();
+    let live = dir
+        .path()
+        .join(format!(".res-univ-tmp-{}-0", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    let o = segment_small(&ct, &res, &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(res.join(".univ-complete").is_file());
+    assert!(!stale.exists(), "the stale temporary folder was left");
+    assert!(live.exists(), "a live process's folder was removed");
+    let o = segment_small(&ct, &res, &[]);
+    assert_clean_failure(&o, "--overwrite");
+    let o = segment_small(&ct, &res, &["--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(res.join("report.json").exists() && res.join(".univ-complete").exists());
+    // An output whose parent cannot be made fails before any window runs.
+    let start = std::time::Instant::now();
+    let o = segment_small(&ct, &file.join("res"), &[]);
+    assert_clean_failure(&o, "cannot create");
+    assert!(start.elapsed().as_secs_f64() < 30.0);
+}
+
+#[test]
+fn two_inputs_with_one_case_name_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases");
+    std::fs::create_dir_all(&cases).unwrap();
+    write_small_ct(&cases.join("ct1.nii.gz"), 32);
+    let img = univ::io::read_image(cases.join("ct1.nii.gz")).unwrap();
+    univ::io::write_nifti(
+        cases.join("ct1.nii"),
+        &img,
+        &univ::io::WriteOptions::default(),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = segment_small(&cases, &out, &[]);
+    assert_clean_failure(&o, "would both write to");
+    let (_, err) = text(&o);
+    assert!(
+        err.contains("ct1.nii.gz") && err.contains("ct1.nii "),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+}
+
+#[test]
+fn preprocess_refuses_to_write_over_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 32);
+    let before = std::fs::read(&ct).unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let link = dir.path().join("link.nii.gz");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&ct, &link).unwrap();
+    let relative = sub.join("../ct.nii.gz");
+    let mut outs = vec![ct.clone(), relative];
+    if cfg!(unix) {
+        outs.push(link);
+    }
+    for out in outs {
+        let o = univ(&["preprocess", ct.to_str().unwrap(), out.to_str().unwrap()]);
+        assert_clean_failure(&o, "is the input");
+        assert_eq!(std::fs::read(&ct).unwrap(), before, "{}", out.display());
+    }
+}
+
+#[test]
+fn bounds_on_threads_windows_and_tolerances_and_damaged_weights_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 32);
+    let out = |n: &str| dir.path().join(n);
+    // Thread counts: 0 and more than 4× the cores are refused at once.
+    for t in ["0", "2000"] {
+        let o = segment_small(&ct, &out(&format!("t{t}")), &["--threads", t]);
+        assert_clean_failure(&o, "--threads");
+    }
+    // An overlap near 1 asks for more windows than the limit: refused before any runs (a
+    // 300 × 300 × 150 mm CT: 200 × 200 × 100 voxels at 1.5 mm, 105 × 105 × 5 windows).
+    let big = dir.path().join("big.nii.gz");
+    write_small_ct(&big, 300);
+    let start = std::time::Instant::now();
+    let o = segment_small(&big, &out("w"), &["--overlap", "0.999"]);
+    assert_clean_failure(&o, "--max-windows");
+    assert!(text(&o).1.contains("windows of"), "{}", text(&o).1);
+    assert!(start.elapsed().as_secs_f64() < 30.0);
+    assert!(!out("w").exists());
+    // Weights with a NaN are refused at load, naming the tensor.
+    let ck = univ::model::Checkpoint::load(demo_model()).unwrap();
+    let mut tensors: Vec<(String, candle_core::Tensor)> = ck.tensors.clone().into_iter().collect();
+    let key = "precls_conv.2.weight";
+    for (k, t) in tensors.iter_mut() {
+        if k == key {
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[3] = f32::NAN;
+            *t = candle_core::Tensor::from_vec(v, t.shape(), t.device()).unwrap();
+        }
+    }
+    let bad = out("nan.safetensors");
+    univ::model::checkpoint::save_safetensors(&bad, &tensors, Default::default()).unwrap();
+    let o = univ(&[
+        "segment",
+        ct.to_str().unwrap(),
+        "-o",
+        out("n").to_str().unwrap(),
+        "--checkpoint",
+        bad.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, key);
+    assert!(text(&o).1.contains("NaN or infinite"), "{}", text(&o).1);
+    // Surface-Dice tolerances must be positive distances.
+    for t in ["-1", "nan", "0"] {
+        let o = univ(&[
+            "evaluate",
+            "--pred",
+            ct.to_str().unwrap(),
+            "--gt",
+            ct.to_str().unwrap(),
+            &format!("--tolerance={t}"),
+        ]);
+        assert_clean_failure(&o, "positive distance");
+    }
+}
+
+#[test]
+fn only_trained_classes_are_shown_unless_asked_for_and_the_demo_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 32);
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    // By default: the 20 classes the demo model was trained on, no tumour.
+    let out = dir.path().join("default");
+    let o = segment_small(&ct, &out, &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let classes = read(out.join("classes.json"));
+    let ids: Vec<u64> = classes["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 22, 23, 24
+        ]
+    );
+    let report = read(out.join("report.json"));
+    assert_eq!(report["checkpoint"]["demo"], true);
+    assert_eq!(
+        report["checkpoint"]["trained_classes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        20
+    );
+    assert!(report["lesions"].as_object().unwrap().is_empty());
+    // Asked for explicitly, an untrained class is computed, with a warning in the output and
+    // the report.
+    let out = dir.path().join("asked");
+    let o = segment_small(&ct, &out, &["--classes", "liver,pancreas_tumor"]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("Pancreas Tumor) was not trained"), "{err}");
+    let report = read(out.join("report.json"));
+    assert!(
+        report["notes"].to_string().contains("was not trained"),
+        "{}",
+        report["notes"]
+    );
 }

@@ -17,6 +17,92 @@ pub const TEMP_MARKER: &str = "-univ-tmp-";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The prefix of the temporary siblings of `path` (`.NAME-univ-tmp-`).
+fn temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = match name.split_once('.') {
+        Some((s, _)) if !s.is_empty() => s.to_string(),
+        _ => name,
+    };
+    format!(".{stem}{TEMP_MARKER}")
+}
+
+/// `true` while a process with this id runs (Linux: `/proc/PID`); `true` where that cannot
+/// be known, so that nothing of a live process is ever removed.
+fn process_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    proc.join(pid.to_string()).exists()
+}
+
+/// Removes the temporary siblings of `path` that an earlier univ process left when it was
+/// killed (a crash, `kill -9`, a power cut): entries named `.NAME-univ-tmp-PID-N...` whose
+/// process no longer runs. Nothing else is touched; returns what was removed.
+pub fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = temp_prefix(path);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        // Not following links: a link is removed as the link.
+        let gone = match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p).is_ok(),
+            Ok(_) => std::fs::remove_file(&p).is_ok(),
+            Err(_) => false,
+        };
+        if gone {
+            removed.push(p);
+        }
+    }
+    removed
+}
+
+/// `true` when `a` and `b` name the same file (also through links, `..` or relative paths):
+/// the same device and inode when both exist, else the same canonical folder and file name.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    let canon = |p: &Path| -> Option<PathBuf> {
+        if let Ok(c) = p.canonicalize() {
+            return Some(c);
+        }
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Some(dir.canonicalize().ok()?.join(p.file_name()?))
+    };
+    match (canon(a), canon(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// A fresh temporary sibling of `path`: `.NAME-univ-tmp-PID-N.EXT` in the same folder, where
 /// `NAME.EXT` is the file name (`EXT` the part after the first dot, `nii.gz` for example).
 pub fn temp_sibling(path: &Path) -> PathBuf {
@@ -50,6 +136,7 @@ pub fn write_atomic_with<E>(
     write: impl FnOnce(&Path) -> std::result::Result<(), E>,
     io_err: impl FnOnce(std::io::Error) -> E,
 ) -> std::result::Result<(), E> {
+    remove_stale_temps(path);
     let tmp = temp_sibling(path);
     let result = write(&tmp).and_then(|()| {
         std::fs::File::open(&tmp)
@@ -90,6 +177,53 @@ mod tests {
         let u = temp_sibling(Path::new("report"));
         assert_eq!(u.parent(), Some(Path::new(".")));
         assert_ne!(t, temp_sibling(Path::new("/a/b/seg.nii.gz")));
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("case");
+        // A process id that cannot run (above Linux's pid_max of 2^22).
+        let dead = dir.path().join(".case-univ-tmp-999999999-0");
+        std::fs::create_dir_all(dead.join("masks")).unwrap();
+        let dead_file = dir.path().join(".case-univ-tmp-999999999-3.nii.gz");
+        std::fs::write(&dead_file, b"x").unwrap();
+        let live = dir
+            .path()
+            .join(format!(".case-univ-tmp-{}-1", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        let other = [
+            dir.path().join(".other-univ-tmp-999999999-0"),
+            dir.path().join(".case-partial"),
+            dir.path().join("case"),
+        ];
+        for o in &other {
+            std::fs::create_dir_all(o).unwrap();
+        }
+        let mut removed = remove_stale_temps(&out);
+        removed.sort();
+        assert_eq!(removed, vec![dead.clone(), dead_file.clone()]);
+        assert!(!dead.exists() && !dead_file.exists());
+        assert!(live.exists());
+        assert!(other.iter().all(|o| o.exists()));
+    }
+
+    #[test]
+    fn same_file_sees_through_links_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.nii");
+        std::fs::write(&a, b"x").unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        assert!(same_file(&a, &sub.join("../a.nii")));
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link.nii");
+            std::os::unix::fs::symlink(&a, &link).unwrap();
+            assert!(same_file(&a, &link));
+        }
+        assert!(!same_file(&a, &dir.path().join("b.nii")));
+        assert!(same_file(&dir.path().join("b.nii"), &sub.join("../b.nii")));
     }
 
     #[test]

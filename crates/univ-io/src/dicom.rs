@@ -30,6 +30,10 @@ pub struct DicomReadOptions {
     pub spacing_tolerance: f64,
     /// Size limits checked before allocating.
     pub limits: Limits,
+    /// Leave out files that look like DICOM (a `.dcm` name or the `DICM` marker) but cannot be
+    /// read, with a warning, instead of refusing the series (a slice missing at either end
+    /// would otherwise go unnoticed).
+    pub skip_unreadable: bool,
 }
 
 impl Default for DicomReadOptions {
@@ -39,6 +43,7 @@ impl Default for DicomReadOptions {
             allow_tilt: false,
             spacing_tolerance: 0.01,
             limits: Limits::default(),
+            skip_unreadable: false,
         }
     }
 }
@@ -120,6 +125,8 @@ struct Header {
     cols: u32,
     frames: u32,
     instance_number: Option<i64>,
+    slice_thickness: Option<f64>,
+    spacing_between_slices: Option<f64>,
     transfer_syntax: String,
     attributes: BTreeMap<String, String>,
     study_uid: String,
@@ -209,6 +216,9 @@ fn read_header(path: &Path) -> std::result::Result<Header, String> {
         cols: int(&obj, tags::COLUMNS).unwrap_or(0).max(0) as u32,
         frames: int(&obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
         instance_number: int(&obj, tags::INSTANCE_NUMBER),
+        slice_thickness: floats(&obj, tags::SLICE_THICKNESS).and_then(|v| v.first().copied()),
+        spacing_between_slices: floats(&obj, tags::SPACING_BETWEEN_SLICES)
+            .and_then(|v| v.first().copied()),
         transfer_syntax: obj
             .meta()
             .transfer_syntax()
@@ -248,19 +258,21 @@ fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// `true` for a `.dcm` file or a file with the `DICM` marker.
+fn file_is_dicom(p: &Path) -> bool {
+    if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("dcm")) {
+        return true;
+    }
+    let mut buf = [0u8; 132];
+    std::fs::File::open(p)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .map(|_| &buf[128..132] == b"DICM")
+        .unwrap_or(false)
+}
+
 /// `true` when `path` looks like DICOM input: a `.dcm` file, a file with the `DICM` marker,
 /// or a folder holding such a file.
 pub fn is_dicom(path: &Path) -> bool {
-    fn file_is_dicom(p: &Path) -> bool {
-        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("dcm")) {
-            return true;
-        }
-        let mut buf = [0u8; 132];
-        std::fs::File::open(p)
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-            .map(|_| &buf[128..132] == b"DICM")
-            .unwrap_or(false)
-    }
     if path.is_dir() {
         std::fs::read_dir(path)
             .map(|rd| {
@@ -275,7 +287,7 @@ pub fn is_dicom(path: &Path) -> bool {
     }
 }
 
-fn read_headers(path: &Path) -> Result<(Vec<Header>, Vec<String>)> {
+fn read_headers(path: &Path, skip_unreadable: bool) -> Result<(Vec<Header>, Vec<String>)> {
     let mut headers = Vec::new();
     let mut warnings = Vec::new();
     for f in list_files(path)? {
@@ -286,6 +298,17 @@ fn read_headers(path: &Path) -> Result<(Vec<Header>, Vec<String>)> {
                 f.display(),
                 h.sop_class_uid
             )),
+            // A damaged slice of the series: refused, unless asked to leave it out (a slice
+            // missing at either end of the series leaves no gap to notice).
+            Err(e) if file_is_dicom(&f) && !skip_unreadable => {
+                return Err(derr(
+                    &f,
+                    format!(
+                        "{e}; this file looks like DICOM: repair or remove it, or pass \
+                         --skip-unreadable to leave it out"
+                    ),
+                ));
+            }
             Err(e) => warnings.push(format!("{}: skipped: {e}", f.display())),
         }
     }
@@ -301,7 +324,7 @@ fn read_headers(path: &Path) -> Result<(Vec<Header>, Vec<String>)> {
 /// # Errors
 /// [`Error::Dicom`] when no DICOM image is found.
 pub fn list_series(path: &Path) -> Result<Vec<SeriesSummary>> {
-    let (headers, _) = read_headers(path)?;
+    let (headers, _) = read_headers(path, true)?;
     let mut out: Vec<SeriesSummary> = Vec::new();
     for h in &headers {
         match out.iter_mut().find(|s| s.uid == h.series_uid) {
@@ -341,7 +364,7 @@ fn norm(a: [f64; 3]) -> f64 {
 /// missing slices or uneven gaps, gantry tilt (unless allowed), multi-frame objects, and pixel
 /// data that cannot be decoded (with its transfer syntax).
 pub fn read_dicom_series(path: &Path, opts: &DicomReadOptions) -> Result<DicomSeries> {
-    let (headers, mut warnings) = read_headers(path)?;
+    let (headers, mut warnings) = read_headers(path, opts.skip_unreadable)?;
     let mut by_series: BTreeMap<String, Vec<Header>> = BTreeMap::new();
     for h in headers {
         by_series.entry(h.series_uid.clone()).or_default().push(h);
@@ -456,6 +479,17 @@ pub fn read_dicom_series(path: &Path, opts: &DicomReadOptions) -> Result<DicomSe
         if h.position.is_none() {
             return Err(derr(&h.path, "no Image Position (Patient)"));
         }
+        let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
+        if !finite(&o) || !h.position.is_some_and(|p| finite(&p)) {
+            return Err(derr(
+                &h.path,
+                format!(
+                    "Image Orientation (Patient) {o:?} or Image Position (Patient) {:?} holds \
+                     a non-finite number",
+                    h.position.unwrap_or_default()
+                ),
+            ));
+        }
     }
     let row_dir = [orientation[0], orientation[1], orientation[2]];
     let col_dir = [orientation[3], orientation[4], orientation[5]];
@@ -541,8 +575,21 @@ pub fn read_dicom_series(path: &Path, opts: &DicomReadOptions) -> Result<DicomSe
         }
         step
     } else {
-        // One slice: its thickness from the header is unknown here; use the row spacing.
-        normal.map(|v| v * spacing[0])
+        // One slice: no gap to measure; the header's slice spacing, else its thickness.
+        let ok = |v: Option<f64>| v.filter(|t| t.is_finite() && *t > 0.0);
+        let h = &hs[0];
+        let (thick, source) = match (ok(h.spacing_between_slices), ok(h.slice_thickness)) {
+            (Some(t), _) => (t, "Spacing Between Slices"),
+            (None, Some(t)) => (t, "Slice Thickness"),
+            (None, None) => (
+                spacing[0],
+                "the pixel spacing (no slice thickness in the header)",
+            ),
+        };
+        warnings.push(format!(
+            "a single slice: its spacing, {thick} mm, is taken from {source}"
+        ));
+        normal.map(|v| v * thick)
     };
     let voxels = (rows * cols) as u64 * n as u64;
     if voxels > opts.limits.max_voxels || voxels * 4 > opts.limits.max_alloc {

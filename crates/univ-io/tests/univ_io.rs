@@ -962,6 +962,17 @@ mod dicom {
         assert_eq!(s.volume.shape(), [128, 128, 1]);
         let (lo, hi) = s.volume.min_max();
         assert!(lo < -500.0 && hi > 500.0 && hi < 4000.0, "{lo}..{hi}");
+        // One slice: its spacing is the header's (Spacing Between Slices, 5 mm in
+        // CT_small.dcm), not the pixel spacing (0.66 mm), and a warning says where it came from.
+        let sp = s.volume.spacing();
+        assert!((sp[2] - 5.0).abs() < 1e-9, "{sp:?}");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("5 mm") && w.contains("Spacing Between")),
+            "{:?}",
+            s.warnings
+        );
     }
 
     /// Copies the uncompressed series into a scratch folder, editing files with `edit`.
@@ -1085,19 +1096,62 @@ mod dicom {
             "{:?}",
             s.warnings
         );
-        // A truncated slice: skipped, which leaves a gap that names its neighbours.
-        let dir = scratch_series(&shared, |i, s, d| {
-            if i == 3 {
-                let b = std::fs::read(s).unwrap();
-                std::fs::write(d, &b[..200]).unwrap();
-            } else {
-                copy(i, s, d)
-            }
-        });
+        // A truncated slice: refused, naming it; left out only when asked, and then a slice
+        // missing in the middle leaves a gap that names its neighbours.
+        let truncated = |at: usize| {
+            scratch_series(&shared, move |i, s, d| {
+                if i == at {
+                    let b = std::fs::read(s).unwrap();
+                    std::fs::write(d, &b[..200]).unwrap();
+                } else {
+                    std::fs::copy(s, d).unwrap();
+                }
+            })
+        };
+        let skip = DicomReadOptions {
+            skip_unreadable: true,
+            ..DicomReadOptions::default()
+        };
+        let dir = truncated(3);
         let e = read_dicom_series(dir.path(), &opts)
             .unwrap_err()
             .to_string();
+        assert!(e.contains("--skip-unreadable"), "{e}");
+        let e = read_dicom_series(dir.path(), &skip)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing"), "{e}");
+        // The first slice unreadable: refused (it would silently shorten the volume); with
+        // skip_unreadable read without it, with a warning naming it.
+        let dir = truncated(0);
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("looks like DICOM"), "{e}");
+        let s = read_dicom_series(dir.path(), &skip).unwrap();
+        assert_eq!(s.slices.len(), 19);
+        assert!(
+            s.warnings.iter().any(|w| w.contains("skipped")),
+            "{:?}",
+            s.warnings
+        );
+        // NaN in the orientation or position: a typed error naming the file, not a panic.
+        for (tag, value) in [
+            (tags::IMAGE_ORIENTATION_PATIENT, "1\\0\\0\\0\\NaN\\0"),
+            (tags::IMAGE_POSITION_PATIENT, "0\\NaN\\0"),
+        ] {
+            let dir = scratch_series(&shared, |i, s, d| {
+                if i == 4 {
+                    set_str(s, d, tag, VR::DS, value);
+                } else {
+                    copy(i, s, d)
+                }
+            });
+            let e = read_dicom_series(dir.path(), &opts)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("non-finite"), "{e}");
+        }
         // Gantry tilt: positions shifted sideways in proportion to the slice index.
         let dir = scratch_series(&shared, |i, s, d| {
             let obj = dicom_object::open_file(s).unwrap();

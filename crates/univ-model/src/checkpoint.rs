@@ -32,6 +32,13 @@ pub struct Checkpoint {
 /// per class row (written by `univ train`).
 pub const CLASS_NAMES_KEY: &str = "univ.classes";
 
+/// The metadata key under which a checkpoint lists the ids of the classes it was trained on
+/// (a JSON list; absent: all of them).
+pub const TRAINED_CLASSES_KEY: &str = "univ.trained_classes";
+
+/// The metadata key that marks a demonstration model (`"true"`): its results are shown as such.
+pub const DEMO_KEY: &str = "univ.demo";
+
 /// Maps an official key to its canonical name: a leading `module.` is dropped, and the flat
 /// keys of the released Swin UNETR file (`swinViT.*`, `encoder*`, `decoder*`) go under
 /// `backbone.`.
@@ -100,6 +107,25 @@ impl Checkpoint {
         let mut tensors = HashMap::with_capacity(raw.len());
         for (k, t) in raw {
             let ck = canonical_key(&k);
+            if t.dtype().is_float() && t.elem_count() > 0 {
+                let bad = t
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .filter(|v| !v.is_finite())
+                    .count();
+                if bad > 0 {
+                    return Err(ckpt_err(
+                        path,
+                        format!(
+                            "tensor {k} holds {bad} NaN or infinite value(s) of {}: the weights \
+                             are damaged",
+                            t.elem_count()
+                        ),
+                    ));
+                }
+            }
             if tensors.insert(ck.clone(), t).is_some() {
                 return Err(ckpt_err(path, format!("two keys map to {ck}")));
             }
@@ -109,6 +135,28 @@ impl Checkpoint {
             tensors,
             metadata,
         })
+    }
+
+    /// The ids of the classes the checkpoint was trained on ([`TRAINED_CLASSES_KEY`]); `None`
+    /// when it does not say.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the entry is not a JSON list of ids.
+    pub fn trained_classes(&self) -> Result<Option<Vec<usize>>> {
+        match self.metadata.get(TRAINED_CLASSES_KEY) {
+            None => Ok(None),
+            Some(v) => serde_json::from_str(v).map(Some).map_err(|e| {
+                ckpt_err(
+                    &self.path,
+                    format!("metadata {TRAINED_CLASSES_KEY} is not a list of class ids: {e}"),
+                )
+            }),
+        }
+    }
+
+    /// `true` for a demonstration model ([`DEMO_KEY`]).
+    pub fn is_demo(&self) -> bool {
+        self.metadata.get(DEMO_KEY).is_some_and(|v| v == "true")
     }
 
     /// The class names the checkpoint records ([`CLASS_NAMES_KEY`]), one per class row.
@@ -226,8 +274,11 @@ impl Checkpoint {
                 ),
             ));
         }
-        let model =
-            model.with_class_table(ClassTable::for_model(cfg.num_classes, names.as_deref()))?;
+        let mut table = ClassTable::for_model(cfg.num_classes, names.as_deref());
+        if let Some(trained) = self.trained_classes()? {
+            table = table.with_trained(&trained);
+        }
+        let model = model.with_class_table(table)?;
         let st = state.state.lock().expect("not poisoned");
         let mut unexpected: Vec<String> = self
             .tensors

@@ -87,6 +87,10 @@ pub struct ClassInfo {
     pub prompt_name: Option<String>,
     /// Other spellings [`ClassTable::find`] accepts.
     pub aliases: Vec<String>,
+    /// `true` when the checkpoint was trained on this class (its masks mean something); a
+    /// checkpoint that does not say is taken as trained on all its classes, as the official
+    /// files are.
+    pub trained: bool,
 }
 
 impl ClassInfo {
@@ -320,6 +324,7 @@ impl ClassTable {
                     colour: d.colour,
                     prompt_name: Some(d.prompt_name.to_string()),
                     aliases,
+                    trained: true,
                 }
             })
             .collect();
@@ -347,6 +352,7 @@ impl ClassTable {
                 colour: EXTRA_COLOURS[(id - 1) % EXTRA_COLOURS.len()],
                 prompt_name: None,
                 aliases: Vec::new(),
+                trained: true,
             });
         }
         for (c, given) in t.classes.iter_mut().zip(names.unwrap_or(&[])) {
@@ -367,6 +373,7 @@ impl ClassTable {
                 colour: c.colour,
                 prompt_name: None,
                 aliases: Vec::new(),
+                trained: c.trained,
             };
         }
         t
@@ -445,6 +452,19 @@ impl ClassTable {
     pub fn slug(&self, id: usize) -> String {
         self.get(id)
             .map_or_else(|| format!("class_{id}"), |c| c.slug.clone())
+    }
+
+    /// The table with only `ids` marked as trained (every other class untrained).
+    pub fn with_trained(mut self, ids: &[usize]) -> Self {
+        for c in &mut self.classes {
+            c.trained = ids.contains(&c.id);
+        }
+        self
+    }
+
+    /// The ids of the classes the checkpoint was trained on, in channel order.
+    pub fn trained_ids(&self) -> Vec<usize> {
+        self.iter().filter(|c| c.trained).map(|c| c.id).collect()
     }
 
     /// The ids of one kind, in id order.

@@ -31,6 +31,12 @@ pub enum Error {
     /// An invalid configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A size or count beyond a limit (the message names the limit and how to raise it).
+    #[error("{0}")]
+    Limit(String),
+    /// NaN or infinite values where there must be none.
+    #[error("{0}")]
+    NonFinite(String),
 }
 
 /// `Result` with [`enum@Error`] as the default error type.

@@ -41,7 +41,14 @@ pub struct SlidingWindowOptions {
     /// Windows per network call (1 in the official code; with batch-statistics BatchNorm a
     /// larger batch changes the results, exactly as in MONAI).
     pub sw_batch_size: usize,
+    /// Most windows one volume may take ([`DEFAULT_MAX_WINDOWS`]); more is an error before
+    /// any window runs (an overlap near 1 asks for tens of thousands).
+    pub max_windows: usize,
 }
+
+/// Default of [`SlidingWindowOptions::max_windows`]: about 8 hours of a full-size U-Net on
+/// two CPU cores, and 36 times what a 1.5 mm abdominal CT takes at the official overlap.
+pub const DEFAULT_MAX_WINDOWS: usize = 4096;
 
 impl Default for SlidingWindowOptions {
     fn default() -> Self {
@@ -50,6 +57,7 @@ impl Default for SlidingWindowOptions {
             overlap: 0.5,
             mode: BlendMode::Gaussian { sigma_scale: 0.125 },
             sw_batch_size: 1,
+            max_windows: DEFAULT_MAX_WINDOWS,
         }
     }
 }
@@ -151,6 +159,14 @@ pub fn sliding_window_inference(
         }
     }
     let total = windows.len();
+    if total > opts.max_windows {
+        return Err(Error::Limit(format!(
+            "{total} windows of {roi:?} at overlap {} for a {dims:?} volume exceed the limit of {} \
+             (SlidingWindowOptions::max_windows, `--max-windows` on the command line): lower the \
+             overlap or raise the limit",
+            opts.overlap, opts.max_windows
+        )));
+    }
     let batches: Vec<&[[usize; 3]]> = windows.chunks(opts.sw_batch_size).collect();
     // The slab spans the windows of one batch along the first axis.
     let slab = roi[0]
@@ -270,6 +286,15 @@ pub fn sliding_window_inference(
             ));
         }
         let logits = crate::ops::to_f32_vec(&y)?;
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "the network returned a non-finite logit ({}) in window {} of {total} (class {} \
+                 of {k}): the weights or the input are damaged",
+                logits[i],
+                done + i / (k * wlen) + 1,
+                (i / wlen) % k + 1
+            )));
+        }
         for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
             let lj = &logits[j * k * wlen..(j + 1) * k * wlen];
             // Classes in parallel: each owns its part of the slab.
@@ -365,6 +390,7 @@ mod tests {
                     overlap: 0.5,
                     mode,
                     sw_batch_size: batch,
+                    ..Default::default()
                 };
                 let got = stitch(&input, dims, &opts, |x| Ok(x.clone()));
                 for (a, b) in got.iter().zip(&input) {
@@ -388,6 +414,7 @@ mod tests {
             overlap: 0.5,
             mode: BlendMode::Constant,
             sw_batch_size: 1,
+            ..Default::default()
         };
         let mut n = 0f32;
         let got = stitch(&input, dims, &opts, |x| {
@@ -406,6 +433,51 @@ mod tests {
             Ok((x.ones_like()? * f64::from(10.0 * n))?)
         });
         assert_ne!(got[2], 15.0);
+    }
+
+    #[test]
+    fn too_many_windows_and_non_finite_logits_are_errors() {
+        let dims = [6, 6, 6];
+        let input = vec![0f32; 216];
+        let opts = SlidingWindowOptions {
+            roi: [2, 2, 2],
+            overlap: 0.5,
+            max_windows: 100,
+            ..Default::default()
+        };
+        // 5 × 5 × 5 = 125 windows: refused before the predictor runs.
+        let mut calls = 0;
+        let e = sliding_window_inference(
+            &input,
+            dims,
+            &opts,
+            &Device::Cpu,
+            |x| {
+                calls += 1;
+                Ok(x.clone())
+            },
+            |_, _| Ok(()),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("125 windows"), "{e}");
+        assert!(e.to_string().contains("--max-windows"), "{e}");
+        assert_eq!(calls, 0);
+        let opts = SlidingWindowOptions {
+            max_windows: 1000,
+            ..opts
+        };
+        let e = sliding_window_inference(
+            &input,
+            dims,
+            &opts,
+            &Device::Cpu,
+            |x| Ok((x.ones_like()? * f64::NAN)?),
+            |_, _| Ok(()),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("non-finite logit"), "{e}");
     }
 
     /// Runs the sliding window and gathers the planes the sink receives into one volume.

@@ -20,7 +20,8 @@ pub struct SegmentOptions {
     pub preprocess: Option<PreprocessOptions>,
     /// Sliding-window settings.
     pub window: SlidingWindowOptions,
-    /// Class ids of the model's class table to compute, in output order; empty = all.
+    /// Class ids of the model's class table to compute, in output order; empty = the classes
+    /// the checkpoint was trained on ([`crate::ClassInfo::trained`]).
     pub classes: Vec<usize>,
     /// Probability threshold per class id (strict `>`); classes not listed use 0.5.
     pub thresholds: Vec<(usize, f32)>,
@@ -207,11 +208,18 @@ pub fn segment(
     let mut notes = Vec::new();
     let t = Instant::now();
     let table = model.classes().clone();
+    // By default the classes the checkpoint was trained on; others only when asked for by
+    // name, and then with a note.
     let classes: Vec<usize> = if opts.classes.is_empty() {
-        table.ids()
+        table.trained_ids()
     } else {
         opts.classes.clone()
     };
+    if classes.is_empty() {
+        return Err(Error::Config(
+            "the checkpoint names no class it was trained on; ask for classes explicitly".into(),
+        ));
+    }
     let mut rows = Vec::with_capacity(classes.len());
     for c in &classes {
         let row = table.row_of(*c).ok_or_else(|| {
@@ -221,6 +229,16 @@ pub fn segment(
             ))
         })?;
         rows.push(row + 1);
+    }
+    for c in classes
+        .iter()
+        .filter_map(|c| table.get(*c))
+        .filter(|c| !c.trained)
+    {
+        notes.push(format!(
+            "class {} ({}) was not trained by this checkpoint: its mask is not meaningful",
+            c.id, c.name
+        ));
     }
     let infos: Vec<ClassInfo> = rows
         .iter()

@@ -603,6 +603,12 @@ output = "run"
         // so that `univ segment --classes` knows it.
         let ck = univ_model::Checkpoint::load(dir.path().join("run2/model.safetensors")).unwrap();
         let names = ck.class_names().unwrap().unwrap();
+        // And the classes it was trained on: those of the first run (its metadata), with
+        // this run's; never the new, unsupervised row.
+        let first = univ_model::Checkpoint::load(&model).unwrap();
+        let trained = ck.trained_classes().unwrap().unwrap();
+        assert_eq!(trained, first.trained_classes().unwrap().unwrap());
+        assert!(!trained.contains(&4) && !trained.is_empty(), "{trained:?}");
         assert_eq!(
             names,
             ["Spleen", "Right Kidney", "Left Kidney", "Bone Lesion"]

@@ -23,8 +23,11 @@ pub struct OutputOptions {
     pub save_logits: bool,
     /// `segmentation.dcm`, a DICOM Segmentation referencing the source series (needs one).
     pub dicom_seg: bool,
-    /// Replace an existing output folder.
+    /// Replace an existing output folder (only a complete univ result).
     pub overwrite: bool,
+    /// A line drawn across the top of the preview (`DEMO MODEL: NOT FOR CLINICAL USE` for a
+    /// demonstration model).
+    pub banner: Option<String>,
     /// Extra entries for the report (checkpoint, embedding, settings...).
     pub report_extra: BTreeMap<String, serde_json::Value>,
 }
@@ -36,23 +39,114 @@ pub struct Written {
     pub dicom_seg: Option<(usize, usize)>,
 }
 
-/// Checks that results can go to `out` before any work is done: `out` is absent, or an empty
-/// folder, or `overwrite` is set; its parent can be created.
+/// The file univ writes last into every result folder: a folder holding it is a complete
+/// univ result, the only kind of folder `--overwrite` may replace.
+pub const RESULT_MARKER: &str = ".univ-complete";
+
+/// What is at an output location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputState {
+    /// Nothing.
+    Absent,
+    /// An empty folder.
+    Empty,
+    /// A complete univ result (it holds [`RESULT_MARKER`]).
+    UnivResult,
+    /// A file, not a folder.
+    File,
+    /// A folder holding something else: its first few entries.
+    Other(Vec<String>),
+}
+
+/// What is at `out`.
+pub fn output_state(out: &Path) -> OutputState {
+    let Ok(meta) = std::fs::metadata(out) else {
+        return OutputState::Absent;
+    };
+    if !meta.is_dir() {
+        return OutputState::File;
+    }
+    if out.join(RESULT_MARKER).is_file() {
+        return OutputState::UnivResult;
+    }
+    let mut names: Vec<String> = match std::fs::read_dir(out) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .take(4)
+            .collect(),
+        Err(e) => vec![format!("(unreadable: {e})")],
+    };
+    if names.is_empty() {
+        return OutputState::Empty;
+    }
+    names.sort();
+    OutputState::Other(names)
+}
+
+/// Checks, before any work is done, that results can go to `out`: nothing is there, or an
+/// empty folder, or a complete univ result and `overwrite` is set; `input` (the CT) does not
+/// lie inside `out`; the parent folder exists or can be made, and files can be written in it.
 ///
 /// # Errors
 /// [`Error::Output`] saying what is in the way.
-pub fn check_output(out: &Path, overwrite: bool) -> Result<()> {
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-        && !overwrite
+pub fn check_output(out: &Path, overwrite: bool, input: Option<&Path>) -> Result<()> {
+    let state = output_state(out);
+    if let Some(i) = input
+        && state != OutputState::Absent
+        && let (Ok(i), Ok(o)) = (i.canonicalize(), out.canonicalize())
+        && i.starts_with(&o)
     {
         return Err(Error::output(
             out,
-            "the output folder already holds results; use --overwrite to replace them",
+            format!(
+                "the input {} lies inside this output folder: choose another output folder",
+                i.display()
+            ),
         ));
     }
+    match state {
+        OutputState::Absent | OutputState::Empty => {}
+        OutputState::UnivResult if overwrite => {}
+        OutputState::UnivResult => {
+            return Err(Error::output(
+                out,
+                "holds an earlier univ result; use --overwrite to replace it",
+            ));
+        }
+        OutputState::File => {
+            return Err(Error::output(
+                out,
+                "is a file: the output must be a folder (give a folder name that does not exist)",
+            ));
+        }
+        OutputState::Other(names) => {
+            return Err(Error::output(
+                out,
+                format!(
+                    "is a folder that is not a univ result (it holds {}{}): choose another \
+                     output folder; --overwrite replaces only univ's own results",
+                    names.join(", "),
+                    if names.len() >= 4 { ", ..." } else { "" }
+                ),
+            ));
+        }
+    }
+    check_writable(out)
+}
+
+/// Makes `out`'s parent folder if needed and checks that a file can be created in it.
+fn check_writable(out: &Path) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| Error::output(out, format!("cannot create {}: {e}", parent.display())))?;
+    let probe = univ_io::atomic::temp_sibling(out);
+    std::fs::write(&probe, b"")
+        .map_err(|e| Error::output(out, format!("cannot write in {}: {e}", parent.display())))?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 
@@ -65,8 +159,11 @@ fn werr(path: &Path, e: impl std::fmt::Display) -> Error {
 /// `dicom_seg`). Files go to a sibling temporary folder renamed to `out` at the end, so a
 /// failure leaves nothing behind.
 ///
+/// What an earlier univ process left when it was killed beside `out` (temporary folders of
+/// this name from processes that no longer run) is removed first, and nothing else.
+///
 /// # Errors
-/// [`Error::Output`] when `out` holds files and `overwrite` is off, DICOM-SEG is asked for
+/// [`Error::Output`] when `out` is taken (see [`check_output`]), DICOM-SEG is asked for
 /// without a series, or a file cannot be written.
 pub fn write_outputs(
     out: &Path,
@@ -75,7 +172,7 @@ pub fn write_outputs(
     opts: &OutputOptions,
     series: Option<&DicomSeries>,
 ) -> Result<Written> {
-    check_output(out, opts.overwrite)?;
+    check_output(out, opts.overwrite, None)?;
     if opts.dicom_seg && series.is_none() {
         return Err(Error::output(
             out,
@@ -87,6 +184,7 @@ pub fn write_outputs(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| werr(parent, e))?;
+    univ_io::atomic::remove_stale_temps(out);
     let tmp = univ_io::atomic::temp_sibling(out);
     let result = (|| -> Result<Written> {
         std::fs::create_dir_all(&tmp).map_err(|e| werr(&tmp, e))?;
@@ -189,7 +287,8 @@ fn write_files(
         std::fs::write(&p, data).map_err(|e| werr(&p, e))?;
     }
     let p = dir.join("preview.png");
-    crate::preview::write_preview(&p, image, &seg.classes).map_err(|e| werr(&p, e))?;
+    crate::preview::write_preview(&p, image, &seg.classes, opts.banner.as_deref())
+        .map_err(|e| werr(&p, e))?;
     let mut rep = crate::report::report(image, seg);
     if let serde_json::Value::Object(m) = &mut rep {
         for (k, v) in &opts.report_extra {
@@ -202,5 +301,8 @@ fn write_files(
         let p = dir.join("segmentation.dcm");
         written.dicom_seg = Some(crate::dicom_seg::write_seg_for(&p, s, seg)?);
     }
+    // Last: the marker that makes this a complete result.
+    let marker = serde_json::json!({"univ": env!("CARGO_PKG_VERSION"), "complete": true});
+    json(dir.join(RESULT_MARKER), &marker)?;
     Ok(written)
 }

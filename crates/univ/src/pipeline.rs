@@ -25,7 +25,8 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// Its SHA-256 (hex).
     pub sha256: String,
-    /// `true` for the demo model (chosen because no checkpoint was named).
+    /// `true` for a demonstration model (the demo model chosen because no checkpoint was
+    /// named, or a checkpoint marked as one): its results are labelled as such.
     pub demo: bool,
     /// `true` when the file was downloaded by this call.
     pub downloaded: bool,
@@ -44,12 +45,13 @@ pub fn load_model(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
         None => (crate::demo::find()?.display().to_string(), true),
     };
     let resolved = resolve_checkpoint(&spec)?;
-    let (model, report) = Checkpoint::load(&resolved.path)?.build(device)?;
+    let ck = Checkpoint::load(&resolved.path)?;
+    let (model, report) = ck.build(device)?;
     Ok(LoadedModel {
         model,
         path: resolved.path,
         sha256: resolved.sha256,
-        demo,
+        demo: demo || ck.is_demo(),
         downloaded: resolved.downloaded,
         report,
     })
@@ -158,7 +160,12 @@ fn run_entries(
     let mut extra = std::collections::BTreeMap::new();
     extra.insert(
         "checkpoint".to_string(),
-        serde_json::json!({"file": model.path, "sha256": model.sha256, "demo": model.demo}),
+        serde_json::json!({
+            "file": model.path,
+            "sha256": model.sha256,
+            "demo": model.demo,
+            "trained_classes": model.model.classes().trained_ids(),
+        }),
     );
     if let Ok(s) = univ_model::hub::sha256_of_tensor(model.model.class_embeddings()) {
         extra.insert("class_embedding_sha256".to_string(), serde_json::json!(s));
@@ -201,7 +208,7 @@ pub fn segment_case(
     mut events: impl FnMut(Event),
 ) -> Result<CaseSummary> {
     let start = Instant::now();
-    check_output(out, opts.output.overwrite)?;
+    check_output(out, opts.output.overwrite, Some(input))?;
     if opts.output.dicom_seg && !univ_io::is_dicom(input) {
         return Err(Error::input(
             input,
@@ -209,22 +216,28 @@ pub fn segment_case(
         ));
     }
     let case = CaseInput::read(input, &opts.dicom)?;
-    if opts.segment.preprocess.is_some() {
-        for w in case.warnings() {
-            events(Event::Warning(w));
-        }
-    } else if let Some(s) = &case.series {
-        for w in &s.warnings {
-            events(Event::Warning(w.clone()));
-        }
+    let warnings: Vec<String> = if opts.segment.preprocess.is_some() {
+        case.warnings()
+    } else {
+        case.series
+            .as_ref()
+            .map(|s| s.warnings.clone())
+            .unwrap_or_default()
+    };
+    for w in &warnings {
+        events(Event::Warning(w.clone()));
     }
     let seg = segment(&case.image, &model.model, &opts.segment, |done, total| {
         events(Event::Windows { done, total })
     })?;
     let mut output = opts.output.clone();
     let mut extra = run_entries(model, opts);
+    extra.insert("input_warnings".into(), serde_json::json!(warnings));
     extra.append(&mut output.report_extra);
     output.report_extra = extra;
+    if model.demo && output.banner.is_none() {
+        output.banner = Some("DEMO MODEL: NOT FOR CLINICAL USE".into());
+    }
     let written = write_outputs(out, &case.image, &seg, &output, case.series.as_ref())?;
     Ok(CaseSummary {
         input: input.to_path_buf(),

@@ -69,7 +69,7 @@ fn slices<T: Copy + Default>(
 }
 
 /// Writes `preview.png` for a CT and its classes' masks (on the CT's grid), with each class's
-/// colour and name.
+/// colour and name, and `banner` (such as a demo model's warning) in red under the legend.
 ///
 /// # Errors
 /// I/O errors, or masks on another grid.
@@ -77,6 +77,7 @@ pub fn write_preview(
     path: &Path,
     ct: &Volume<f32>,
     classes: &[ClassResult],
+    banner: Option<&str>,
 ) -> std::io::Result<()> {
     let masks: Vec<(usize, &ClassResult, &ClassMask)> =
         classes.iter().map(|c| (c.id(), c, &c.mask)).collect();
@@ -163,7 +164,8 @@ pub fn write_preview(
         .collect();
     let legend_h = 16 + 12 * present.len().div_ceil(3);
     let w = dims.iter().map(|d| d[0]).sum::<usize>() + 40;
-    let h = dims.iter().map(|d| d[1]).max().unwrap_or(1) + 30 + legend_h;
+    let banner_h = if banner.is_some() { 14 } else { 0 };
+    let h = dims.iter().map(|d| d[1]).max().unwrap_or(1) + 30 + legend_h + banner_h;
     let mut cv = Canvas::new(w.max(300), h);
     let mut x0 = 10;
     for (p, title) in ["AXIAL", "CORONAL", "SAGITTAL"].iter().enumerate() {
@@ -227,6 +229,9 @@ pub fn write_preview(
             [230, 230, 230],
             1,
         );
+    }
+    if let Some(b) = banner {
+        cv.text(10, h - 12, b, [255, 64, 64], 1);
     }
     cv.write_png(path)
 }

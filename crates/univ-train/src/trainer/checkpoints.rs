@@ -56,6 +56,10 @@ impl Trainer {
             univ_model::checkpoint::CLASS_NAMES_KEY.into(),
             serde_json::to_string(&names).unwrap_or_default(),
         );
+        m.insert(
+            univ_model::checkpoint::TRAINED_CLASSES_KEY.into(),
+            serde_json::to_string(&self.classes.trained_ids()).unwrap_or_default(),
+        );
         m
     }
 

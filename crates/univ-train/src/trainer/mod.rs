@@ -169,11 +169,18 @@ impl Trainer {
                 *slot = n.clone();
             }
         };
+        // Classes trained before this run (those of the initial weights: all of their rows
+        // unless they say otherwise).
+        let mut trained_before: Vec<usize> = Vec::new();
         if let Some(p) = &cfg.model.init {
             let ck = univ_model::Checkpoint::load(p)?;
             if let Some(n) = ck.class_names()? {
                 name_rows(&n);
             }
+            trained_before = match ck.trained_classes()? {
+                Some(t) => t,
+                None => (1..=ck.detect_config().map_or(0, |c| c.num_classes)).collect(),
+            };
             init = ck.tensors;
         }
         if let Some(p) = &cfg.model.embeddings {
@@ -200,7 +207,15 @@ impl Trainer {
         for (id, name) in configured {
             names[id - 1] = name;
         }
-        let classes = ClassTable::for_model(cfg.model.classes, Some(&names));
+        let mut trained: Vec<usize> = train
+            .iter()
+            .flat_map(|c| c.supervised.iter().copied())
+            .chain(trained_before)
+            .filter(|c| (1..=cfg.model.classes).contains(c))
+            .collect();
+        trained.sort_unstable();
+        trained.dedup();
+        let classes = ClassTable::for_model(cfg.model.classes, Some(&names)).with_trained(&trained);
         let store = VarStore::new(cfg.train.seed, init);
         let model = UniversalModel::new(store.var_builder(&device), model_cfg)?;
         let init_report = store.report();

@@ -23,7 +23,26 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// The most worker threads accepted, as a multiple of the machine's cores.
+const MAX_THREADS_PER_CORE: usize = 4;
+
 impl RuntimeArgs {
+    /// The thread count, checked: at least 1 and at most 4× the cores.
+    pub fn threads(&self) -> Result<Option<usize>> {
+        let Some(n) = self.threads else {
+            return Ok(None);
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let max = MAX_THREADS_PER_CORE * cores;
+        if n == 0 || n > max {
+            anyhow::bail!(
+                "--threads {n}: give 1 to {max} (4 × the {cores} cores of this machine); leave \
+                 it out to use every core"
+            );
+        }
+        Ok(Some(n))
+    }
+
     /// The candle device.
     pub fn device(&self) -> Result<Device> {
         match self.device {
@@ -43,6 +62,10 @@ pub struct DicomArgs {
     /// Accept a gantry tilt (slices shifted sideways); the affine then has a shear.
     #[arg(long)]
     pub allow_tilt: bool,
+    /// Leave out DICOM files that cannot be read (with a warning, kept in report.json) instead
+    /// of refusing the series.
+    #[arg(long)]
+    pub skip_unreadable: bool,
 }
 
 impl DicomArgs {
@@ -51,6 +74,7 @@ impl DicomArgs {
         univ::io::dicom::DicomReadOptions {
             series: self.series.clone(),
             allow_tilt: self.allow_tilt,
+            skip_unreadable: self.skip_unreadable,
             ..Default::default()
         }
     }

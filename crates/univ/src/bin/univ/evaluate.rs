@@ -59,6 +59,13 @@ pub fn run(a: Args) -> Result<()> {
             .collect::<Result<_, _>>()
             .with_context(|| format!("--tolerance {tolerances:?}: expected numbers in mm"))?,
     };
+    if let Some(t) = opts
+        .tolerances
+        .iter()
+        .find(|t| !(t.is_finite() && **t > 0.0))
+    {
+        bail!("--tolerance {tolerances:?}: {t} is not a positive distance in mm");
+    }
     let out = if pred.is_dir() && gt.is_dir() {
         let mut cases = Vec::new();
         let mut per_case = serde_json::Map::new();

@@ -68,7 +68,14 @@ fn main() -> ExitCode {
         Command::Forward(a) => Some(&a.runtime),
         _ => None,
     };
-    univ::model::runtime::init_threads(runtime.and_then(|r| r.threads));
+    let threads = match runtime.map(|r| r.threads()).transpose() {
+        Ok(t) => t.flatten(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    univ::model::runtime::init_threads(threads);
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Preprocess(a) => preprocess::run(a),

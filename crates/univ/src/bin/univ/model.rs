@@ -60,7 +60,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let (spec, json) = (a.checkpoint.as_str(), a.json);
     let (ckpt, sha) = load(spec)?;
     let cfg = ckpt.detect_config()?;
-    let (_, report) = ckpt.build(&Device::Cpu)?;
+    let (model, report) = ckpt.build(&Device::Cpu)?;
     let layout = official_layout(&cfg)?;
     let params: usize = layout
         .iter()
@@ -91,6 +91,8 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "widths": width,
             "encoding": match cfg.encoding { Encoding::WordEmbedding => "word_embedding", Encoding::RandEmbedding => "rand_embedding" },
             "classes": cfg.num_classes,
+            "trained_classes": model.classes().trained_ids(),
+            "demo": ckpt.is_demo(),
             "parameters": params,
             "embedding_present": has_embedding,
             "tensors": ckpt.tensors.len(),
@@ -105,6 +107,22 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     println!("backbone:   {backbone} ({width})");
     println!("encoding:   {encoding}");
     println!("classes:    {}", cfg.num_classes);
+    let table = model.classes();
+    if table.trained_ids().len() < table.len() {
+        println!(
+            "trained on: {} of them ({})",
+            table.trained_ids().len(),
+            table
+                .iter()
+                .filter(|c| c.trained)
+                .map(|c| c.slug.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if ckpt.is_demo() {
+        println!("demo:       yes (a demonstration model, not for clinical use)");
+    }
     println!("parameters: {params}");
     println!(
         "embedding:  {}",

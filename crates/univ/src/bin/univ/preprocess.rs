@@ -56,7 +56,38 @@ fn parse_spacing(s: &str) -> Result<[f64; 3]> {
     Ok(v)
 }
 
+/// Refuses outputs that are one of the inputs (or each other), also through links or
+/// relative paths: writing them would replace the input.
+fn check_distinct(a: &Args) -> Result<()> {
+    let inputs: Vec<&std::path::Path> = std::iter::once(a.input.as_path())
+        .chain(a.label.as_deref())
+        .collect();
+    let outputs: Vec<&std::path::Path> = std::iter::once(a.output.as_path())
+        .chain(a.label_output.as_deref())
+        .chain(a.record.as_deref())
+        .collect();
+    for (i, o) in outputs.iter().enumerate() {
+        if let Some(inp) = inputs.iter().find(|p| io::atomic::same_file(p, o)) {
+            bail!(
+                "{}: this output is the input {}: writing it would replace the input; choose \
+                 another output file",
+                o.display(),
+                inp.display()
+            );
+        }
+        if let Some(other) = outputs[..i].iter().find(|p| io::atomic::same_file(p, o)) {
+            bail!(
+                "{}: given as two outputs ({})",
+                o.display(),
+                other.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
+    check_distinct(&a)?;
     let pixdim = parse_spacing(&a.spacing)?;
     let window = ScaleIntensityRange {
         a_min: a.a_min,

@@ -34,6 +34,9 @@ pub struct Args {
     /// Blend windows with equal weights instead of the Gaussian.
     #[arg(long)]
     constant_blend: bool,
+    /// Most windows one CT may take (more is refused before any runs).
+    #[arg(long, default_value_t = univ::model::inferers::DEFAULT_MAX_WINDOWS)]
+    max_windows: usize,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     /// Also write masks/<class>.nii.gz.
@@ -72,6 +75,7 @@ impl Args {
             window: SlidingWindowOptions {
                 overlap: self.overlap,
                 sw_batch_size: self.sw_batch,
+                max_windows: self.max_windows,
                 mode: if self.constant_blend {
                     BlendMode::Constant
                 } else {
@@ -123,6 +127,10 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let cases = univ::case_list(&a.input, &a.output)?;
+    // Every output location is checked before any work.
+    for (input, out) in &cases {
+        univ::outputs::check_output(out, a.overwrite, Some(input))?;
+    }
     let model = univ::load_model(a.checkpoint.as_deref(), &a.runtime.device()?)?;
     if model.downloaded {
         eprintln!("downloaded {}", model.path.display());
