@@ -1354,3 +1354,51 @@ fn only_trained_classes_are_shown_unless_asked_for_and_the_demo_says_so() {
         report["notes"]
     );
 }
+
+#[test]
+fn derived_grids_are_checked_against_the_limits_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 300);
+    // A fine resampling of a CT asks for 3000 × 3000 × 1500 voxels: refused, naming the grid
+    // and how to raise the limits.
+    let o = univ(&[
+        "preprocess",
+        ct.to_str().unwrap(),
+        dir.path().join("p.nii.gz").to_str().unwrap(),
+        "--spacing",
+        "0.1",
+    ]);
+    assert_clean_failure(&o, "the resampled grid");
+    assert!(text(&o).1.contains("--max-voxels"), "{}", text(&o).1);
+    // Voxels of a kilometre (a header's pixdim of 1e6 mm): the same, not an out-of-memory kill.
+    let mut huge = univ::io::geometry::IDENTITY;
+    for (a, row) in huge.iter_mut().take(3).enumerate() {
+        row[a] = 1e6;
+    }
+    let v = univ::io::Volume::filled(0i16, [8, 8, 8], huge).unwrap();
+    let far = dir.path().join("far.nii.gz");
+    univ::io::write_nifti(&far, &v, &univ::io::WriteOptions::default()).unwrap();
+    let o = univ(&[
+        "preprocess",
+        far.to_str().unwrap(),
+        dir.path().join("q.nii.gz").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "exceeds the limits");
+    // The segmentation's own buffers too (here the blend's slab, under a 1 MB limit).
+    let small = dir.path().join("small.nii.gz");
+    write_small_ct(&small, 32);
+    let o = segment_small(&small, &dir.path().join("s"), &["--max-memory-gb", "0.001"]);
+    assert_clean_failure(&o, "exceeds the limits");
+    // A training patch size that cannot fit is a configuration error naming the field.
+    std::fs::write(dir.path().join("data.toml"), "").unwrap();
+    let conf = dir.path().join("train.toml");
+    std::fs::write(
+        &conf,
+        "[model]\nbackbone = \"unet\"\nwidth = 4\n\n[data]\nmanifest = \"data.toml\"\n\
+         roi = [4096, 4096, 4096]\n\n[train]\noutput = \"run\"\nsteps = 1\n",
+    )
+    .unwrap();
+    let o = univ(&["train", "--config", conf.to_str().unwrap()]);
+    assert_clean_failure(&o, "data.roi");
+}

@@ -139,6 +139,27 @@ pub enum Error {
         /// The configured limit.
         limit: u64,
     },
+    /// A grid that would be made (resampling, padding, mapping back, inference buffers) is
+    /// larger than the configured limits.
+    #[error(
+        "{what} of {shape:?} voxels ({voxels} voxels, {bytes} bytes) exceeds the limits \
+         ({max_voxels} voxels, {max_alloc} bytes): use a coarser spacing or a smaller input, \
+         or raise the limits (Limits; `--max-voxels` and `--max-memory-gb` on the command line)"
+    )]
+    GridTooLarge {
+        /// The grid.
+        what: String,
+        /// Its shape.
+        shape: [usize; 3],
+        /// Its voxel count.
+        voxels: u128,
+        /// Its size in bytes.
+        bytes: u128,
+        /// The voxel limit.
+        max_voxels: u64,
+        /// The byte limit.
+        max_alloc: u64,
+    },
     /// Memory for the voxels could not be reserved.
     #[error("{path}: cannot allocate {bytes} bytes for the voxels")]
     OutOfMemory {

@@ -33,12 +33,26 @@ pub fn is_dicom(path: &Path) -> bool {
 /// The reader's errors; [`Error::Unsupported`] for DICOM input in a build without the `dicom`
 /// feature.
 pub fn read_volume(path: impl AsRef<Path>) -> Result<Volume<f32>> {
+    read_volume_with(path, &crate::nii::Limits::default())
+}
+
+/// [`read_volume`] within `limits` (checked against the header before any voxel is read).
+///
+/// # Errors
+/// As [`read_volume`].
+pub fn read_volume_with(
+    path: impl AsRef<Path>,
+    limits: &crate::nii::Limits,
+) -> Result<Volume<f32>> {
     let path = path.as_ref();
     if is_dicom(path) || (cfg!(not(feature = "dicom")) && path.is_dir()) {
         #[cfg(feature = "dicom")]
         {
-            let s =
-                crate::dicom::read_dicom_series(path, &crate::dicom::DicomReadOptions::default())?;
+            let opts = crate::dicom::DicomReadOptions {
+                limits: *limits,
+                ..Default::default()
+            };
+            let s = crate::dicom::read_dicom_series(path, &opts)?;
             return Ok(s.volume);
         }
         #[cfg(not(feature = "dicom"))]
@@ -47,7 +61,11 @@ pub fn read_volume(path: impl AsRef<Path>) -> Result<Volume<f32>> {
             reason: "DICOM input needs the `dicom` feature".into(),
         });
     }
-    ReadOptions::default().read_image(path)
+    ReadOptions {
+        limits: *limits,
+        ..ReadOptions::default()
+    }
+    .read_image(path)
 }
 
 /// Puts a label map onto the image's grid when the two grids are the same up to the order and

@@ -22,7 +22,9 @@ pub mod volume;
 
 pub use error::{Error, Result};
 pub use geometry::Affine;
-pub use input::{align_label_to, is_dicom, read_image_and_label_any, read_volume};
+pub use input::{
+    align_label_to, is_dicom, read_image_and_label_any, read_volume, read_volume_with,
+};
 pub use mask::ClassMask;
 pub use nii::{
     Limits, NiftiInfo, NiftiWritable, ReadOptions, WriteOptions, read_header, read_image,

@@ -21,9 +21,9 @@ use crate::volume::{NiftiGeometry, Volume, Voxel, check_affine, grid_difference}
 
 /// Budget for what a header may ask to allocate.
 ///
-/// Defaults: 2³⁰ voxels (a 1024³ volume; a 512×512×4096 CT) and 8 GiB for the voxel buffers
-/// (the raw bytes plus the decoded `f32` copy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Defaults: 2²⁹ voxels (a 512 × 512 × 2048 CT; eight times a large abdominal CT) and 8 GiB
+/// for the voxel buffers of one grid (the raw bytes plus the decoded `f32` copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Largest number of voxels accepted.
     pub max_voxels: u64,
@@ -34,13 +34,40 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_voxels: 1 << 30,
+            max_voxels: 1 << 29,
             max_alloc: 8 << 30,
         }
     }
 }
 
 impl Limits {
+    /// Checks a grid about to be allocated (`what` names it in the error): its voxels and its
+    /// bytes (`bytes_per_voxel` each) must be within the limits. Products are in `u128`,
+    /// saturating, so an overflowing shape is refused too.
+    ///
+    /// # Errors
+    /// [`Error::GridTooLarge`] naming the grid, its size and the limits.
+    pub fn check_grid(&self, what: &str, shape: [usize; 3], bytes_per_voxel: usize) -> Result<()> {
+        let voxels = shape
+            .iter()
+            .fold(1u128, |a, s| a.saturating_mul(*s as u128));
+        let bytes = voxels.saturating_mul(bytes_per_voxel as u128);
+        if voxels > u128::from(self.max_voxels)
+            || bytes > u128::from(self.max_alloc)
+            || bytes > isize::MAX as u128
+        {
+            return Err(Error::GridTooLarge {
+                what: what.to_string(),
+                shape,
+                voxels,
+                bytes,
+                max_voxels: self.max_voxels,
+                max_alloc: self.max_alloc,
+            });
+        }
+        Ok(())
+    }
+
     /// No limit beyond what the machine can address.
     pub fn unlimited() -> Self {
         Limits {
@@ -481,6 +508,27 @@ impl ReadOptions {
                 ReadFail::Io(e) => e.to_string(),
             },
         })?;
+        // Nothing may follow the voxels, and reading on to the end makes the gzip decoder
+        // check the stream's CRC and length (it stops after one byte of trailing data, so a
+        // stream that inflates without end costs nothing).
+        let mut one = [0u8; 1];
+        match reader.read(&mut one) {
+            Ok(0) => {}
+            Ok(_) => {
+                return Err(Error::Truncated {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "data follows the {nbytes} bytes of voxels the header announces"
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(Error::Truncated {
+                    path: path.to_path_buf(),
+                    reason: format!("after the voxels: {e}"),
+                });
+            }
+        }
         // Header with the extra singleton axes folded away, so the ndarray is 3-D or 4-D.
         let mut hd = h.clone();
         hd.dim = [

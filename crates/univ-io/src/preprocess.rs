@@ -31,6 +31,9 @@ pub struct PreprocessOptions {
     pub intensity: Option<ScaleIntensityRange>,
     /// Foreground crop on the scaled image (`> 0`, margin 0); `None` keeps the whole grid.
     pub crop: Option<CropForeground>,
+    /// Limits on the grids made (the resampled grid, the grids of the inverse mapping).
+    #[serde(default)]
+    pub limits: crate::nii::Limits,
 }
 
 impl Default for PreprocessOptions {
@@ -42,6 +45,7 @@ impl Default for PreprocessOptions {
             label_interp: Interpolation::Nearest,
             intensity: Some(ScaleIntensityRange::universal_model()),
             crop: Some(CropForeground::default()),
+            limits: crate::nii::Limits::default(),
         }
     }
 }
@@ -127,6 +131,10 @@ pub fn preprocess(
 
     let (resampled_shape, resampled_affine) =
         spatial::spacing_grid(image.shape(), image.affine(), opts.pixdim)?;
+    // The resampled image (f32), and its label (u8) when there is one.
+    let per_voxel = 4 + usize::from(label.is_some());
+    opts.limits
+        .check_grid("the resampled grid", resampled_shape, per_voxel)?;
     let mut image = spatial::resample_to_grid(
         &image,
         resampled_shape,
@@ -184,6 +192,14 @@ impl PreprocessRecord {
     /// # Errors
     /// [`Error::InvalidParameter`] when the volume is not on the output grid.
     pub fn invert<T: Voxel>(&self, vol: &Volume<T>, interp: Interpolation) -> Result<Volume<T>> {
+        let bytes = std::mem::size_of::<T>();
+        let limits = &self.options.limits;
+        limits.check_grid(
+            "the resampled grid of the inverse",
+            self.resampled_shape,
+            bytes,
+        )?;
+        limits.check_grid("the input grid of the inverse", self.input_shape, bytes)?;
         if vol.shape() != self.output_shape {
             return Err(Error::param(
                 "volume",

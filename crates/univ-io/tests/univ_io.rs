@@ -568,6 +568,49 @@ fn bad_corrupt_gz() {
 }
 
 #[test]
+fn bad_gzip_crc_trailing_data_and_bombs() {
+    let dir = tmp();
+    // A flipped bit in the gzip CRC (the 4 bytes before the length at the end): refused.
+    let p = good_raw().write(dir.path(), "crc.nii.gz");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = bytes.len();
+    bytes[n - 8] ^= 0x01;
+    std::fs::write(&p, &bytes).unwrap();
+    let e = read_image(&p).unwrap_err();
+    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    assert!(
+        e.to_string().to_lowercase().contains("crc") || e.to_string().contains("checksum"),
+        "{e}"
+    );
+    // Data after the voxels the header announces: refused, compressed or not.
+    let mut raw = good_raw();
+    raw.data.extend_from_slice(&[1, 2, 3]);
+    for name in ["trail.nii", "trail.nii.gz"] {
+        let p = raw.write(dir.path(), name);
+        let e = read_image(&p).unwrap_err();
+        assert!(e.to_string().contains("data follows"), "{name}: {e}");
+    }
+    // A 1024³ volume of zeros compresses to about 1 MB: refused from its header before any
+    // voxel is inflated (2³⁰ voxels is over the default limit of 2²⁹).
+    let header_only = RawNii::new(&[1024, 1024, 1024], 2, 8, Vec::new());
+    let p = dir.path().join("bomb.nii.gz");
+    {
+        use std::io::Write;
+        let f = std::fs::File::create(&p).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        gz.write_all(&header_only.header).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.finish().unwrap();
+    }
+    assert!(std::fs::metadata(&p).unwrap().len() < 8 << 20);
+    let e = read_image(&p).unwrap_err();
+    assert!(matches!(e, Error::LimitExceeded { .. }), "{e}");
+}
+
+#[test]
 fn bad_magic() {
     let dir = tmp();
     let mut raw = good_raw();

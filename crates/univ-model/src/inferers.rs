@@ -44,6 +44,8 @@ pub struct SlidingWindowOptions {
     /// Most windows one volume may take ([`DEFAULT_MAX_WINDOWS`]); more is an error before
     /// any window runs (an overlap near 1 asks for tens of thousands).
     pub max_windows: usize,
+    /// Limits on the blend's buffers (a slab of the padded volume per class).
+    pub limits: univ_io::Limits,
 }
 
 /// Default of [`SlidingWindowOptions::max_windows`]: about 8 hours of a full-size U-Net on
@@ -58,6 +60,7 @@ impl Default for SlidingWindowOptions {
             mode: BlendMode::Gaussian { sigma_scale: 0.125 },
             sw_batch_size: 1,
             max_windows: DEFAULT_MAX_WINDOWS,
+            limits: univ_io::Limits::default(),
         }
     }
 }
@@ -175,6 +178,16 @@ pub fn sliding_window_inference(
             .map(|b| b[b.len() - 1][0] - b[0][0])
             .max()
             .unwrap_or(0);
+    opts.limits.check_grid(
+        "the blend's slab of weights",
+        [slab, padded[1], padded[2]],
+        4,
+    )?;
+    opts.limits.check_grid(
+        "the batch of windows",
+        [roi[0] * opts.sw_batch_size, roi[1], roi[2]],
+        4,
+    )?;
     let weights = importance_map(roi, opts.mode);
     let (py, pz) = (padded[1], padded[2]);
     let plane = py * pz;
@@ -278,6 +291,11 @@ pub fn sliding_window_inference(
         }
         if k == 0 {
             k = kk;
+            opts.limits.check_grid(
+                "the blend's slab of logits",
+                [k.saturating_mul(slab), py, pz],
+                4,
+            )?;
             num = vec![0f32; k * slab * plane];
         } else if kk != k {
             return Err(Error::shape(

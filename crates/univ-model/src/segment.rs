@@ -33,6 +33,10 @@ pub struct SegmentOptions {
     pub keep_logits: bool,
     /// The device the network runs on.
     pub device: Device,
+    /// Limits on every grid the segmentation makes (preprocessing, the blend, the kept maps,
+    /// the mapping back); they replace those of [`preprocess`](Self::preprocess) and
+    /// [`window`](Self::window).
+    pub limits: univ_io::Limits,
 }
 
 impl Default for SegmentOptions {
@@ -46,6 +50,7 @@ impl Default for SegmentOptions {
             keep_probabilities: false,
             keep_logits: false,
             device: Device::Cpu,
+            limits: univ_io::Limits::default(),
         }
     }
 }
@@ -251,7 +256,11 @@ pub fn segment(
     };
     let (pre_image, record) = match &opts.preprocess {
         Some(p) => {
-            let pre = univ_io::preprocess(image.clone(), None, p)?;
+            let p = PreprocessOptions {
+                limits: opts.limits,
+                ..p.clone()
+            };
+            let pre = univ_io::preprocess(image.clone(), None, &p)?;
             (pre.image, Some(pre.record))
         }
         None => {
@@ -274,6 +283,19 @@ pub fn segment(
     let dims = pre_image.shape();
     let n = dims.iter().product::<usize>();
     let k = classes.len();
+    // The maps kept whole: logits (f32) and probabilities (u8) of every computed class.
+    if opts.keep_logits {
+        opts.limits
+            .check_grid("the kept logits", [k * dims[0], dims[1], dims[2]], 4)?;
+    }
+    if opts.keep_probabilities {
+        opts.limits
+            .check_grid("the kept probabilities", [k * dims[0], dims[1], dims[2]], 1)?;
+    }
+    let window = SlidingWindowOptions {
+        limits: opts.limits,
+        ..opts.window
+    };
     let threshold = |c: usize| {
         opts.thresholds
             .iter()
@@ -318,7 +340,7 @@ pub fn segment(
     sliding_window_inference(
         &input,
         dims,
-        &opts.window,
+        &window,
         &opts.device,
         |x| model.forward(x),
         |x0, planes| {

@@ -314,6 +314,23 @@ impl TrainConfig {
         {
             return bad("num_samples, cases_per_step and accumulate must be at least 1".into());
         }
+        // One micro-batch of patches with its targets (f32 image + one channel per class)
+        // must fit the default limits before anything is allocated.
+        let batch = self
+            .data
+            .num_samples
+            .saturating_mul(self.data.cases_per_step);
+        let r = self.data.roi;
+        if let Err(e) = univ_io::Limits::default().check_grid(
+            "a batch of data.roi patches",
+            [r[0].saturating_mul(batch), r[1], r[2]],
+            4 * (self.model.classes + 1),
+        ) {
+            return bad(format!(
+                "data.roi {r:?} × {batch} patch(es) per step is too large: {e}; use smaller \
+                 patches (96³ is the official size)"
+            ));
+        }
         match (self.train.steps, self.train.epochs) {
             (Some(0), _) | (_, Some(0)) => return bad("train.steps/epochs must be positive".into()),
             (Some(_), Some(_)) => return bad("give train.steps or train.epochs, not both".into()),

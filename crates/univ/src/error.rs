@@ -9,16 +9,16 @@ use std::path::PathBuf;
 pub enum Error {
     /// Reading, preprocessing or writing a volume.
     #[error(transparent)]
-    Io(#[from] univ_io::Error),
+    Io(Box<univ_io::Error>),
     /// Loading or running the model.
     #[error(transparent)]
-    Model(#[from] univ_model::Error),
+    Model(Box<univ_model::Error>),
     /// The CLIP text encoder or an embedding file.
     #[error(transparent)]
-    Clip(#[from] univ_clip::Error),
+    Clip(Box<univ_clip::Error>),
     /// Training.
     #[error(transparent)]
-    Train(#[from] univ_train::Error),
+    Train(Box<univ_train::Error>),
     /// An input that cannot be used as given.
     #[error("{path}: {reason}")]
     Input {
@@ -48,6 +48,23 @@ pub enum Error {
         looked: Vec<PathBuf>,
     },
 }
+
+// The layers' errors are boxed: they are large, and a `Result` should stay small.
+macro_rules! from_boxed {
+    ($($variant:ident($t:ty)),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+from_boxed!(
+    Io(univ_io::Error),
+    Model(univ_model::Error),
+    Clip(univ_clip::Error),
+    Train(univ_train::Error)
+);
 
 /// `Result` with [`enum@Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -69,7 +69,7 @@ pub struct CaseInput {
 }
 
 impl CaseInput {
-    /// Reads a NIfTI file or a DICOM series (folder or file).
+    /// Reads a NIfTI file or a DICOM series (folder or file) within `dicom.limits`.
     ///
     /// # Errors
     /// The input cannot be read.
@@ -84,7 +84,7 @@ impl CaseInput {
         } else {
             Ok(CaseInput {
                 path: path.to_path_buf(),
-                image: univ_io::read_volume(path)?,
+                image: univ_io::read_volume_with(path, &dicom.limits)?,
                 series: None,
             })
         }
@@ -115,7 +115,8 @@ pub struct CaseOptions {
     pub segment: SegmentOptions,
     /// Outputs.
     pub output: OutputOptions,
-    /// How a DICOM series is read.
+    /// How a DICOM series is read (its limits are those of
+    /// [`SegmentOptions::limits`](univ_model::SegmentOptions::limits)).
     pub dicom: DicomReadOptions,
 }
 
@@ -215,7 +216,12 @@ pub fn segment_case(
             "DICOM-SEG output (--dicom-seg) needs a DICOM series as input",
         ));
     }
-    let case = CaseInput::read(input, &opts.dicom)?;
+    // One set of limits for reading and for everything the segmentation makes.
+    let dicom = DicomReadOptions {
+        limits: opts.segment.limits,
+        ..opts.dicom.clone()
+    };
+    let case = CaseInput::read(input, &dicom)?;
     let warnings: Vec<String> = if opts.segment.preprocess.is_some() {
         case.warnings()
     } else {

@@ -443,12 +443,18 @@ pub struct Spacing {
     pub pixdim: [f64; 3],
     /// Interpolation.
     pub mode: Interpolation,
+    /// Limits on the resampled grid.
+    pub limits: crate::nii::Limits,
 }
 
 impl Spacing {
-    /// Resampling to `pixdim` with `mode`.
+    /// Resampling to `pixdim` with `mode`, within the default limits.
     pub fn new(pixdim: [f64; 3], mode: Interpolation) -> Self {
-        Spacing { pixdim, mode }
+        Spacing {
+            pixdim,
+            mode,
+            limits: crate::nii::Limits::default(),
+        }
     }
 
     /// Resamples a volume to the target spacing.
@@ -457,6 +463,8 @@ impl Spacing {
     /// See [`spacing_grid`] and [`resample_to_grid`].
     pub fn apply<T: Voxel>(&self, vol: &Volume<T>) -> Result<Volume<T>> {
         let (shape, affine) = spacing_grid(vol.shape(), vol.affine(), self.pixdim)?;
+        self.limits
+            .check_grid("the resampled grid", shape, std::mem::size_of::<T>())?;
         resample_to_grid(vol, shape, &affine, self.mode)
     }
 }

@@ -53,6 +53,30 @@ impl RuntimeArgs {
     }
 }
 
+/// Limits on what an input may make the program allocate.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Most voxels of any grid read or made (the input, the resampled grid, ...).
+    #[arg(long, default_value_t = univ::io::Limits::default().max_voxels)]
+    pub max_voxels: u64,
+    /// Most memory for the voxels of any one grid, in GB (10⁹ bytes).
+    #[arg(long, default_value_t = univ::io::Limits::default().max_alloc as f64 / 1e9)]
+    pub max_memory_gb: f64,
+}
+
+impl LimitArgs {
+    /// The limits.
+    pub fn limits(&self) -> Result<univ::io::Limits> {
+        if !(self.max_memory_gb.is_finite() && self.max_memory_gb > 0.0) || self.max_voxels == 0 {
+            anyhow::bail!("--max-voxels and --max-memory-gb must be positive");
+        }
+        Ok(univ::io::Limits {
+            max_voxels: self.max_voxels,
+            max_alloc: (self.max_memory_gb * 1e9) as u64,
+        })
+    }
+}
+
 /// How a DICOM series is read.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct DicomArgs {

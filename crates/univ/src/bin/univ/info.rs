@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use univ::io::{self, Limits};
 
-use crate::args::DicomArgs;
+use crate::args::{DicomArgs, LimitArgs};
 
 /// Arguments of `univ info`.
 #[derive(clap::Args)]
@@ -17,15 +17,18 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     dicom: DicomArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (path, json, dicom) = (a.file.as_path(), a.json, &a.dicom);
+    let limits = a.limits.limits()?;
     if io::is_dicom(path) {
-        return dicom_info(path, json, dicom);
+        return dicom_info(path, json, dicom, limits);
     }
-    let h = io::read_header(path, &Limits::default())?;
-    let vol = io::read_image(path)?;
+    let h = io::read_header(path, &limits)?;
+    let vol = io::read_volume_with(path, &limits)?;
     let (lo, hi) = vol.min_max();
     let mean = vol.data().iter().map(|v| f64::from(*v)).sum::<f64>() / vol.len() as f64;
     if json {
@@ -77,8 +80,12 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn dicom_info(path: &Path, json: bool, dicom: &DicomArgs) -> Result<()> {
-    let s = io::dicom::read_dicom_series(path, &dicom.options())?;
+fn dicom_info(path: &Path, json: bool, dicom: &DicomArgs, limits: Limits) -> Result<()> {
+    let opts = io::dicom::DicomReadOptions {
+        limits,
+        ..dicom.options()
+    };
+    let s = io::dicom::read_dicom_series(path, &opts)?;
     let v = &s.volume;
     let (lo, hi) = v.min_max();
     let spacing = v.spacing();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use univ::io::{self, CropForeground, PreprocessOptions, ScaleIntensityRange, WriteOptions};
 
-use crate::args::DicomArgs;
+use crate::args::{DicomArgs, LimitArgs};
 
 /// Arguments of `univ preprocess`.
 #[derive(clap::Args)]
@@ -37,6 +37,8 @@ pub struct Args {
     record: Option<PathBuf>,
     #[command(flatten)]
     dicom: DicomArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 fn parse_spacing(s: &str) -> Result<[f64; 3]> {
@@ -99,16 +101,21 @@ pub fn run(a: Args) -> Result<()> {
         pixdim,
         intensity: Some(window),
         crop: (!a.no_crop).then(CropForeground::default),
+        limits: a.limits.limits()?,
         ..PreprocessOptions::universal_model()
     };
     let image = if io::is_dicom(&a.input) {
-        let s = io::dicom::read_dicom_series(&a.input, &a.dicom.options())?;
+        let dicom = io::dicom::DicomReadOptions {
+            limits: opts.limits,
+            ..a.dicom.options()
+        };
+        let s = io::dicom::read_dicom_series(&a.input, &dicom)?;
         for w in &s.warnings {
             eprintln!("warning: {w}");
         }
         s.volume
     } else {
-        io::read_volume(&a.input)?
+        io::read_volume_with(&a.input, &opts.limits)?
     };
     let label = match &a.label {
         // A label map on the image's grid, or on the same grid with other axis order.

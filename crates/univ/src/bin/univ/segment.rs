@@ -7,7 +7,7 @@ use univ::model::inferers::{BlendMode, SlidingWindowOptions};
 use univ::model::postprocess::PostprocessOptions;
 use univ::{CaseOptions, Event, OutputOptions, SegmentOptions};
 
-use crate::args::{DicomArgs, Progress, RuntimeArgs};
+use crate::args::{DicomArgs, LimitArgs, Progress, RuntimeArgs};
 
 /// Arguments of `univ segment`.
 #[derive(clap::Args)]
@@ -66,6 +66,8 @@ pub struct Args {
     dicom_seg: bool,
     #[command(flatten)]
     dicom: DicomArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl Args {
@@ -102,6 +104,7 @@ impl Args {
             } else {
                 SegmentOptions::default().preprocess
             },
+            limits: self.limits.limits()?,
             ..SegmentOptions::default()
         };
         Ok(CaseOptions {
