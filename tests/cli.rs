@@ -1402,3 +1402,60 @@ fn derived_grids_are_checked_against_the_limits_before_allocating() {
     let o = univ(&["train", "--config", conf.to_str().unwrap()]);
     assert_clean_failure(&o, "data.roi");
 }
+
+#[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
+fn messages_keep_their_cause() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A .pth whose first storage is cut short: the message names the damage, not a missing
+    // `state_dict` key.
+    let src = shared.join("fixtures/model_unet/model_official.pth");
+    let bad = dir.path().join("short.pth");
+    {
+        let mut zin = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+        let mut zout = zip::ZipWriter::new(std::fs::File::create(&bad).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for i in 0..zin.len() {
+            let mut f = zin.by_index(i).unwrap();
+            let name = f.name().unwrap().to_string();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
+            if name.ends_with("/data/0") {
+                bytes.truncate(100);
+            }
+            zout.start_file(name, opts).unwrap();
+            std::io::Write::write_all(&mut zout, &bytes).unwrap();
+        }
+        zout.finish().unwrap();
+    }
+    let o = univ(&["inspect", bad.to_str().unwrap()]);
+    assert_clean_failure(&o, "cannot read the state dict");
+    // An empty folder is not "Is a directory".
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for cmd in ["info", "preprocess"] {
+        let mut args = vec![cmd, empty.to_str().unwrap()];
+        let out = dir.path().join("o.nii.gz");
+        if cmd == "preprocess" {
+            args.push(out.to_str().unwrap());
+        }
+        let o = univ(&args);
+        assert_clean_failure(&o, "no files");
+        assert!(!text(&o).1.contains("Is a directory"), "{}", text(&o).1);
+    }
+    // No foreground (a CT of air): univ-io's error, not "invalid configuration".
+    let air = dir.path().join("air.nii.gz");
+    let v = univ::io::Volume::filled(-1000i16, [40, 40, 20], univ::io::geometry::IDENTITY).unwrap();
+    univ::io::write_nifti(&air, &v, &univ::io::WriteOptions::default()).unwrap();
+    let o = segment_small(&air, &dir.path().join("air_out"), &[]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("foreground") && !err.contains("invalid configuration"),
+        "{err}"
+    );
+}

@@ -45,7 +45,8 @@ pub fn read_volume_with(
     limits: &crate::nii::Limits,
 ) -> Result<Volume<f32>> {
     let path = path.as_ref();
-    if is_dicom(path) || (cfg!(not(feature = "dicom")) && path.is_dir()) {
+    // A folder is a DICOM series or nothing: its reader says what it found in it.
+    if is_dicom(path) || path.is_dir() {
         #[cfg(feature = "dicom")]
         {
             let opts = crate::dicom::DicomReadOptions {
@@ -58,7 +59,7 @@ pub fn read_volume_with(
         #[cfg(not(feature = "dicom"))]
         return Err(Error::Unsupported {
             path: path.to_path_buf(),
-            reason: "DICOM input needs the `dicom` feature".into(),
+            reason: "a folder (DICOM input needs the `dicom` feature)".into(),
         });
     }
     ReadOptions {

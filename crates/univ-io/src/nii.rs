@@ -384,6 +384,27 @@ fn check_header(
         });
     }
     let (affine, affine_source) = header_affine(h, shape);
+    if affine_source == "qform" {
+        // nibabel's rule: b² + c² + d² may exceed 1 only by rounding (3 float32 epsilons);
+        // beyond that the quaternion is not a rotation and nibabel refuses the qform.
+        let (b, c, d) = (
+            f64::from(h.quatern_b),
+            f64::from(h.quatern_c),
+            f64::from(h.quatern_d),
+        );
+        let w2 = 1.0 - (b * b + c * c + d * d);
+        if !(w2 >= -3.0 * f64::from(f32::EPSILON)) {
+            return Err(bad(
+                path,
+                "quatern_b/c/d",
+                format!(
+                    "the qform quaternion ({b}, {c}, {d}) has b² + c² + d² = {:.6} > 1: it is \
+                     not a rotation, so the voxel axes are unknown",
+                    1.0 - w2
+                ),
+            ));
+        }
+    }
     check_affine(&affine, path)?;
     let description = String::from_utf8_lossy(&h.descrip)
         .trim_end_matches('\0')

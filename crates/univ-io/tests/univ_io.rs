@@ -611,6 +611,29 @@ fn bad_gzip_crc_trailing_data_and_bombs() {
 }
 
 #[test]
+fn bad_qform_quaternion_is_refused_as_nibabel_does() {
+    let dir = tmp();
+    let mut raw = good_raw();
+    raw.set_f32s(76, &[1.0, 3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0]);
+    raw.header[252..254].copy_from_slice(&1i16.to_le_bytes()); // qform_code
+    // b² + c² + d² = 1.47: not a rotation.
+    raw.set_f32s(256, &[0.7, 0.7, 0.7, 0.0, 0.0, 0.0]);
+    let p = raw.write(dir.path(), "q.nii");
+    let e = read_image(&p).unwrap_err();
+    assert!(e.to_string().contains("not a rotation"), "{e}");
+    assert_names_file(&e, &p);
+    // Within rounding of a unit quaternion (here exactly 1, a = 0): read, 3 mm voxels.
+    raw.set_f32s(256, &[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let p = raw.write(dir.path(), "q1.nii");
+    let v = read_image(&p).unwrap();
+    assert!(
+        v.spacing().iter().all(|s| (s - 3.0).abs() < 1e-6),
+        "{:?}",
+        v.spacing()
+    );
+}
+
+#[test]
 fn bad_magic() {
     let dir = tmp();
     let mut raw = good_raw();

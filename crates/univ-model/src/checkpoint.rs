@@ -83,22 +83,33 @@ impl Checkpoint {
                 .collect()
         } else {
             let mut found = None;
-            let mut last_err = String::new();
+            // Why each place failed; "not found" only says the key is elsewhere, any other
+            // error (a damaged storage, say) is the real cause and is reported first.
+            let mut causes: Vec<(String, String)> = Vec::new();
             for key in [Some("net"), Some("state_dict"), None] {
+                let place = key.unwrap_or("the top level").to_string();
                 match candle_core::pickle::read_all_with_key(path, key) {
                     Ok(t) if !t.is_empty() => {
                         found = Some(t);
                         break;
                     }
-                    Ok(_) => {}
-                    Err(e) => last_err = e.to_string(),
+                    Ok(_) => causes.push((place, "no tensors".into())),
+                    Err(e) => causes.push((place, e.to_string())),
                 }
             }
             found.ok_or_else(|| {
-                ckpt_err(
-                    path,
-                    format!("no state dict found (tried net, state_dict, top level): {last_err}"),
-                )
+                let real: Vec<String> = causes
+                    .iter()
+                    .filter(|(_, e)| !e.contains("not found") && e != "no tensors")
+                    .map(|(p, e)| format!("{p}: {e}"))
+                    .collect();
+                let reason = if real.is_empty() {
+                    "no state dict found (tried the keys net and state_dict, and the top level)"
+                        .to_string()
+                } else {
+                    format!("cannot read the state dict: {}", real.join("; "))
+                };
+                ckpt_err(path, reason)
             })?
         };
         if raw.is_empty() {

@@ -74,7 +74,7 @@ impl CaseInput {
     /// # Errors
     /// The input cannot be read.
     pub fn read(path: &Path, dicom: &DicomReadOptions) -> Result<Self> {
-        if univ_io::is_dicom(path) {
+        if univ_io::is_dicom(path) || path.is_dir() {
             let s = univ_io::dicom::read_dicom_series(path, dicom)?;
             Ok(CaseInput {
                 path: path.to_path_buf(),

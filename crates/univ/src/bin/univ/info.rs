@@ -24,7 +24,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let (path, json, dicom) = (a.file.as_path(), a.json, &a.dicom);
     let limits = a.limits.limits()?;
-    if io::is_dicom(path) {
+    if io::is_dicom(path) || path.is_dir() {
         return dicom_info(path, json, dicom, limits);
     }
     let h = io::read_header(path, &limits)?;

@@ -104,7 +104,7 @@ pub fn run(a: Args) -> Result<()> {
         limits: a.limits.limits()?,
         ..PreprocessOptions::universal_model()
     };
-    let image = if io::is_dicom(&a.input) {
+    let image = if io::is_dicom(&a.input) || a.input.is_dir() {
         let dicom = io::dicom::DicomReadOptions {
             limits: opts.limits,
             ..a.dicom.options()
