@@ -393,7 +393,7 @@ fn check_header(
             f64::from(h.quatern_d),
         );
         let w2 = 1.0 - (b * b + c * c + d * d);
-        if !(w2 >= -3.0 * f64::from(f32::EPSILON)) {
+        if w2.is_nan() || w2 < -3.0 * f64::from(f32::EPSILON) {
             return Err(bad(
                 path,
                 "quatern_b/c/d",
