@@ -1433,7 +1433,7 @@ fn messages_keep_their_cause() {
         zout.finish().unwrap();
     }
     let o = univ(&["inspect", bad.to_str().unwrap()]);
-    assert_clean_failure(&o, "cannot read the state dict");
+    assert_clean_failure(&o, "its storage");
     // An empty folder is not "Is a directory".
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();

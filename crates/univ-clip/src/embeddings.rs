@@ -95,6 +95,62 @@ pub fn read_torch_tensor(path: impl AsRef<Path>) -> Result<Tensor> {
     )?)
 }
 
+/// Checks a `.npy` file's header before it is read: a 2-D shape whose size, at the dtype's item
+/// size, is exactly the data that follows (no overflow, no allocation beyond the file).
+fn check_npy(p: &Path) -> Result<()> {
+    let bad = |r: String| Error::file(p, format!("not a usable .npy file: {r}"));
+    let bytes = std::fs::read(p).map_err(|e| Error::file(p, e))?;
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("no NUMPY magic".into()));
+    }
+    let (len, start): (usize, usize) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(bad(format!("version {v}"))),
+    };
+    let header = bytes
+        .get(start..start.saturating_add(len))
+        .ok_or_else(|| bad("the header runs past the end of the file".into()))?;
+    let header = String::from_utf8_lossy(header);
+    let item = ["<f4", "<f2", "<f8", "|f4", "|f2", "|f8"]
+        .iter()
+        .find(|d| header.contains(*d))
+        .map(|d| match &d[1..] {
+            "f2" => 2usize,
+            "f4" => 4,
+            _ => 8,
+        })
+        .ok_or_else(|| bad(format!("a dtype other than little-endian float: {header}")))?;
+    let shape_txt = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .ok_or_else(|| bad("no shape".into()))?;
+    let dims: Vec<u128> = shape_txt
+        .trim()
+        .trim_start_matches('(')
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse::<u128>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(format!("shape {shape_txt:?}: {e}")))?;
+    if dims.len() != 2 {
+        return Err(bad(format!("shape {dims:?}: class embeddings are (K, D)")));
+    }
+    let need = dims.iter().fold(item as u128, |a, d| a.saturating_mul(*d));
+    let have = (bytes.len() - start - len) as u128;
+    if need != have {
+        return Err(bad(format!(
+            "shape {dims:?} of {item}-byte values needs {need} bytes, the file holds {have}"
+        )));
+    }
+    Ok(())
+}
+
 impl ClassEmbeddings {
     /// Embeddings with names and prompts (their counts must match the rows).
     ///
@@ -150,7 +206,10 @@ impl ClassEmbeddings {
             .to_ascii_lowercase();
         let mut out = match ext.as_str() {
             "pth" | "pt" => Self::with_default_names(read_torch_tensor(p)?)?,
-            "npy" => Self::with_default_names(Tensor::read_npy(p).map_err(|e| Error::file(p, e))?)?,
+            "npy" => {
+                check_npy(p)?;
+                Self::with_default_names(Tensor::read_npy(p).map_err(|e| Error::file(p, e))?)?
+            }
             "safetensors" => {
                 let bytes = std::fs::read(p).map_err(|e| Error::file(p, e))?;
                 let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)

@@ -398,4 +398,31 @@ fn npy_embeddings_load() {
     );
     let e = ClassEmbeddings::load(tmp.path().join("e.bin")).unwrap_err();
     assert!(e.to_string().contains(".pth, .safetensors or .npy"), "{e}");
+    // Shapes that overflow or ask for more than the file holds: typed errors, no panic, no
+    // allocation. (A version 1.0 header as numpy writes it, padded to 64 bytes.)
+    let npy = |shape: &str, data: usize| -> Vec<u8> {
+        let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        b.extend_from_slice(h.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        b
+    };
+    let q = tmp.path().join("ok.npy");
+    std::fs::write(&q, npy("(3, 4)", 48)).unwrap();
+    assert_eq!(ClassEmbeddings::load(&q).unwrap().len(), 3);
+    for shape in [
+        "(99999999999999999999, 4)",
+        "(4294967296, 4294967296)",
+        "(3, 5)",
+    ] {
+        let q = tmp.path().join("bad.npy");
+        std::fs::write(&q, npy(shape, 48)).unwrap();
+        let e = ClassEmbeddings::load(&q).unwrap_err().to_string();
+        assert!(e.contains("needs") && e.contains("bad.npy"), "{shape}: {e}");
+    }
 }

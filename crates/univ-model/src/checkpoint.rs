@@ -82,35 +82,11 @@ impl Checkpoint {
                 .into_iter()
                 .collect()
         } else {
-            let mut found = None;
-            // Why each place failed; "not found" only says the key is elsewhere, any other
-            // error (a damaged storage, say) is the real cause and is reported first.
-            let mut causes: Vec<(String, String)> = Vec::new();
-            for key in [Some("net"), Some("state_dict"), None] {
-                let place = key.unwrap_or("the top level").to_string();
-                match candle_core::pickle::read_all_with_key(path, key) {
-                    Ok(t) if !t.is_empty() => {
-                        found = Some(t);
-                        break;
-                    }
-                    Ok(_) => causes.push((place, "no tensors".into())),
-                    Err(e) => causes.push((place, e.to_string())),
-                }
-            }
-            found.ok_or_else(|| {
-                let real: Vec<String> = causes
-                    .iter()
-                    .filter(|(_, e)| !e.contains("not found") && e != "no tensors")
-                    .map(|(p, e)| format!("{p}: {e}"))
-                    .collect();
-                let reason = if real.is_empty() {
-                    "no state dict found (tried the keys net and state_dict, and the top level)"
-                        .to_string()
-                } else {
-                    format!("cannot read the state dict: {}", real.join("; "))
-                };
-                ckpt_err(path, reason)
-            })?
+            crate::pth::read_state_dict(
+                path,
+                &[Some("net"), Some("state_dict"), None],
+                univ_io::Limits::default().max_alloc,
+            )?
         };
         if raw.is_empty() {
             return Err(ckpt_err(path, "holds no tensors"));

@@ -14,6 +14,7 @@ pub mod lesions;
 pub mod nets;
 pub mod ops;
 pub mod postprocess;
+pub mod pth;
 pub mod runtime;
 pub mod segment;
 

@@ -1289,3 +1289,70 @@ fn class_table_prompts_are_the_official_ones() {
         .collect();
     assert_eq!(univ_model::ClassTable::universal().prompts(), want);
 }
+
+/// A `.pth`-shaped zip holding `pickle` as its `data.pkl`.
+fn write_pth(path: &std::path::Path, pickle: &[u8]) {
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", opts).unwrap();
+    std::io::Write::write_all(&mut z, pickle).unwrap();
+    z.finish().unwrap();
+}
+
+#[test]
+fn hostile_checkpoints_are_refused_before_they_cost_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 300-byte "memo bomb": a list that holds itself twice, 44 times over.
+    let mut bomb = vec![0x80, 2, b']', b'q', 0];
+    for i in 0..44u8 {
+        bomb.extend_from_slice(&[b'(', b'h', i, b'h', i, b't', b'q', i + 1]);
+    }
+    bomb.push(b'.');
+    let p = dir.path().join("bomb.pth");
+    write_pth(&p, &bomb);
+    let start = std::time::Instant::now();
+    let e = Checkpoint::load(&p).unwrap_err().to_string();
+    assert!(e.contains("memo bomb"), "{e}");
+    assert!(start.elapsed().as_secs_f64() < 5.0);
+    // 200,000-deep nesting: refused, not a stack overflow.
+    let mut deep = vec![0x80, 2];
+    deep.extend(std::iter::repeat_n(b'(', 200_000));
+    deep.push(b')');
+    deep.extend(std::iter::repeat_n(b't', 200_000));
+    deep.push(b'.');
+    let p = dir.path().join("deep.pth");
+    write_pth(&p, &deep);
+    let e = Checkpoint::load(&p).unwrap_err().to_string();
+    assert!(e.contains("deeper"), "{e}");
+}
+
+#[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
+fn a_flipped_byte_in_a_checkpoint_is_found_by_its_crc() {
+    let Some(dir) = shared::shared_dir() else {
+        return;
+    };
+    let src = dir.join("fixtures/model_unet/model_official.pth");
+    let mut bytes = std::fs::read(&src).unwrap();
+    // Flip one byte inside the first storage's data (stored, uncompressed).
+    let name = b"model_official/data/0";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the storage's local header");
+    // Local header: 30 bytes, the name, then an extra field (the PyTorch writer aligns the
+    // data with one); flip a byte well inside the 64 kB of data.
+    let flip = at + name.len() + 4096;
+    bytes[flip] ^= 0x40;
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("flipped.pth");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = Checkpoint::load(&p).unwrap_err().to_string();
+    assert!(
+        e.to_lowercase().contains("crc") || e.contains("checksum"),
+        "{e}"
+    );
+    // The untouched file loads.
+    assert!(Checkpoint::load(&src).is_ok());
+}
