@@ -398,6 +398,6 @@ mod tests {
                 .unwrap_err()
                 .contains("0x69")
         );
-        assert!(scan_pickle(&[b'a', b'.']).is_err());
+        assert!(scan_pickle(b"a.").is_err());
     }
 }
