@@ -22,6 +22,80 @@ pub struct ClassEmbeddings {
     pub provenance: BTreeMap<String, String>,
 }
 
+/// Largest `data.pkl` of a class-embedding file (a saved tensor's is a few hundred bytes).
+const MAX_EMBEDDING_PICKLE: u64 = 1 << 20;
+
+/// Checks the pickle of a saved tensor before it is built: every opcode's argument within the
+/// data, and at most 64 memo references and 64 nested marks — a saved tensor needs a few, and a
+/// "memo bomb" (a list holding itself twice, over and over) or deep nesting needs many.
+fn guard_pickle(data: &[u8]) -> std::result::Result<(), String> {
+    const MAX_GETS: usize = 64;
+    const MAX_MARKS: usize = 64;
+    let (mut pos, mut gets, mut marks) = (0usize, 0usize, 0usize);
+    let arg = |pos: &mut usize, n: usize| -> std::result::Result<&[u8], String> {
+        let end = pos
+            .checked_add(n)
+            .filter(|e| *e <= data.len())
+            .ok_or("the pickle ends inside an opcode")?;
+        let s = &data[*pos..end];
+        *pos = end;
+        Ok(s)
+    };
+    loop {
+        let op = arg(&mut pos, 1)?[0];
+        match op {
+            b'.' => return Ok(()),
+            b'h' | b'j' => {
+                arg(&mut pos, if op == b'h' { 1 } else { 4 })?;
+                gets += 1;
+                if gets > MAX_GETS {
+                    return Err("too many memo references for a saved tensor (a memo bomb?)".into());
+                }
+            }
+            b'(' => {
+                marks += 1;
+                if marks > MAX_MARKS {
+                    return Err("nested too deeply for a saved tensor".into());
+                }
+            }
+            b't' | b'd' | b'e' | b'u' | b'l' => marks = marks.saturating_sub(1),
+            0x80 | b'q' | b'K' => {
+                arg(&mut pos, 1)?;
+            }
+            b'M' => {
+                arg(&mut pos, 2)?;
+            }
+            b'r' | b'J' => {
+                arg(&mut pos, 4)?;
+            }
+            b'G' => {
+                arg(&mut pos, 8)?;
+            }
+            b'X' => {
+                let n = arg(&mut pos, 4)?;
+                let n = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
+                arg(&mut pos, n)?;
+            }
+            0x8a => {
+                let n = usize::from(arg(&mut pos, 1)?[0]);
+                arg(&mut pos, n)?;
+            }
+            b'c' => {
+                for _ in 0..2 {
+                    let nl = data[pos..]
+                        .iter()
+                        .position(|b| *b == b'\n')
+                        .ok_or("the pickle ends inside a global name")?;
+                    pos += nl + 1;
+                }
+            }
+            b')' | b']' | b'}' | b'N' | 0x88 | 0x89 | 0x85 | 0x86 | 0x87 | b'R' | b'b' | 0x81
+            | b'Q' | b'a' | b's' => {}
+            other => return Err(format!("unsupported pickle opcode 0x{other:02x}")),
+        }
+    }
+}
+
 /// Reads a tensor saved with `torch.save(tensor)` (a zip holding `data.pkl` and the storage):
 /// a bare tensor, or a dict holding exactly one tensor.
 ///
@@ -44,8 +118,20 @@ pub fn read_torch_tensor(path: impl AsRef<Path>) -> Result<Tensor> {
         .ok_or_else(|| bad("no data.pkl inside".into()))?;
     let dir = std::path::PathBuf::from(pkl.strip_suffix(".pkl").unwrap_or(&pkl));
     let obj = {
-        let entry = zip.by_name(&pkl).map_err(|e| bad(e.to_string()))?;
-        let mut r = std::io::BufReader::new(entry);
+        let mut entry = zip.by_name(&pkl).map_err(|e| bad(e.to_string()))?;
+        if entry.size() > MAX_EMBEDDING_PICKLE {
+            return Err(bad(format!(
+                "data.pkl is {} bytes: more than a saved tensor needs",
+                entry.size()
+            )));
+        }
+        let mut bytes = Vec::new();
+        (&mut entry)
+            .take(MAX_EMBEDDING_PICKLE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("cannot read data.pkl: {e}")))?;
+        guard_pickle(&bytes).map_err(|e| bad(format!("data.pkl: {e}")))?;
+        let mut r = std::io::Cursor::new(bytes);
         let mut stack = Stack::empty();
         stack
             .read_loop(&mut r)
@@ -78,9 +164,13 @@ pub fn read_torch_tensor(path: impl AsRef<Path>) -> Result<Tensor> {
         return Err(bad("non-contiguous tensors are not supported".into()));
     }
     let elem = info.dtype.size_in_bytes();
-    let start = layout.start_offset() * elem;
-    let len = layout.shape().elem_count() * elem;
-    if bytes.len() < start + len {
+    let start = layout.start_offset().saturating_mul(elem);
+    let len = layout
+        .dims()
+        .iter()
+        .try_fold(elem, |a, d| a.checked_mul(*d))
+        .ok_or_else(|| bad(format!("tensor shape {:?} overflows", layout.dims())))?;
+    if bytes.len() < start.saturating_add(len) {
         return Err(bad(format!(
             "storage holds {} bytes, the tensor needs {}",
             bytes.len(),

@@ -426,3 +426,39 @@ fn npy_embeddings_load() {
         assert!(e.contains("needs") && e.contains("bad.npy"), "{shape}: {e}");
     }
 }
+
+#[test]
+fn hostile_embedding_files_are_refused_before_they_cost_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, pickle: &[u8]| {
+        let p = tmp.path().join(name);
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        z.start_file("archive/data.pkl", opts).unwrap();
+        std::io::Write::write_all(&mut z, pickle).unwrap();
+        z.finish().unwrap();
+        p
+    };
+    // A list memoized, then a tuple of two references to it, 44 times over: 2^44 copies.
+    let mut bomb = vec![0x80, 2, b']', b'q', 0];
+    for i in 0..44u8 {
+        bomb.extend_from_slice(&[b'(', b'h', i, b'h', i, b't', b'q', i + 1]);
+    }
+    bomb.push(b'.');
+    let start = std::time::Instant::now();
+    let e = ClassEmbeddings::load(write("bomb.pth", &bomb))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("memo bomb"), "{e}");
+    assert!(start.elapsed().as_secs_f64() < 5.0);
+    let mut deep = vec![0x80, 2];
+    deep.extend(std::iter::repeat_n(b'(', 200_000));
+    deep.push(b')');
+    deep.extend(std::iter::repeat_n(b't', 200_000));
+    deep.push(b'.');
+    let e = ClassEmbeddings::load(write("deep.pth", &deep))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nested too deeply"), "{e}");
+}

@@ -10,7 +10,7 @@
 
 use univ_io::ClassMask;
 
-use crate::classes::{ClassKind, ClassTable};
+use crate::classes::{ClassKind, ClassTable, UNIVERSAL_COUNT};
 
 /// A tumour kept only inside its organ: voxels outside the organ mask (its `components`
 /// largest 26-connected components), closed and then dilated with a 5×5×5 box, are removed.
@@ -256,7 +256,9 @@ pub fn organ_post_process(
             _ => vec![false; n],
         }
     };
-    let mut out: Vec<Vec<bool>> = (0..pred.len().max(32)).map(|_| Vec::new()).collect();
+    let mut out: Vec<Vec<bool>> = (0..pred.len().max(UNIVERSAL_COUNT))
+        .map(|_| Vec::new())
+        .collect();
     let notes = post_process_with(get, pred.len(), shape, organ_list, opts, |i, m| out[i] = m);
     for m in out.iter_mut() {
         if m.is_empty() {
@@ -282,7 +284,7 @@ pub fn organ_post_process_masks(
             _ => vec![false; n],
         }
     };
-    let mut out: Vec<ClassMask> = vec![ClassMask::empty(shape); pred.len().max(32)];
+    let mut out: Vec<ClassMask> = vec![ClassMask::empty(shape); pred.len().max(UNIVERSAL_COUNT)];
     let notes = post_process_with(get, pred.len(), shape, organ_list, opts, |i, m| {
         out[i] = ClassMask::from_bools(&m, shape)
     });
@@ -394,7 +396,7 @@ fn post_process_with(
             put(organ - 1, tumour);
             continue;
         }
-        if (1..=k.max(32)).contains(&organ) {
+        if (1..=k.max(UNIVERSAL_COUNT)).contains(&organ) {
             put(organ - 1, own(organ));
         }
     }

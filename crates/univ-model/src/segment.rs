@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::Device;
 use univ_io::{ClassMask, Interpolation, PreprocessOptions, PreprocessRecord, Volume};
 
-use crate::classes::ClassInfo;
+use crate::classes::{ClassInfo, UNIVERSAL_COUNT};
 use crate::error::{Error, Result};
 use crate::inferers::{SlidingWindowOptions, sliding_window_inference, volume_to_network_layout};
 use crate::nets::UniversalModel;
@@ -384,7 +384,12 @@ pub fn segment(
 
     // Post-processing by class id.
     let t = Instant::now();
-    let max_id = classes.iter().copied().max().unwrap_or(0).max(32);
+    let max_id = classes
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(UNIVERSAL_COUNT);
     let mut by_id: Vec<ClassMask> = vec![ClassMask::empty(dims); max_id];
     for (c, m) in classes.iter().zip(masks_pre) {
         by_id[c - 1] = ClassMask::from_fn(dims, |v| m[v / 64] >> (v % 64) & 1 == 1);

@@ -149,8 +149,16 @@ fn random_voxel(n: usize, rng: &mut Rng, pred: impl Fn(usize) -> bool) -> Option
     None
 }
 
-fn is_tumour(c: u8) -> bool {
-    (26..=32).contains(&c)
+/// For each label id, whether it is a lesion class (a tumour or the cyst) of the universal
+/// class table; ids beyond it (classes added by extension) count as organs here.
+fn lesion_ids() -> [bool; 256] {
+    let mut out = [false; 256];
+    for c in univ_model::ClassTable::universal().iter() {
+        if c.is_lesion() && c.id < 256 {
+            out[c.id] = true;
+        }
+    }
+    out
 }
 
 /// Chooses a patch centre by the crop rule and returns the patch start.
@@ -177,7 +185,8 @@ fn choose_start(v: &View<'_>, crop: CropRule, opts: &PatchOptions, rng: &mut Rng
             })
         }
         CropRule::LabelClasses => {
-            let tumour = |i: usize| v.lesion[i] != 0 || is_tumour(v.organ[i]);
+            let lesion_id = lesion_ids();
+            let tumour = |i: usize| v.lesion[i] != 0 || lesion_id[usize::from(v.organ[i])];
             let organ = |i: usize| fg(i) && !tumour(i);
             let present = [(0..n).any(bg), (0..n).any(organ), (0..n).any(tumour)];
             let w: Vec<f64> = (0..3)
