@@ -35,6 +35,11 @@ fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// A JSON file, parsed.
+fn read_json(p: impl AsRef<Path>) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).to_string(),
@@ -109,8 +114,7 @@ fn preprocess_writes_image_label_and_record() {
     let h = univ::io::read_header(&lab, &univ::io::Limits::default()).unwrap();
     assert_eq!(h.datatype, "uint8");
     assert_eq!(h.shape, [243, 193, 223]);
-    let r: univ::io::PreprocessRecord =
-        serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    let r: univ::io::PreprocessRecord = serde_json::from_value(read_json(&rec)).unwrap();
     assert_eq!(r.resampled_shape, [243, 201, 223]);
 
     // Options: no crop, 3 mm, another window.
@@ -414,11 +418,9 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
     assert!(
         out.join("masks/liver.nii.gz").exists() && out.join("masks/liver_tumor.nii.gz").exists()
     );
-    let classes: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("classes.json")).unwrap()).unwrap();
+    let classes: serde_json::Value = read_json(out.join("classes.json"));
     assert_eq!(classes["classes"].as_array().unwrap().len(), 32);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value = read_json(out.join("report.json"));
     assert_eq!(report["windows"], 15);
     assert_eq!(report["classes"].as_array().unwrap().len(), 32);
     assert!(report["lesions"]["liver_tumor"]["present"].is_boolean());
@@ -467,8 +469,7 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
         "--quiet",
     ]);
     assert!(o.status.success(), "{}", text(&o).1);
-    let report2: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out2.join("report.json")).unwrap()).unwrap();
+    let report2: serde_json::Value = read_json(out2.join("report.json"));
     assert_eq!(report["lesions"], report2["lesions"]);
     assert_eq!(report["classes"], report2["classes"]);
     let label = univ::io::read_label(out.join("segmentation.nii.gz")).unwrap();
@@ -545,9 +546,7 @@ fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
     for case in ["a", "c"] {
         let c = out.join(case);
         assert!(c.join("segmentation.nii.gz").exists(), "{case}");
-        let classes: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(c.join("classes.json")).unwrap())
-                .unwrap();
+        let classes: serde_json::Value = read_json(c.join("classes.json"));
         let names: Vec<&str> = classes["classes"]
             .as_array()
             .unwrap()
@@ -556,8 +555,7 @@ fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
             .collect();
         assert_eq!(names, vec!["Liver", "Spleen", "Kidney Tumor"]);
         assert!(c.join("probabilities/liver.nii.gz").exists());
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(c.join("report.json")).unwrap()).unwrap();
+        let report: serde_json::Value = read_json(c.join("report.json"));
         // Kidney tumours need the kidneys, which were not computed: said in the report.
         assert!(
             report["notes"].to_string().contains("not computed"),
@@ -1059,9 +1057,7 @@ fn the_demo_model_is_found_at_run_time_by_an_installed_binary() {
     std::fs::copy(demo_model(), bin_dir.join("univ_demo_unet.safetensors")).unwrap();
     let o = run("d", None);
     assert!(o.status.success(), "{}", text(&o).1);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("d/report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = read_json(dir.path().join("d/report.json"));
     assert_eq!(report["checkpoint"]["demo"], true);
 }
 
@@ -1106,8 +1102,7 @@ fn classes_added_by_extension_are_known_by_name() {
         "--quiet",
     ]);
     assert!(o.status.success(), "{}", text(&o).1);
-    let classes: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("classes.json")).unwrap()).unwrap();
+    let classes: serde_json::Value = read_json(out.join("classes.json"));
     let c = &classes["classes"];
     assert_eq!(c[0]["label"], 33);
     assert_eq!(c[0]["name"], "Bone Lesion");
@@ -1310,14 +1305,11 @@ fn only_trained_classes_are_shown_unless_asked_for_and_the_demo_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let ct = dir.path().join("ct.nii.gz");
     write_small_ct(&ct, 32);
-    let read = |p: PathBuf| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    };
     // By default: the 20 classes the demo model was trained on, no tumour.
     let out = dir.path().join("default");
     let o = segment_small(&ct, &out, &[]);
     assert!(o.status.success(), "{}", text(&o).1);
-    let classes = read(out.join("classes.json"));
+    let classes = read_json(out.join("classes.json"));
     let ids: Vec<u64> = classes["classes"]
         .as_array()
         .unwrap()
@@ -1330,7 +1322,7 @@ fn only_trained_classes_are_shown_unless_asked_for_and_the_demo_says_so() {
             1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 22, 23, 24
         ]
     );
-    let report = read(out.join("report.json"));
+    let report = read_json(out.join("report.json"));
     assert_eq!(report["checkpoint"]["demo"], true);
     assert_eq!(
         report["checkpoint"]["trained_classes"]
@@ -1347,7 +1339,7 @@ fn only_trained_classes_are_shown_unless_asked_for_and_the_demo_says_so() {
     let (_, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("Pancreas Tumor) was not trained"), "{err}");
-    let report = read(out.join("report.json"));
+    let report = read_json(out.join("report.json"));
     assert!(
         report["notes"].to_string().contains("was not trained"),
         "{}",
