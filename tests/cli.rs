@@ -3,6 +3,8 @@
 #[path = "common/shared.rs"]
 mod shared;
 
+#[path = "fuzz_replay.rs"]
+mod fuzz_replay;
 #[path = "../examples/segment_ct.rs"]
 mod segment_ct_example;
 
@@ -604,6 +606,26 @@ fn segment_a_folder_with_a_broken_case_and_bad_checkpoints() {
         ]),
         "missing.safetensors",
     );
+}
+
+#[test]
+fn label_maps_are_checked_ids_and_all() {
+    use univ::evaluate::parse_label_map;
+    let m = parse_label_map(r#"{"1": 6, "27": 0}"#).unwrap();
+    assert_eq!(m.into_iter().collect::<Vec<_>>(), [(1, 6), (27, 0)]);
+    for (text, why) in [
+        (r#"{"0": 1}"#, "not a label id"),
+        (r#"{"01": 1}"#, "not a label id"),
+        (r#"{"256": 1}"#, "not a label id"),
+        (r#"{"1": 256}"#, "not a label id"),
+        (r#"{"1": -1}"#, "not a label id"),
+        (r#"{"1": "2"}"#, "not a label id"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{", "expected a JSON object"),
+    ] {
+        let e = parse_label_map(text).unwrap_err();
+        assert!(e.contains(why), "{text}: {e}");
+    }
 }
 
 #[test]

@@ -163,7 +163,9 @@ fn int(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<i64> {
         .and_then(|e| e.to_int::<i64>().ok())
 }
 
-fn read_header(path: &Path) -> std::result::Result<Header, String> {
+fn read_header(path: &Path, max_bytes: u64) -> std::result::Result<Header, String> {
+    crate::dicom_structure::check_file(path, max_bytes)
+        .map_err(|e| format!("not a usable DICOM file: {e}"))?;
     let obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
         .open_file(path)
@@ -287,11 +289,15 @@ pub fn is_dicom(path: &Path) -> bool {
     }
 }
 
-fn read_headers(path: &Path, skip_unreadable: bool) -> Result<(Vec<Header>, Vec<String>)> {
+fn read_headers(
+    path: &Path,
+    skip_unreadable: bool,
+    limits: &Limits,
+) -> Result<(Vec<Header>, Vec<String>)> {
     let mut headers = Vec::new();
     let mut warnings = Vec::new();
     for f in list_files(path)? {
-        match read_header(&f) {
+        match read_header(&f, limits.max_alloc) {
             Ok(h) if h.has_pixels => headers.push(h),
             Ok(h) => warnings.push(format!(
                 "{}: skipped: no image (SOP class {})",
@@ -324,7 +330,7 @@ fn read_headers(path: &Path, skip_unreadable: bool) -> Result<(Vec<Header>, Vec<
 /// # Errors
 /// [`Error::Dicom`] when no DICOM image is found.
 pub fn list_series(path: &Path) -> Result<Vec<SeriesSummary>> {
-    let (headers, _) = read_headers(path, true)?;
+    let (headers, _) = read_headers(path, true, &Limits::default())?;
     let mut out: Vec<SeriesSummary> = Vec::new();
     for h in &headers {
         match out.iter_mut().find(|s| s.uid == h.series_uid) {
@@ -364,7 +370,7 @@ fn norm(a: [f64; 3]) -> f64 {
 /// missing slices or uneven gaps, gantry tilt (unless allowed), multi-frame objects, and pixel
 /// data that cannot be decoded (with its transfer syntax).
 pub fn read_dicom_series(path: &Path, opts: &DicomReadOptions) -> Result<DicomSeries> {
-    let (headers, mut warnings) = read_headers(path, opts.skip_unreadable)?;
+    let (headers, mut warnings) = read_headers(path, opts.skip_unreadable, &opts.limits)?;
     let mut by_series: BTreeMap<String, Vec<Header>> = BTreeMap::new();
     for h in headers {
         by_series.entry(h.series_uid.clone()).or_default().push(h);

@@ -9,6 +9,8 @@ pub mod atomic;
 pub mod dicom;
 #[cfg(feature = "dicom")]
 pub mod dicom_seg;
+#[cfg(feature = "dicom")]
+mod dicom_structure;
 pub mod error;
 pub mod geometry;
 pub mod input;

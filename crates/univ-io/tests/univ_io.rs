@@ -950,6 +950,39 @@ mod dicom {
     use univ_io::dicom::{DicomReadOptions, read_dicom_series};
     use univ_io::{OrientTransform, read_label};
 
+    /// Inputs the fuzzer found (or that were crafted after its findings), committed under
+    /// `tests/fuzz/`: each is refused with a message, before dicom-rs allocates or recurses.
+    #[test]
+    fn dicom_elements_longer_than_the_file_or_nested_too_deep_are_refused_up_front() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz");
+        let opts = DicomReadOptions::default();
+        let read = |rel: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let data = std::fs::read(root.join(rel)).unwrap();
+            let f = dir.path().join("x.dcm");
+            std::fs::write(&f, data).unwrap();
+            let start = std::time::Instant::now();
+            let e = read_dicom_series(&f, &opts).unwrap_err().to_string();
+            assert!(start.elapsed().as_secs_f64() < 2.0, "{rel}: slow");
+            e
+        };
+        let e = read("dicom_file/finding-oom-pixel-data-declares-3gb");
+        assert!(e.contains("(7FE0,0010) declares 3000000000 bytes"), "{e}");
+        // An unknown VR is read as UN, whose length has 4 bytes (after 2 reserved ones).
+        let e = read("dicom_file/finding-oom-unknown-vr-has-a-4-byte-length");
+        assert!(e.contains("(0010,5000) declares 4026531840 bytes"), "{e}");
+        let e = read("dicom_file/finding-deep-sequence-nesting");
+        assert!(e.contains("nest more than 64 deep"), "{e}");
+        // The seed it came from reads.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.dcm");
+        std::fs::copy(root.join("dicom_file/slice0.dcm"), &f).unwrap();
+        assert_eq!(
+            read_dicom_series(&f, &opts).unwrap().volume.shape(),
+            [8, 8, 1]
+        );
+    }
+
     #[test]
     #[ignore = "needs ../shared (real CT data and golden fixtures)"]
     fn the_j2k_and_uncompressed_series_give_one_volume_on_the_reference_grid() {

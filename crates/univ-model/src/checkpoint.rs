@@ -59,11 +59,21 @@ fn ckpt_err(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 impl Checkpoint {
-    /// Reads a `.pth` (torch zip) or `.safetensors` file onto the CPU.
+    /// Reads a `.pth` (torch zip) or `.safetensors` file onto the CPU, within the default
+    /// memory limit ([`univ_io::Limits`]'s `max_alloc`, 8 GiB).
     ///
     /// # Errors
     /// [`Error::Checkpoint`] when the file cannot be read or holds no tensors.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_within(path, univ_io::Limits::default().max_alloc)
+    }
+
+    /// [`load`](Self::load) with at most `max_bytes` of tensor data: a file, zip archive or
+    /// tensor that declares more is refused before it is read.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load), and [`Error::Checkpoint`] naming the limit.
+    pub fn load_within(path: impl AsRef<Path>, max_bytes: u64) -> Result<Self> {
         let path = path.as_ref();
         if !path.exists() {
             return Err(ckpt_err(path, "no such file"));
@@ -71,6 +81,15 @@ impl Checkpoint {
         let is_st = path.extension().is_some_and(|e| e == "safetensors");
         let mut metadata = HashMap::new();
         let raw: Vec<(String, Tensor)> = if is_st {
+            let len = std::fs::metadata(path)
+                .map_err(|e| ckpt_err(path, e.to_string()))?
+                .len();
+            if len > max_bytes {
+                return Err(ckpt_err(
+                    path,
+                    format!("{len} bytes, more than the memory limit of {max_bytes}"),
+                ));
+            }
             let bytes = std::fs::read(path).map_err(|e| ckpt_err(path, e.to_string()))?;
             let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
                 .map_err(|e| ckpt_err(path, format!("cannot read safetensors: {e}")))?;
@@ -82,11 +101,7 @@ impl Checkpoint {
                 .into_iter()
                 .collect()
         } else {
-            crate::pth::read_state_dict(
-                path,
-                &[Some("net"), Some("state_dict"), None],
-                univ_io::Limits::default().max_alloc,
-            )?
+            crate::pth::read_state_dict(path, &[Some("net"), Some("state_dict"), None], max_bytes)?
         };
         if raw.is_empty() {
             return Err(ckpt_err(path, "holds no tensors"));

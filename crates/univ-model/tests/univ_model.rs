@@ -1328,6 +1328,22 @@ fn hostile_checkpoints_are_refused_before_they_cost_memory() {
 }
 
 #[test]
+fn checkpoints_are_read_within_a_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = candle_core::Tensor::zeros((64, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let st = dir.path().join("w.safetensors");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("w", t)]), &st).unwrap();
+    assert!(Checkpoint::load_within(&st, 1 << 20).is_ok());
+    let e = Checkpoint::load_within(&st, 1000).unwrap_err().to_string();
+    assert!(e.contains("more than the memory limit of 1000"), "{e}");
+    // A .pth whose entries declare more than the limit is refused before any is read.
+    let p = dir.path().join("w.pth");
+    write_pth(&p, &[0x80, 2, b'}', b'.']);
+    let e = Checkpoint::load_within(&p, 3).unwrap_err().to_string();
+    assert!(e.contains("more than 3 bytes"), "{e}");
+}
+
+#[test]
 #[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn a_flipped_byte_in_a_checkpoint_is_found_by_its_crc() {
     let Some(dir) = shared::shared_dir() else {

@@ -37,6 +37,46 @@ fn jnum(v: f64) -> serde_json::Value {
     }
 }
 
+/// Reads a label map for [`EvalOptions::label_map`]: a JSON object
+/// `{"reference id": prediction id}` with ids from 1 to 255 (`{"1": 6, "2": 3}`).
+///
+/// # Errors
+/// [`Error::Input`](crate::Error::Input) naming the file: unreadable, not such an object, or an
+/// id that is not a label id.
+pub fn read_label_map(path: &std::path::Path) -> crate::Result<BTreeMap<u8, u8>> {
+    let bad = |reason: String| crate::Error::Input {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    parse_label_map(&text).map_err(bad)
+}
+
+/// Parses the text of a label map (see [`read_label_map`]); the error says what is wrong.
+///
+/// # Errors
+/// Text that is not such an object.
+pub fn parse_label_map(text: &str) -> Result<BTreeMap<u8, u8>, String> {
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| format!("expected a JSON object {{\"reference id\": prediction id}}: {e}"))?;
+    let id = |v: &str| match v.parse::<u8>() {
+        Ok(n) if n > 0 && v == n.to_string() => Ok(n),
+        _ => Err(format!("{v:?} is not a label id (1 to 255)")),
+    };
+    let mut map = BTreeMap::new();
+    for (k, v) in &raw {
+        let from = id(k)?;
+        let to = match v.as_u64() {
+            Some(n) => {
+                u8::try_from(n).map_err(|_| format!("{k:?}: {n} is not a label id (0 to 255)"))?
+            }
+            None => return Err(format!("{k:?}: {v} is not a label id (0 to 255)")),
+        };
+        map.insert(from, to);
+    }
+    Ok(map)
+}
+
 /// Maps the reference's ids through the label map (unlisted ids become 0).
 pub fn remap(gt: &Volume<u8>, map: &BTreeMap<u8, u8>) -> Volume<u8> {
     gt.map(|v| {

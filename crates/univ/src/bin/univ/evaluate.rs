@@ -1,7 +1,6 @@
 //! `univ evaluate`: metrics between predicted and reference label maps.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use univ::evaluate::{EvalOptions, evaluate_pair, remap, tumour_detection};
@@ -27,31 +26,14 @@ pub struct Args {
     no_surface: bool,
 }
 
-fn read_map(path: &Path) -> Result<BTreeMap<u8, u8>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let raw: BTreeMap<String, u64> = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: expected a JSON object {{\"reference id\": prediction id}}",
-            path.display()
-        )
-    })?;
-    raw.into_iter()
-        .map(|(k, v)| {
-            let k: u8 = k
-                .parse()
-                .with_context(|| format!("{}: key {k:?} is not a label id", path.display()))?;
-            let v = u8::try_from(v)
-                .with_context(|| format!("{}: id {v} is out of range", path.display()))?;
-            Ok((k, v))
-        })
-        .collect()
-}
-
 pub fn run(a: Args) -> Result<()> {
     let (pred, gt, tolerances) = (a.pred.as_path(), a.gt.as_path(), a.tolerance.as_str());
     let opts = EvalOptions {
-        label_map: a.label_map.as_deref().map(read_map).transpose()?,
+        label_map: a
+            .label_map
+            .as_deref()
+            .map(univ::evaluate::read_label_map)
+            .transpose()?,
         surface: !a.no_surface,
         tolerances: tolerances
             .split(',')
