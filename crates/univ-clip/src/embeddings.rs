@@ -205,29 +205,30 @@ fn check_npy(p: &Path) -> Result<()> {
         .get(start..start.saturating_add(len))
         .ok_or_else(|| bad("the header runs past the end of the file".into()))?;
     let header = String::from_utf8_lossy(header);
-    let item = ["<f4", "<f2", "<f8", "|f4", "|f2", "|f8"]
-        .iter()
-        .find(|d| header.contains(*d))
-        .map(|d| match &d[1..] {
-            "f2" => 2usize,
-            "f4" => 4,
-            _ => 8,
-        })
-        .ok_or_else(|| bad(format!("a dtype other than little-endian float: {header}")))?;
-    let shape_txt = header
-        .split("'shape':")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .ok_or_else(|| bad("no shape".into()))?;
-    let dims: Vec<u128> = shape_txt
-        .trim()
-        .trim_start_matches('(')
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.parse::<u128>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| bad(format!("shape {shape_txt:?}: {e}")))?;
+    // The fields as candle's reader will see them: top-level `key: value` parts, the last of
+    // a repeated key winning. Repeated keys are refused (the check must see what candle sees).
+    let fields = npy_fields(&header).map_err(bad)?;
+    let descr = fields
+        .get("descr")
+        .ok_or_else(|| bad("no descr".into()))?
+        .trim_start_matches(['<', '|', '=']);
+    let item = match descr {
+        "e" | "f2" => 2usize,
+        "f" | "f4" => 4,
+        "d" | "f8" => 8,
+        _ => return Err(bad(format!("dtype {descr:?}: expected little-endian floats"))),
+    };
+    let shape_txt = fields.get("shape").ok_or_else(|| bad("no shape".into()))?;
+    let inner = shape_txt.trim_matches(['(', ')', ',']);
+    let dims: Vec<u128> = if inner.is_empty() {
+        Vec::new()
+    } else {
+        inner
+            .split(',')
+            .map(|d| d.trim().parse::<u128>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(format!("shape {shape_txt:?}: {e}")))?
+    };
     if dims.len() != 2 {
         return Err(bad(format!("shape {dims:?}: class embeddings are (K, D)")));
     }
@@ -239,6 +240,37 @@ fn check_npy(p: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The `key: value` fields of an `.npy` header dictionary, split at top-level commas as
+/// candle's reader splits them; a key given twice is an error.
+fn npy_fields(header: &str) -> std::result::Result<BTreeMap<String, String>, String> {
+    let body = header.trim_matches(|c: char| c == '{' || c == '}' || c == ',' || c.is_whitespace());
+    let mut parts = Vec::new();
+    let (mut start, mut depth) = (0usize, 0i64);
+    for (i, ch) in body.char_indices() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&body[start..]);
+    let mut fields = BTreeMap::new();
+    for part in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let [key, value] = part.split(':').collect::<Vec<_>>()[..] else {
+            return Err(format!("header part {part:?} is not `key: value`"));
+        };
+        let strip = |t: &str| t.trim_matches(|c: char| c == '\'' || c.is_whitespace()).to_string();
+        if fields.insert(strip(key), strip(value)).is_some() {
+            return Err(format!("the header gives {:?} twice", strip(key)));
+        }
+    }
+    Ok(fields)
 }
 
 impl ClassEmbeddings {

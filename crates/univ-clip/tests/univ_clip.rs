@@ -425,6 +425,12 @@ fn npy_embeddings_load() {
         let e = ClassEmbeddings::load(&q).unwrap_err().to_string();
         assert!(e.contains("needs") && e.contains("bad.npy"), "{shape}: {e}");
     }
+    // A key given twice (found by fuzzing): candle's reader takes the last one, so the check
+    // must not look at the first.
+    let q = tmp.path().join("twice.npy");
+    std::fs::write(&q, npy("(3, 4), 'shape': (99999999999, 99999999)", 48)).unwrap();
+    let e = ClassEmbeddings::load(&q).unwrap_err().to_string();
+    assert!(e.contains("\"shape\" twice"), "{e}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! architecture), achieved GFLOP/s, and the machine's measured FMA peak for comparison.
 //!
 //! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet
-//! --slab-mb 96]`
+//! --slab-mb 96 --winograd off]`
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -263,6 +263,10 @@ fn main() -> anyhow::Result<()> {
     let only = get("--only");
     if let Some(mb) = get("--slab-mb") {
         univ_model::runtime::set_slab_bytes(mb.parse::<usize>()? << 20);
+    }
+    // `--winograd off` times the direct implicit GEMM for every convolution.
+    if let Some(w) = get("--winograd") {
+        univ_model::runtime::set_winograd(w != "off");
     }
     let peak = fma_peak();
     println!(

@@ -44,6 +44,7 @@ pub fn peak_resident_bytes() -> Option<u64> {
 }
 
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
+pub use crate::cpu::winograd::set_winograd;
 
 /// mimalloc, the allocator the univ binaries and benchmarks install as the global allocator
 /// (`#[global_allocator] static A: MiMalloc = MiMalloc;`), with [`keep_freed_memory`].

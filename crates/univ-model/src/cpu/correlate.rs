@@ -249,6 +249,9 @@ pub(crate) fn correlate_chunked(
     let planes = (budget / per_plane).max(k[0] + 1);
     let step = (planes + 1 - k[0]).clamp(1, od[0]);
     let mut slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
+    // Winograd's transformed weights, made once for all slabs.
+    let winograd = crate::cpu::winograd::applies(k, c, o)
+        .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
         let np = t + k[0] - 1;
@@ -256,17 +259,13 @@ pub(crate) fn correlate_chunked(
         fill(oz0, np, buf);
         // SAFETY: `fill` writes every element of its buffer.
         let xp = unsafe { assume_init_slice(buf) };
-        correlate_sample(
-            xp,
-            c,
-            [np, p[1], p[2]],
-            wp,
-            o,
-            k,
-            bias,
-            &mut out[oz0 * plane_out..],
-            n_out,
-        );
+        let dst = &mut out[oz0 * plane_out..];
+        match &winograd {
+            Some(u) => {
+                crate::cpu::winograd::correlate_sample(xp, c, [np, p[1], p[2]], u, o, bias, dst, n_out)
+            }
+            None => correlate_sample(xp, c, [np, p[1], p[2]], wp, o, k, bias, dst, n_out),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub(crate) mod head;
 pub(crate) mod norm;
 pub(crate) mod pool;
 pub(crate) mod weight_grad;
+pub(crate) mod winograd;
 
 use std::mem::MaybeUninit;
 
