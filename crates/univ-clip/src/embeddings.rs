@@ -216,7 +216,11 @@ fn check_npy(p: &Path) -> Result<()> {
         "e" | "f2" => 2usize,
         "f" | "f4" => 4,
         "d" | "f8" => 8,
-        _ => return Err(bad(format!("dtype {descr:?}: expected little-endian floats"))),
+        _ => {
+            return Err(bad(format!(
+                "dtype {descr:?}: expected little-endian floats"
+            )));
+        }
     };
     let shape_txt = fields.get("shape").ok_or_else(|| bad("no shape".into()))?;
     let inner = shape_txt.trim_matches(['(', ')', ',']);
@@ -265,7 +269,10 @@ fn npy_fields(header: &str) -> std::result::Result<BTreeMap<String, String>, Str
         let [key, value] = part.split(':').collect::<Vec<_>>()[..] else {
             return Err(format!("header part {part:?} is not `key: value`"));
         };
-        let strip = |t: &str| t.trim_matches(|c: char| c == '\'' || c.is_whitespace()).to_string();
+        let strip = |t: &str| {
+            t.trim_matches(|c: char| c == '\'' || c.is_whitespace())
+                .to_string()
+        };
         if fields.insert(strip(key), strip(value)).is_some() {
             return Err(format!("the header gives {:?} twice", strip(key)));
         }

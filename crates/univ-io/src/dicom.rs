@@ -163,6 +163,68 @@ fn int(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<i64> {
         .and_then(|e| e.to_int::<i64>().ok())
 }
 
+/// The Image Pixel attributes the decoder relies on, checked before it runs (dicom-pixeldata
+/// asserts on some of them): one sample per pixel, 8, 16 or 32 bits allocated, 1 to that many
+/// stored, the high bit inside, and the frames' decoded size within the limits.
+fn check_pixel_module(
+    obj: &DefaultDicomObject,
+    pixels: usize,
+    limits: &Limits,
+) -> std::result::Result<(), String> {
+    // Present but unreadable is an error too: the decoder would read it its own way.
+    let int = |tag: dicom_core::Tag, name: &str| -> std::result::Result<Option<i64>, String> {
+        match obj.element_opt(tag).ok().flatten() {
+            None => Ok(None),
+            Some(e) => e
+                .to_int::<i64>()
+                .map(Some)
+                .map_err(|_| format!("{name} is not an integer")),
+        }
+    };
+    let samples = int(tags::SAMPLES_PER_PIXEL, "Samples per Pixel")?.unwrap_or(1);
+    if samples != 1 {
+        return Err(format!(
+            "not a greyscale image ({samples} samples per pixel)"
+        ));
+    }
+    let allocated =
+        int(tags::BITS_ALLOCATED, "Bits Allocated")?.ok_or("no Bits Allocated".to_string())?;
+    if ![8, 16, 32].contains(&allocated) {
+        return Err(format!("Bits Allocated {allocated}: expected 8, 16 or 32"));
+    }
+    let stored = int(tags::BITS_STORED, "Bits Stored")?.unwrap_or(allocated);
+    if !(1..=allocated).contains(&stored) {
+        return Err(format!(
+            "Bits Stored {stored} with Bits Allocated {allocated}: expected 1 to {allocated}"
+        ));
+    }
+    if let Some(high) = int(tags::HIGH_BIT, "High Bit")?
+        && !(0..allocated).contains(&high)
+    {
+        return Err(format!("High Bit {high} with Bits Allocated {allocated}"));
+    }
+    if let Some(rep) = int(tags::PIXEL_REPRESENTATION, "Pixel Representation")?
+        && rep != 0
+        && rep != 1
+    {
+        return Err(format!("Pixel Representation {rep}: expected 0 or 1"));
+    }
+    let frames = int(tags::NUMBER_OF_FRAMES, "Number of Frames")?.unwrap_or(1);
+    if frames < 1 {
+        return Err(format!("Number of Frames {frames}"));
+    }
+    // The decoder makes all frames, of `allocated` bits each, then one f32 copy of a frame.
+    let bytes = (frames as u128) * (pixels as u128) * (allocated as u128 / 8) + pixels as u128 * 4;
+    if bytes > u128::from(limits.max_alloc) {
+        return Err(format!(
+            "{frames} frame(s) of {pixels} pixels decode to {bytes} bytes, more than the limit \
+             of {}",
+            limits.max_alloc
+        ));
+    }
+    Ok(())
+}
+
 fn read_header(path: &Path, max_bytes: u64) -> std::result::Result<Header, String> {
     crate::dicom_structure::check_file(path, max_bytes)
         .map_err(|e| format!("not a usable DICOM file: {e}"))?;
@@ -611,6 +673,7 @@ pub fn read_dicom_series(path: &Path, opts: &DicomReadOptions) -> Result<DicomSe
     for (k, h) in hs.iter().enumerate() {
         let obj = dicom_object::open_file(&h.path)
             .map_err(|e| derr(&h.path, format!("cannot read: {e}")))?;
+        check_pixel_module(&obj, rows * cols, &opts.limits).map_err(|e| derr(&h.path, e))?;
         let dec = obj.decode_pixel_data().map_err(|e| {
             derr(
                 &h.path,

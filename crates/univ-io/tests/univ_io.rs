@@ -953,7 +953,7 @@ mod dicom {
     /// Inputs the fuzzer found (or that were crafted after its findings), committed under
     /// `tests/fuzz/`: each is refused with a message, before dicom-rs allocates or recurses.
     #[test]
-    fn dicom_elements_longer_than_the_file_or_nested_too_deep_are_refused_up_front() {
+    fn hostile_dicom_files_found_by_fuzzing_are_refused_up_front() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz");
         let opts = DicomReadOptions::default();
         let read = |rel: &str| {
@@ -973,6 +973,24 @@ mod dicom {
         assert!(e.contains("(0010,5000) declares 4026531840 bytes"), "{e}");
         let e = read("dicom_file/finding-deep-sequence-nesting");
         assert!(e.contains("nest more than 64 deep"), "{e}");
+        // Bits Stored 0 in one slice of a series: dicom-pixeldata asserts on it; refused first.
+        let dir = tempfile::tempdir().unwrap();
+        let data = std::fs::read(root.join("dicom_series/finding-panic-bits-stored-zero")).unwrap();
+        let sep = b"=UNIV-NEXT-SLICE=";
+        let mut rest = &data[..];
+        for i in 0.. {
+            let at = rest.windows(sep.len()).position(|w| w == sep);
+            let part = &rest[..at.unwrap_or(rest.len())];
+            std::fs::write(dir.path().join(format!("s{i}.dcm")), part).unwrap();
+            match at {
+                Some(a) => rest = &rest[a + sep.len()..],
+                None => break,
+            }
+        }
+        let e = read_dicom_series(dir.path(), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Bits Stored 0") && e.contains("s1.dcm"), "{e}");
         // The seed it came from reads.
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("x.dcm");

@@ -261,9 +261,16 @@ pub(crate) fn correlate_chunked(
         let xp = unsafe { assume_init_slice(buf) };
         let dst = &mut out[oz0 * plane_out..];
         match &winograd {
-            Some(u) => {
-                crate::cpu::winograd::correlate_sample(xp, c, [np, p[1], p[2]], u, o, bias, dst, n_out)
-            }
+            Some(u) => crate::cpu::winograd::correlate_sample(
+                xp,
+                c,
+                [np, p[1], p[2]],
+                u,
+                o,
+                bias,
+                dst,
+                n_out,
+            ),
             None => correlate_sample(xp, c, [np, p[1], p[2]], wp, o, k, bias, dst, n_out),
         }
     }

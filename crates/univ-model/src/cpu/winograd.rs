@@ -32,7 +32,12 @@ pub(crate) fn applies(k: [usize; 3], c: usize, o: usize) -> bool {
 }
 
 /// `G` of F(2, 3): the filter transform (4 × 3).
-const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+const G: [[f32; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
 
 /// Transforms weights packed as `(27 taps, O, C)` (taps z-major, then y, then x) into
 /// `U` `(64, O, C)`: `U[ξ] = (G ⊗ G ⊗ G) g` for every channel pair.
