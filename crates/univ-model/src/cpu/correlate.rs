@@ -250,7 +250,7 @@ pub(crate) fn correlate_chunked(
     let step = (planes + 1 - k[0]).clamp(1, od[0]);
     let mut slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
     // Winograd's transformed weights, made once for all slabs.
-    let winograd = crate::cpu::winograd::applies(k, c, o)
+    let winograd = crate::cpu::winograd::applies(k, c, o, od)
         .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);

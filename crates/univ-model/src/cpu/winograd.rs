@@ -25,10 +25,14 @@ pub fn set_winograd(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether a stride-1 correlation with kernel `k`, `c` input and `o` output channels takes the
-/// Winograd path: 3×3×3 kernels between layers wide enough for the transforms to pay off.
-pub(crate) fn applies(k: [usize; 3], c: usize, o: usize) -> bool {
-    k == [3, 3, 3] && c >= 16 && o >= 16 && ENABLED.load(Ordering::Relaxed)
+/// Whether a stride-1 correlation with kernel `k`, `c` input and `o` output channels and an
+/// output grid `od` takes the Winograd path: 3×3×3 kernels between layers wide enough for the
+/// transforms to pay off, on grids of at least 512 tiles (16³ voxels). On smaller grids the
+/// blocks are too few and too narrow for the products (on a 2-core AMD EPYC, 512→512 channels
+/// on 12³ took 0.41 s against the direct kernel's 0.29 s; 256→256 on 24³ 0.35 s against 0.48 s).
+pub(crate) fn applies(k: [usize; 3], c: usize, o: usize, od: [usize; 3]) -> bool {
+    let tiles = od.iter().map(|d| d.div_ceil(2)).product::<usize>();
+    k == [3, 3, 3] && c >= 16 && o >= 16 && tiles >= 512 && ENABLED.load(Ordering::Relaxed)
 }
 
 /// `G` of F(2, 3): the filter transform (4 × 3).
