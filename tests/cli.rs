@@ -1162,6 +1162,33 @@ fn segment_small(ct: &Path, out: &Path, extra: &[&str]) -> Output {
 }
 
 #[test]
+fn segment_is_identical_across_runs_and_thread_counts() {
+    // Every convolution path (direct, Winograd, fused up-sampling) splits its work by shape,
+    // never by thread count, so results must not depend on --threads.
+    let dir = tempfile::tempdir().unwrap();
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 40);
+    let labels: Vec<Vec<u8>> = ["1", "2", "2"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let out = dir.path().join(format!("out{i}"));
+            let o = segment_small(&ct, &out, &["--threads", t, "--probabilities"]);
+            assert!(o.status.success(), "{}", text(&o).1);
+            let mut bytes = univ::io::read_label(out.join("segmentation.nii.gz"))
+                .unwrap()
+                .data()
+                .to_vec();
+            let p = univ::io::read_image(out.join("probabilities/liver.nii.gz")).unwrap();
+            bytes.extend(p.data().iter().flat_map(|v| v.to_le_bytes()));
+            bytes
+        })
+        .collect();
+    assert_eq!(labels[0], labels[1], "1 thread and 2 threads differ");
+    assert_eq!(labels[1], labels[2], "two runs differ");
+}
+
+#[test]
 fn overwrite_replaces_only_univs_own_results_and_never_the_input() {
     let dir = tempfile::tempdir().unwrap();
     let ct = dir.path().join("ct.nii.gz");
