@@ -4,8 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::OutPtr;
 use crate::cpu::correlate::block_len;
+use crate::cpu::{OutPtr, matmul};
 
 /// The body of [`conv_transpose_cpu`] on buffers.
 pub(crate) fn conv_transpose_slices(
@@ -84,26 +84,15 @@ pub(crate) fn conv_transpose_planes(
                 for t in 0..taps {
                     // SAFETY: reads stay inside `xs` (rows of length v_in, columns q0..q0+len).
                     unsafe {
-                        gemm::gemm(
-                            co,
-                            len,
-                            ci,
+                        matmul(
+                            [co, len, ci],
                             buf.as_mut_ptr(),
-                            1,
-                            len as isize,
+                            [len, 1],
                             false,
                             wp.as_ptr().add(t * co * ci),
-                            1,
-                            ci as isize,
+                            [ci, 1],
                             xs.as_ptr().add(q0),
-                            1,
-                            v_in as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            [v_in, 1],
                         );
                     }
                     let (a, bb, c) = (t / (kh * kw), (t / kw) % kh, t % kw);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use crate::cpu::{OutPtr, assume_init_slice, assume_init_vec, tap_offsets, uninit_vec};
+use crate::cpu::{OutPtr, assume_init_slice, assume_init_vec, matmul, tap_offsets, uninit_vec};
 
 /// Number of output positions per block of the implicit GEMM (times the output channels, this
 /// is the block of output kept in cache while the taps accumulate).
@@ -138,26 +138,15 @@ pub(crate) fn correlate_sample(
                 // last valid output position and every tap offset keeps it inside the padded
                 // block.
                 unsafe {
-                    gemm::gemm(
-                        o,
-                        len,
-                        c,
+                    matmul(
+                        [o, len, c],
                         buf.as_mut_ptr(),
-                        1,
-                        len as isize,
+                        [len, 1],
                         t > 0,
                         wp.as_ptr().add(t * o * c),
-                        1,
-                        c as isize,
+                        [c, 1],
                         xp.as_ptr().add(q0 + off),
-                        1,
-                        vp as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        [vp, 1],
                     );
                 }
             }

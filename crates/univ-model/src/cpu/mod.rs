@@ -56,6 +56,51 @@ pub(crate) unsafe fn assume_init_vec(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
 }
 
+/// `dst (m×n) = lhs (m×k) · rhs (k×n)`, or `+=` when `accumulate`, on the calling thread with
+/// the `gemm` crate's micro-kernels. Each matrix is given by its pointer and its
+/// `[row stride, column stride]` in elements.
+///
+/// # Safety
+/// Every element the strides reach, `m×k` of `lhs`, `k×n` of `rhs` and `m×n` of `dst`, must be
+/// valid (and `dst`'s not aliased by the inputs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    [dst_rs, dst_cs]: [usize; 2],
+    accumulate: bool,
+    lhs: *const f32,
+    [lhs_rs, lhs_cs]: [usize; 2],
+    rhs: *const f32,
+    [rhs_rs, rhs_cs]: [usize; 2],
+) {
+    // SAFETY: the caller guarantees the extents; `gemm` computes
+    // dst = alpha·dst (read only when `accumulate`) + beta·lhs·rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// The offsets of the taps of a `k` kernel in a padded volume whose planes are `p[1] × p[2]`.
 pub(crate) fn tap_offsets(k: [usize; 3], p: [usize; 3]) -> Vec<usize> {
     let plane = p[1] * p[2];

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::correlate::pad_sample;
-use crate::cpu::tap_offsets;
+use crate::cpu::{matmul, tap_offsets};
 
 /// Weight gradient of a stride-1 correlation: `gw[o, c, t] = Σ_n Σ_pos g[n, o, pos] ·
 /// xp[n, c, pos + t]`.
@@ -78,26 +78,15 @@ pub(crate) fn weight_grad_with<'a>(
                 for (t, off) in offs.iter().enumerate() {
                     // SAFETY: as in `correlate_sample`, every read stays in the padded volume.
                     unsafe {
-                        gemm::gemm(
-                            o,
-                            c,
-                            len,
+                        matmul(
+                            [o, c, len],
                             acc.as_mut_ptr().add(t * o * c),
-                            1,
-                            c as isize,
+                            [c, 1],
                             false,
                             gp.as_ptr().add(q0),
-                            1,
-                            span as isize,
+                            [span, 1],
                             xp.as_ptr().add(q0 + off),
-                            vp as isize,
-                            1,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            [1, vp],
                         );
                     }
                 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
-use crate::cpu::OutPtr;
+use crate::cpu::{OutPtr, matmul};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -230,26 +230,15 @@ pub(crate) fn correlate_sample(
                 // SAFETY: U_ξ is O×C with row stride C; V_ξ is C×tb with row stride tb (its
                 // rows hold `tb` of the block's `r_block·n` columns); M_ξ is O×tb.
                 unsafe {
-                    gemm::gemm(
-                        o,
-                        tb,
-                        c,
+                    matmul(
+                        [o, tb, c],
                         m.as_mut_ptr().add(xi * o * tb),
-                        1,
-                        tb as isize,
+                        [tb, 1],
                         false,
                         u.as_ptr().add(xi * o * c),
-                        1,
-                        c as isize,
+                        [c, 1],
                         v.as_ptr().add(xi * c * tb),
-                        1,
-                        tb as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        [tb, 1],
                     );
                 }
             }
