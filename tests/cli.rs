@@ -240,6 +240,146 @@ fn inspect_convert_and_forward_a_checkpoint() {
     assert_clean_failure(&o, "clip_driven_universal_swin_unetr.pth");
 }
 
+/// `univ forward` on the fixture U-Net with extra environment variables and arguments:
+/// (output, logits when it succeeded).
+fn forward_fixture(
+    fx: &Path,
+    out: &Path,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (Output, Option<candle_core::Tensor>) {
+    let input = fx.join("input.safetensors");
+    let ckpt = fx.join("model.safetensors");
+    let mut args = vec![
+        "forward",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_univ"));
+    cmd.args(&args).env_remove("UNIV_BF16_KERNEL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    let logits = o.status.success().then(|| {
+        candle_core::safetensors::load(out, &candle_core::Device::Cpu).unwrap()["logits"].clone()
+    });
+    (o, logits)
+}
+
+#[test]
+fn forward_in_bf16_stays_near_f32_and_falls_back_with_a_warning() {
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/model_unet");
+    let want =
+        candle_core::safetensors::load(fx.join("expected.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()["logits"]
+            .clone();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+
+    // The portable bf16 kernel runs anywhere: near f32 (bf16 keeps 8 bits of mantissa), but
+    // not equal to it (the bf16 path really ran).
+    let (o, got) = forward_fixture(
+        &fx,
+        &out,
+        &[("UNIV_BF16_KERNEL", "reference")],
+        &["--precision", "bf16"],
+    );
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(
+        text(&o).1.contains("bf16, reference kernel"),
+        "{}",
+        text(&o).1
+    );
+    let d = max_abs_diff(&got.unwrap(), &want);
+    assert!(
+        d < 0.02 * scale,
+        "bf16 logits differ by {d} (largest |logit| {scale})"
+    );
+    assert!(
+        d > 1e-3,
+        "bf16 logits equal f32's within {d}: was bf16 used?"
+    );
+
+    // The best kernel of this machine, or f32 with a warning where there is none.
+    let (o, got) = forward_fixture(&fx, &out, &[], &["--precision", "bf16"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let d = max_abs_diff(&got.unwrap(), &want);
+    match univ::model::runtime::best_bf16_kernel() {
+        Some(k) => {
+            assert!(
+                text(&o).1.contains(&format!("bf16, {k} kernel")),
+                "{}",
+                text(&o).1
+            );
+            assert!(d < 0.02 * scale, "{k}: bf16 logits differ by {d}");
+        }
+        None => {
+            assert!(
+                text(&o).1.contains("warning: --precision bf16"),
+                "{}",
+                text(&o).1
+            );
+            assert!(d < 1e-3, "f32 fallback logits differ by {d}");
+        }
+    }
+
+    // A kernel that is not there, or has no such name, is a clear error.
+    let (o, _) = forward_fixture(
+        &fx,
+        &out,
+        &[("UNIV_BF16_KERNEL", "sse9")],
+        &["--precision", "bf16"],
+    );
+    assert_clean_failure(&o, "UNIV_BF16_KERNEL");
+    if univ::model::runtime::Bf16Kernel::Amx.check().is_err() {
+        let (o, _) = forward_fixture(
+            &fx,
+            &out,
+            &[("UNIV_BF16_KERNEL", "amx")],
+            &["--precision", "bf16"],
+        );
+        assert_clean_failure(&o, "bf16 kernel amx");
+    }
+
+    // `segment --precision bf16` records what ran in report.json.
+    let ct = dir.path().join("ct.nii.gz");
+    write_small_ct(&ct, 40);
+    let seg = dir.path().join("seg");
+    let demo = demo_model();
+    let o = Command::new(env!("CARGO_BIN_EXE_univ"))
+        .args(["segment", ct.to_str().unwrap(), "-o", seg.to_str().unwrap()])
+        .args([
+            "--checkpoint",
+            demo.to_str().unwrap(),
+            "--quiet",
+            "--precision",
+            "bf16",
+        ])
+        .env("UNIV_BF16_KERNEL", "reference")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    let report = read_json(seg.join("report.json"));
+    assert_eq!(report["settings"]["precision"], "bf16", "{report}");
+    assert_eq!(report["settings"]["bf16_kernel"], "reference", "{report}");
+}
+
 #[test]
 #[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn embed_the_universal_bank_and_inspect_it() {

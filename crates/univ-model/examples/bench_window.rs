@@ -3,7 +3,11 @@
 //! architecture), achieved GFLOP/s, and the machine's measured FMA peak for comparison.
 //!
 //! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet
-//! --slab-mb 96 --winograd off]`
+//! --slab-mb 96 --winograd off --precision bf16]`
+//!
+//! With `--precision bf16` (the kernel chosen as `univ` chooses it; `UNIV_BF16_KERNEL` forces
+//! one) the window is also run once in f32 on the same weights and input, and the largest
+//! logit difference and the share of voxels whose mask (logit > 0) flips are printed.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -116,6 +120,29 @@ fn swin_macs(fs: u64, s: u64, classes: u64) -> u64 {
         m += k * (2 * co * co + co * co) * v(div) + 2 * co * co * v(div);
     }
     m + head_macs(fs, 16 * fs, s, classes)
+}
+
+/// The CPU's model name (from /proc/cpuinfo) and which bf16 instruction sets it has.
+fn cpu_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let isa = univ_model::runtime::Bf16Kernel::ALL
+        .iter()
+        .filter(|k| **k != univ_model::runtime::Bf16Kernel::Reference)
+        .map(|k| match k.check() {
+            Ok(()) => format!("{k}: yes"),
+            Err(_) => format!("{k}: no"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{model} ({isa})")
 }
 
 /// Measured FMA throughput of this machine (all threads), GFLOP/s.
@@ -233,6 +260,29 @@ fn bench(
         times.push(t.elapsed().as_secs_f64());
     }
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let kernel = univ_model::runtime::active_bf16_kernel();
+    if let Some(k) = kernel {
+        // The same window in f32, for the accuracy of bf16.
+        let y16 = model.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        univ_model::runtime::set_bf16_kernel(None)?;
+        let y32 = model.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        univ_model::runtime::set_bf16_kernel(Some(k))?;
+        let max_err = y16
+            .iter()
+            .zip(&y32)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let max_abs = y32.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let flips = y16
+            .iter()
+            .zip(&y32)
+            .filter(|(a, b)| (**a > 0.0) != (**b > 0.0))
+            .count();
+        println!(
+            "{name:<22} bf16 ({k}) against f32: max logit error {max_err:.4} (largest |logit| {max_abs:.2}); masks flipped at {:.4}% of {} voxels",
+            100.0 * flips as f64 / y32.len() as f64,
+            y32.len()
+        );
+    }
     let gflop = 2.0 * macs as f64 / 1e9;
     println!(
         "{name:<22} {size}^3 window: best {best:7.2} s of {reps} (all: {times:.2?}); {gflop:7.1} GFLOP; {:6.1} GFLOP/s = {:4.1}% of the measured FMA peak",
@@ -268,10 +318,23 @@ fn main() -> anyhow::Result<()> {
     if let Some(w) = get("--winograd") {
         univ_model::runtime::set_winograd(w != "off");
     }
+    if let Some(p) = get("--precision") {
+        let precision: univ_model::runtime::Precision = p.parse()?;
+        let kernel = univ_model::runtime::set_precision(precision)?;
+        if precision == univ_model::runtime::Precision::Bf16 && kernel.is_none() {
+            println!(
+                "warning: this CPU has neither AMX-BF16 nor AVX512-BF16: timing f32 \
+                 (UNIV_BF16_KERNEL=reference forces the slow portable bf16 kernel)"
+            );
+        }
+    }
+    println!("cpu: {}", cpu_description());
     let peak = fma_peak();
     println!(
-        "threads: {}; measured FMA peak: {peak:.1} GFLOP/s",
-        rayon::current_num_threads()
+        "threads: {}; measured FMA peak: {peak:.1} GFLOP/s; convolutions: {}",
+        rayon::current_num_threads(),
+        univ_model::runtime::active_bf16_kernel()
+            .map_or("f32".to_string(), |k| format!("bf16 ({k} kernel)"))
     );
     if only.as_deref().is_none_or(|o| o == "unet") {
         let cfg = UniversalConfig {

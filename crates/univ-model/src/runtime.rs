@@ -1,6 +1,6 @@
 //! Process-wide settings for speed and memory: rayon's pool (threads flushing subnormal floats
-//! to zero), how much padded input a CPU convolution builds at once, and the process's peak
-//! memory.
+//! to zero), the precision of the CPU convolutions (f32 or bf16, and which bf16 kernel), how
+//! much padded input a CPU convolution builds at once, and the process's peak memory.
 //!
 //! Training produces tiny gradients (the BCE gradient of well-classified voxels, divided by
 //! the voxel count, shrinks layer after layer). Once they fall below f32's normal range
@@ -43,6 +43,9 @@ pub fn peak_resident_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+pub use crate::cpu::bf16::{
+    Bf16Kernel, Precision, active_bf16_kernel, best_bf16_kernel, set_bf16_kernel, set_precision,
+};
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
 pub use crate::cpu::winograd::set_winograd;
 

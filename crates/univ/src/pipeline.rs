@@ -190,6 +190,13 @@ fn run_entries(
             "postprocess": s.postprocess != univ_model::postprocess::PostprocessOptions::none(),
             "preprocess": s.preprocess.is_some(),
             "device": if s.device.is_cpu() { "cpu" } else { "cuda" },
+            "precision": match univ_model::runtime::active_bf16_kernel() {
+                Some(_) if s.device.is_cpu() => "bf16",
+                _ => "f32",
+            },
+            "bf16_kernel": univ_model::runtime::active_bf16_kernel()
+                .filter(|_| s.device.is_cpu())
+                .map(|k| k.name()),
         }),
     );
     extra

@@ -150,38 +150,62 @@ pub(crate) fn correlate_sample(
                     );
                 }
             }
-            // Scatter the valid positions of this block: runs of whole output rows.
-            let mut q = q0;
-            while q < q0 + len {
-                let z = q / plane;
-                let y = (q % plane) / p[2];
-                let x = q % p[2];
-                let run_end = (q - x + p[2]).min(q0 + len);
-                if z < od[0] && y < od[1] && x < od[2] {
-                    let n = (run_end - q).min(od[2] - x);
-                    let base = (z * od[1] + y) * od[2] + x;
-                    for oc in 0..o {
-                        let src = &buf[oc * len + (q - q0)..][..n];
-                        // SAFETY: (oc, z, y, x..x+n) is written by this block only, and lies
-                        // inside `out` (checked above).
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
-                        };
-                        match bias {
-                            Some(b) => {
-                                let bo = b[oc];
-                                for (d, s) in dst.iter_mut().zip(src) {
-                                    *d = s + bo;
-                                }
-                            }
-                            None => dst.copy_from_slice(src),
-                        }
-                    }
-                }
-                q = run_end;
-            }
+            // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
+            unsafe { scatter_block(buf, len, q0, len, p, od, o, bias, dst, cstride) };
         },
     );
+}
+
+/// Writes the valid positions of one block of an implicit GEMM (positions `q0..q0+len` of the
+/// padded grid `p`; output channel `oc` at `buf[oc·buf_stride..]`) to the output `(O, od)`
+/// whose channel `oc` starts at `dst + oc·cstride`, adding the bias: runs of whole output rows.
+///
+/// # Safety
+/// The block's output positions must be written by no other thread, and lie (for `o`
+/// channels) inside the output `dst` points to.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn scatter_block(
+    buf: &[f32],
+    buf_stride: usize,
+    q0: usize,
+    len: usize,
+    p: [usize; 3],
+    od: [usize; 3],
+    o: usize,
+    bias: Option<&[f32]>,
+    dst: OutPtr,
+    cstride: usize,
+) {
+    let plane = p[1] * p[2];
+    let mut q = q0;
+    while q < q0 + len {
+        let z = q / plane;
+        let y = (q % plane) / p[2];
+        let x = q % p[2];
+        let run_end = (q - x + p[2]).min(q0 + len);
+        if z < od[0] && y < od[1] && x < od[2] {
+            let n = (run_end - q).min(od[2] - x);
+            let base = (z * od[1] + y) * od[2] + x;
+            for oc in 0..o {
+                let src = &buf[oc * buf_stride + (q - q0)..][..n];
+                // SAFETY: (oc, z, y, x..x+n) is this block's (the caller guarantees it lies
+                // inside the output and that no other thread writes it).
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
+                };
+                match bias {
+                    Some(b) => {
+                        let bo = b[oc];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = s + bo;
+                        }
+                    }
+                    None => dst.copy_from_slice(src),
+                }
+            }
+        }
+        q = run_end;
+    }
 }
 
 /// Packs `(O, C, kd, kh, kw)` weights as `(taps, O, C)`, optionally flipping the taps and
@@ -238,8 +262,14 @@ pub(crate) fn correlate_chunked(
     let planes = (budget / per_plane).max(k[0] + 1);
     let step = (planes + 1 - k[0]).clamp(1, od[0]);
     let mut slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
-    // Winograd's transformed weights, made once for all slabs.
-    let winograd = crate::cpu::winograd::applies(k, c, o, od)
+    // The bf16 kernel's packed weights, or Winograd's transformed ones, made once for all
+    // slabs.
+    let taps = k[0] * k[1] * k[2];
+    let bf16 = crate::cpu::bf16::active_bf16_kernel()
+        .filter(|_| crate::cpu::bf16::applies(c, o))
+        .map(|kernel| (kernel, crate::cpu::bf16::pack_weights(wp, taps, o, c)));
+    let mut pairs = Vec::new();
+    let winograd = (bf16.is_none() && crate::cpu::winograd::applies(k, c, o, od))
         .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
@@ -249,6 +279,21 @@ pub(crate) fn correlate_chunked(
         // SAFETY: `fill` writes every element of its buffer.
         let xp = unsafe { assume_init_slice(buf) };
         let dst = &mut out[oz0 * plane_out..];
+        if let Some((kernel, w)) = &bf16 {
+            let np_dims = [np, p[1], p[2]];
+            crate::cpu::bf16::pair_slab(xp, c, np * p[1] * p[2], w.c_pad(), &mut pairs);
+            crate::cpu::bf16::correlate_sample(
+                crate::cpu::bf16::Runner::Kernel(*kernel),
+                &pairs,
+                np_dims,
+                w,
+                k,
+                bias,
+                dst,
+                n_out,
+            );
+            continue;
+        }
         match &winograd {
             Some(u) => crate::cpu::winograd::correlate_sample(
                 xp,

@@ -12,6 +12,20 @@ pub struct RuntimeArgs {
     /// The device the network runs on.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// Arithmetic of the CPU convolutions: f32 (the default, within the parity tolerances
+    /// of the official code) or bf16 (operands rounded to bfloat16, sums in f32: on AMX or
+    /// AVX512-BF16 CPUs; elsewhere f32 is used and a warning printed).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
+}
+
+/// A precision choice.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// f32 throughout.
+    F32,
+    /// bf16 convolutions between layers of 16 channels or more.
+    Bf16,
 }
 
 /// A device choice.
@@ -41,6 +55,25 @@ impl RuntimeArgs {
             );
         }
         Ok(Some(n))
+    }
+
+    /// Sets the precision of the CPU convolutions, warning on stderr when bf16 was asked for
+    /// and this CPU has no bf16 instructions (f32 is used then).
+    pub fn apply_precision(&self) -> Result<()> {
+        use univ::model::runtime::{Precision, set_precision};
+        let precision = match self.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        };
+        let kernel = set_precision(precision)?;
+        if precision == Precision::Bf16 && kernel.is_none() {
+            eprintln!(
+                "warning: --precision bf16: this CPU has neither AMX-BF16 nor AVX512-BF16 \
+                 (the reference bf16 kernel would be slower than f32), so the convolutions run \
+                 in f32; UNIV_BF16_KERNEL=reference forces bf16 arithmetic"
+            );
+        }
+        Ok(())
     }
 
     /// The candle device.

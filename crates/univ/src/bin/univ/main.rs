@@ -76,6 +76,10 @@ fn main() -> ExitCode {
         }
     };
     univ::model::runtime::init_threads(threads);
+    if let Some(Err(e)) = runtime.map(|r| r.apply_precision()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Preprocess(a) => preprocess::run(a),

@@ -193,10 +193,13 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let logits = model.forward(&x)?.to_device(&Device::Cpu)?;
     eprintln!(
-        "forward: {:?} -> {:?} in {:.2} s",
+        "forward: {:?} -> {:?} in {:.2} s (convolutions: {})",
         x.dims(),
         logits.dims(),
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        univ::model::runtime::active_bf16_kernel()
+            .filter(|_| dev.is_cpu())
+            .map_or("f32".to_string(), |k| format!("bf16, {k} kernel"))
     );
     let mut out = HashMap::new();
     out.insert("logits".to_string(), logits);
