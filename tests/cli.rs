@@ -273,7 +273,7 @@ fn forward_fixture(
 }
 
 #[test]
-fn forward_in_bf16_stays_near_f32_and_falls_back_with_a_warning() {
+fn bf16_stays_near_f32_falls_back_with_a_warning_and_fast_is_a_preset() {
     let Some(shared) = shared::shared_dir() else {
         return;
     };
@@ -330,11 +330,7 @@ fn forward_in_bf16_stays_near_f32_and_falls_back_with_a_warning() {
             assert!(d < 0.02 * scale, "{k}: bf16 logits differ by {d}");
         }
         None => {
-            assert!(
-                text(&o).1.contains("warning: --precision bf16"),
-                "{}",
-                text(&o).1
-            );
+            assert!(text(&o).1.contains("warning: bf16"), "{}", text(&o).1);
             assert!(d < 1e-3, "f32 fallback logits differ by {d}");
         }
     }
@@ -378,6 +374,27 @@ fn forward_in_bf16_stays_near_f32_and_falls_back_with_a_warning() {
     let report = read_json(seg.join("report.json"));
     assert_eq!(report["settings"]["precision"], "bf16", "{report}");
     assert_eq!(report["settings"]["bf16_kernel"], "reference", "{report}");
+
+    // `--fast`: overlap 0.25 and bf16 where the CPU has it (f32 with a warning elsewhere);
+    // `--overlap` still wins.
+    let fast = dir.path().join("fast");
+    let o = segment_small(&ct, &fast, &["--fast"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let report = read_json(fast.join("report.json"));
+    assert_eq!(report["settings"]["overlap"], 0.25, "{report}");
+    match univ::model::runtime::best_bf16_kernel() {
+        Some(k) => assert_eq!(report["settings"]["bf16_kernel"], k.name(), "{report}"),
+        None => {
+            assert_eq!(report["settings"]["precision"], "f32", "{report}");
+            assert!(text(&o).1.contains("warning: bf16"), "{}", text(&o).1);
+        }
+    }
+    let o = segment_small(&ct, &fast, &["--fast", "--overlap", "0.5", "--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        read_json(fast.join("report.json"))["settings"]["overlap"],
+        0.5
+    );
 }
 
 #[test]

@@ -373,13 +373,25 @@ trait Lanes {
     unsafe fn store(p: *mut f32, acc: Self::Acc);
 }
 
-/// The two products of one pair, in the order `VDPBF16PS` and `TDPBF16PS` add them (each
-/// product of two bf16 is exact in f32, so only the additions round).
+/// The low and high bf16 of a pair, as f32.
 #[inline(always)]
+fn halves(v: u32) -> (f32, f32) {
+    (f32::from_bits(v << 16), f32::from_bits(v & 0xffff_0000))
+}
+
+/// The two products of one pair added as `TDPBF16PS` defines it, low halves first (each
+/// product of two bf16 is exact in f32, so only the additions round).
+#[cfg(test)]
 fn dot_pair(acc: f32, a: u32, b: u32) -> f32 {
-    let lo = |v: u32| f32::from_bits(v << 16);
-    let hi = |v: u32| f32::from_bits(v & 0xffff_0000);
-    (acc + lo(a) * lo(b)) + hi(a) * hi(b)
+    let ((al, ah), (bl, bh)) = (halves(a), halves(b));
+    (acc + al * bl) + ah * bh
+}
+
+/// The same as `VDPBF16PS` defines it: high halves first.
+#[inline(always)]
+fn dot_pair_high_first(acc: f32, a: u32, b: u32) -> f32 {
+    let ((al, ah), (bl, bh)) = (halves(a), halves(b));
+    (acc + ah * bh) + al * bl
 }
 
 /// The software model of [`Lanes`] (the reference kernel).
@@ -400,7 +412,7 @@ impl Lanes for SoftLanes {
     #[inline(always)]
     unsafe fn dot(mut acc: [f32; 16], a: u32, b: [u32; 16]) -> [f32; 16] {
         for i in 0..16 {
-            acc[i] = dot_pair(acc[i], a, b[i]);
+            acc[i] = dot_pair_high_first(acc[i], a, b[i]);
         }
         acc
     }

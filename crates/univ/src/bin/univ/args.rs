@@ -15,8 +15,9 @@ pub struct RuntimeArgs {
     /// Arithmetic of the CPU convolutions: f32 (the default, within the parity tolerances
     /// of the official code) or bf16 (operands rounded to bfloat16, sums in f32: on AMX or
     /// AVX512-BF16 CPUs; elsewhere f32 is used and a warning printed).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
-    pub precision: PrecisionArg,
+    /// [default: f32; bf16 with `segment --fast`]
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
 }
 
 /// A precision choice.
@@ -57,18 +58,18 @@ impl RuntimeArgs {
         Ok(Some(n))
     }
 
-    /// Sets the precision of the CPU convolutions, warning on stderr when bf16 was asked for
-    /// and this CPU has no bf16 instructions (f32 is used then).
-    pub fn apply_precision(&self) -> Result<()> {
+    /// Sets the precision of the CPU convolutions (`--precision`, else `default`), warning on
+    /// stderr when bf16 was asked for and this CPU has no bf16 instructions (f32 is used then).
+    pub fn apply_precision(&self, default: PrecisionArg) -> Result<()> {
         use univ::model::runtime::{Precision, set_precision};
-        let precision = match self.precision {
+        let precision = match self.precision.unwrap_or(default) {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         };
         let kernel = set_precision(precision)?;
         if precision == Precision::Bf16 && kernel.is_none() {
             eprintln!(
-                "warning: --precision bf16: this CPU has neither AMX-BF16 nor AVX512-BF16 \
+                "warning: bf16 (--precision bf16 or --fast): this CPU has neither AMX-BF16 nor AVX512-BF16 \
                  (the reference bf16 kernel would be slower than f32), so the convolutions run \
                  in f32; UNIV_BF16_KERNEL=reference forces bf16 arithmetic"
             );

@@ -76,7 +76,11 @@ fn main() -> ExitCode {
         }
     };
     univ::model::runtime::init_threads(threads);
-    if let Some(Err(e)) = runtime.map(|r| r.apply_precision()) {
+    let default_precision = match &cli.command {
+        Command::Segment(a) if a.fast => args::PrecisionArg::Bf16,
+        _ => args::PrecisionArg::F32,
+    };
+    if let Some(Err(e)) = runtime.map(|r| r.apply_precision(default_precision)) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }

@@ -9,6 +9,9 @@ use univ::{CaseOptions, Event, OutputOptions, SegmentOptions};
 
 use crate::args::{DicomArgs, LimitArgs, Progress, RuntimeArgs};
 
+/// The window overlap of `--fast`.
+const FAST_OVERLAP: f64 = 0.25;
+
 /// Arguments of `univ segment`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,9 +27,15 @@ pub struct Args {
     /// Only these classes, by name or id (e.g. `liver,spleen` or `6,1`).
     #[arg(long)]
     classes: Option<String>,
-    /// Overlap of neighbouring windows.
-    #[arg(long, default_value_t = 0.5)]
-    overlap: f64,
+    /// Overlap of neighbouring windows [default: 0.5; 0.25 with --fast].
+    #[arg(long)]
+    overlap: Option<f64>,
+    /// A preset for CPUs: bf16 convolutions (on CPUs with AMX-BF16 or AVX512-BF16; f32
+    /// elsewhere, with a warning) and windows overlapping by 0.25 instead of 0.5 (on
+    /// example_ct 36 windows instead of 80). `--precision` and `--overlap` override it. See
+    /// the README for what it costs in agreement with the default.
+    #[arg(long)]
+    pub fast: bool,
     /// Windows per network call (1 as the official code; the U-Net's batch statistics then
     /// pool over the batch).
     #[arg(long, default_value_t = 1)]
@@ -75,7 +84,11 @@ impl Args {
     fn options(&self, classes: &univ::ClassTable) -> Result<CaseOptions> {
         let segment = SegmentOptions {
             window: SlidingWindowOptions {
-                overlap: self.overlap,
+                overlap: self.overlap.unwrap_or(if self.fast {
+                    FAST_OVERLAP
+                } else {
+                    SlidingWindowOptions::default().overlap
+                }),
                 sw_batch_size: self.sw_batch,
                 max_windows: self.max_windows,
                 mode: if self.constant_blend {
