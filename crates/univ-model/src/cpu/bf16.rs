@@ -40,9 +40,10 @@ pub enum Precision {
     /// f32 throughout (the default; within the parity tolerances of the official code).
     #[default]
     F32,
-    /// Convolutions between layers of at least 16 channels with bf16 operands and f32
-    /// accumulation; everything else (the first and last layers, norms, activations, the
-    /// dynamic head, the logits) in f32.
+    /// Convolutions between layers of at least 16 channels, and the Swin UNETR's linear
+    /// layers (attention qkv and projection, MLP, patch merging), with bf16 operands and f32
+    /// accumulation; everything else (the first and last layers, the attention scores and
+    /// softmax, norms, activations, the text-driven head, the logits) in f32.
     Bf16,
 }
 
@@ -869,6 +870,66 @@ pub(crate) fn correlate_sample(
     );
 }
 
+/// Tokens per tile of the transposes of [`linear`].
+const TILE: usize = 64;
+
+/// `x (T×C) · wᵀ` for `w (O×C)` (a `Linear` layer without its bias) in bf16: the 1×1×1
+/// correlation of a `1×1×T` grid with `C` channels, so `x` is transposed into pairs (`C'/2 × T`)
+/// and the `(O × T)` result back, both a tile of tokens at a time.
+pub(crate) fn linear(
+    runner: Runner,
+    x: &[f32],
+    t: usize,
+    c: usize,
+    w: &[f32],
+    o: usize,
+) -> Vec<f32> {
+    assert!(x.len() == t * c && w.len() == o * c);
+    let packed = pack_weights(w, 1, o, c);
+    let pairs = packed.c_pad / 2;
+    let mut xp = vec![0u32; pairs * t + SLACK];
+    let dst = SharedU32(xp.as_mut_ptr());
+    x.par_chunks(TILE * c).enumerate().for_each(|(ti, rows)| {
+        let t0 = ti * TILE;
+        for (i, row) in rows.chunks(c).enumerate() {
+            for r in 0..c.div_ceil(2) {
+                let lo = u32::from(to_bf16(row[2 * r]));
+                let hi = row.get(2 * r + 1).map_or(0, |v| u32::from(to_bf16(*v)));
+                // SAFETY: (r, t0 + i) lies inside `xp` and belongs to this tile only.
+                unsafe { *dst.get().add(r * t + t0 + i) = lo | (hi << 16) };
+            }
+        }
+    });
+    let mut ot = vec![0f32; o * t];
+    correlate_sample(runner, &xp, [1, 1, t], &packed, [1, 1, 1], None, &mut ot, t);
+    let mut out = vec![0f32; t * o];
+    out.par_chunks_mut(TILE * o)
+        .enumerate()
+        .for_each(|(ti, rows)| {
+            let t0 = ti * TILE;
+            let n = rows.len() / o;
+            for oc in 0..o {
+                let src = &ot[oc * t + t0..][..n];
+                for (i, v) in src.iter().enumerate() {
+                    rows[i * o + oc] = *v;
+                }
+            }
+        });
+    out
+}
+
+/// A raw `u32` pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedU32(*mut u32);
+// SAFETY: every task writes a disjoint set of elements.
+unsafe impl Send for SharedU32 {}
+unsafe impl Sync for SharedU32 {}
+impl SharedU32 {
+    fn get(self) -> *mut u32 {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,6 +1061,36 @@ mod tests {
                 Ok(()) => check(Runner::Kernel(k)),
                 Err(why) => eprintln!("skipping the {k} kernel: {why}"),
             }
+        }
+    }
+
+    #[test]
+    fn linear_matches_f32_on_rounded_operands() {
+        let (t, c, o) = (300, 48, 144);
+        let x = rand_vec(t * c, 3);
+        let w = rand_vec(o * c, 5);
+        let (xr, wr) = (round(&x), round(&w));
+        let mut want = vec![0f32; t * o];
+        for i in 0..t {
+            for j in 0..o {
+                want[i * o + j] = (0..c).map(|k| xr[i * c + k] * wr[j * c + k]).sum();
+            }
+        }
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut runners = vec![Runner::Kernel(Bf16Kernel::Reference), Runner::SoftAmx];
+        runners.extend(
+            [Bf16Kernel::Avx512Bf16, Bf16Kernel::Amx]
+                .into_iter()
+                .filter(|k| k.check().is_ok())
+                .map(Runner::Kernel),
+        );
+        for runner in runners {
+            let got = linear(runner, &x, t, c, &w, o);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5 * scale, "{runner:?}: {err} (scale {scale})");
         }
     }
 

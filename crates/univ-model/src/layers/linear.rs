@@ -18,7 +18,7 @@ impl Default for LinearConfig {
 }
 
 /// PyTorch's `Linear` over the last axis (leading axes are flattened into one batch axis for a
-/// single matmul).
+/// single matmul; in bf16 when the CPU convolutions are, see [`crate::ops::linear_matmul`]).
 ///
 /// Keys: `weight` `(out, in)`, `bias` `(out)`.
 ///
@@ -65,7 +65,7 @@ impl Module for Linear {
             candle_core::bail!("Linear: a rank-0 input")
         };
         let rows = x.elem_count() / input.max(1);
-        let y = x.reshape((rows, input))?.matmul(&self.weight.t()?)?;
+        let y = crate::ops::linear_matmul(&x.reshape((rows, input))?, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

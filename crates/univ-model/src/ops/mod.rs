@@ -9,6 +9,7 @@ pub mod conv;
 pub mod conv_transpose;
 pub mod elementwise;
 pub mod head;
+pub mod linear;
 pub mod norm;
 pub mod pool;
 
@@ -20,6 +21,7 @@ pub use conv::{conv3d, conv3d_composed, conv3d_concat, conv3d_patchify};
 pub use conv_transpose::conv_transpose3d_k_eq_s;
 pub use elementwise::{gelu, leaky_relu, relu};
 pub use head::{dynamic_head, dynamic_head_composed};
+pub use linear::linear_matmul;
 pub use norm::{batch_norm_batch_stats, group_norm, instance_norm, layer_norm, norm_act};
 pub use pool::{adaptive_avg_pool3d_1, max_pool3d_2};
 
