@@ -3,7 +3,7 @@
 //! architecture), achieved GFLOP/s, and the machine's measured FMA peak for comparison.
 //!
 //! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet
-//! --slab-mb 96 --winograd off --precision bf16]`
+//! --slab-mb 96 --winograd off --precision bf16 --profile]`
 //!
 //! With `--precision bf16` (the kernel chosen as `univ` chooses it; `UNIV_BF16_KERNEL` forces
 //! one) the window is also run once in f32 on the same weights and input, and the largest
@@ -224,6 +224,7 @@ fn bench(
     size: usize,
     reps: usize,
     peak: f64,
+    profiling: bool,
 ) -> anyhow::Result<()> {
     // Random weights, then plain tensors (as from a checkpoint: no autograd tracking).
     let varmap = VarMap::new();
@@ -260,6 +261,22 @@ fn bench(
         times.push(t.elapsed().as_secs_f64());
     }
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    if profiling {
+        // The last window's stages (the earlier ones include the allocator's warm-up).
+        univ_model::runtime::reset_profile();
+        let t = Instant::now();
+        std::hint::black_box(model.forward(&x)?.dims());
+        let total = t.elapsed().as_secs_f64();
+        println!(
+            "{name:<22} profile of one more window ({total:.2} s; stages nest, times include their children):"
+        );
+        for (stage, secs, calls) in univ_model::runtime::profile() {
+            println!(
+                "  {stage:<56} {secs:7.3} s {:5.1}%  ({calls} calls)",
+                100.0 * secs / total
+            );
+        }
+    }
     let kernel = univ_model::runtime::active_bf16_kernel();
     if let Some(k) = kernel {
         // The same window in f32, for the accuracy of bf16.
@@ -311,6 +328,9 @@ fn main() -> anyhow::Result<()> {
     let size: usize = get("--size").map(|v| v.parse()).transpose()?.unwrap_or(96);
     let reps: usize = get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(2);
     let only = get("--only");
+    // `--profile` times one more window stage by stage.
+    let profiling = args.iter().any(|a| a == "--profile");
+    univ_model::runtime::set_profiling(profiling);
     if let Some(mb) = get("--slab-mb") {
         univ_model::runtime::set_slab_bytes(mb.parse::<usize>()? << 20);
     }
@@ -348,6 +368,7 @@ fn main() -> anyhow::Result<()> {
             size,
             reps,
             peak,
+            profiling,
         )?;
     }
     if only.as_deref().is_none_or(|o| o == "swin") {
@@ -362,6 +383,7 @@ fn main() -> anyhow::Result<()> {
             size,
             reps,
             peak,
+            profiling,
         )?;
     }
     Ok(())

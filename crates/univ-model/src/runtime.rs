@@ -65,3 +65,60 @@ pub fn keep_freed_memory() {
     // SAFETY: setting an option is thread-safe and valid at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
+
+static PROFILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+type Totals = std::collections::BTreeMap<&'static str, (f64, u64)>;
+
+fn profile_totals() -> &'static std::sync::Mutex<Totals> {
+    static TOTALS: std::sync::OnceLock<std::sync::Mutex<Totals>> = std::sync::OnceLock::new();
+    TOTALS.get_or_init(Default::default)
+}
+
+/// Turns the stage profile on or off (off by default; process-wide). While on, the stages of
+/// the networks that are timed (see [`profile`]) add their wall-clock time to named totals.
+pub fn set_profiling(on: bool) {
+    PROFILING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The stage profile so far: `(stage, seconds, calls)` sorted by name. Stages nest (their names
+/// say how: `swin/block/attention/qkv` is inside `swin/block/attention`), so a stage's time
+/// includes its children's. Timed today: the Swin UNETR backbone.
+pub fn profile() -> Vec<(&'static str, f64, u64)> {
+    let totals = profile_totals().lock().unwrap_or_else(|e| e.into_inner());
+    totals.iter().map(|(k, (s, n))| (*k, *s, *n)).collect()
+}
+
+/// Clears the stage profile.
+pub fn reset_profile() {
+    profile_totals()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+}
+
+/// Times a stage until dropped (nothing when profiling is off).
+pub(crate) struct Stage {
+    name: &'static str,
+    start: std::time::Instant,
+}
+
+/// Starts timing `name` when profiling is on.
+pub(crate) fn stage(name: &'static str) -> Option<Stage> {
+    PROFILING
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| Stage {
+            name,
+            start: std::time::Instant::now(),
+        })
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let s = self.start.elapsed().as_secs_f64();
+        let mut totals = profile_totals().lock().unwrap_or_else(|e| e.into_inner());
+        let e = totals.entry(self.name).or_insert((0.0, 0));
+        e.0 += s;
+        e.1 += 1;
+    }
+}

@@ -19,7 +19,8 @@ use crate::layers::{
 };
 use crate::ops::elementwise::add_act_owned;
 use crate::ops::norm::norm_act_owned;
-use crate::ops::{Act, NormKind, layer_norm};
+use crate::ops::{Act, ExecPath, NormKind, layer_norm, with_f32_slices};
+use crate::runtime::stage;
 
 /// Swin UNETR hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,15 +273,22 @@ impl WindowAttention {
     fn forward_group(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (bw, n, c) = x.dims3()?;
         let hd = c / self.heads;
+        let timer = stage("swin/block/attention/qkv linear");
         let qkv = self
             .qkv
             .forward(x)?
             .reshape((bw, n, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
+        drop(timer);
+        let timer = stage("swin/block/attention/split heads");
         let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
+        drop(timer);
+        let timer = stage("swin/block/attention/scores QK^T");
         let mut attn = q.matmul(&k.t()?.contiguous()?)?; // (BW, h, N, N)
+        drop(timer);
+        let timer = stage("swin/block/attention/bias + mask + softmax");
         // The quirk: the first N rows and columns of the full window's index table.
         let full = relative_position_index(self.window);
         let nf = self.window.pow(3);
@@ -294,6 +302,33 @@ impl WindowAttention {
             .reshape((n, n, self.heads))?
             .permute((2, 0, 1))?
             .unsqueeze(0)?;
+        if ExecPath::of(&[Some(&attn), Some(&bias), mask]) == ExecPath::CpuInference {
+            // One fused pass: bias, mask and softmax.
+            let mut scores = attn.flatten_all()?.to_vec1::<f32>()?;
+            let mut ts = vec![bias.contiguous()?];
+            if let Some(m) = mask {
+                ts.push(m.contiguous()?);
+            }
+            let refs: Vec<&Tensor> = ts.iter().collect();
+            with_f32_slices(&refs, |d| {
+                let nw = mask.map(|m| m.dim(0)).transpose()?;
+                crate::cpu::attention::bias_mask_softmax(
+                    &mut scores,
+                    self.heads,
+                    n,
+                    d[0],
+                    nw.map(|nw| (d[1], nw)),
+                );
+                candle_core::Result::Ok(())
+            })??;
+            let attn = Tensor::from_vec(scores, (bw, self.heads, n, n), x.device())?;
+            drop(timer);
+            let timer = stage("swin/block/attention/AV + merge heads");
+            let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
+            drop(timer);
+            let _timer = stage("swin/block/attention/projection linear");
+            return Ok(self.proj.forward(&out)?);
+        }
         attn = attn.broadcast_add(&bias)?;
         if let Some(m) = mask {
             let nw = m.dim(0)?;
@@ -302,8 +337,14 @@ impl WindowAttention {
                 .broadcast_add(&m.unsqueeze(1)?.unsqueeze(0)?)?
                 .reshape((bw, self.heads, n, n))?;
         }
+        drop(timer);
+        let timer = stage("swin/block/attention/softmax");
         let attn = candle_nn::ops::softmax(&attn, D::Minus1)?;
+        drop(timer);
+        let timer = stage("swin/block/attention/AV + merge heads");
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
+        drop(timer);
+        let _timer = stage("swin/block/attention/projection linear");
         Ok(self.proj.forward(&out)?)
     }
 }
@@ -339,7 +380,10 @@ impl SwinBlock {
         let shift = if self.shifted { self.window / 2 } else { 0 };
         let (ws, sh) = window_and_shift([d, h, w], self.window, shift);
         let shortcut = x;
+        let timer = stage("swin/block/norm1");
         let mut y = self.norm1.forward(x)?;
+        drop(timer);
+        let timer = stage("swin/block/pad, shift, partition");
         let pads = [0, 1, 2].map(|a| (ws[a] - [d, h, w][a] % ws[a]) % ws[a]);
         for (a, p) in pads.iter().enumerate() {
             if *p > 0 {
@@ -354,9 +398,13 @@ impl SwinBlock {
             }
         }
         let windows = window_partition(&y, ws)?;
+        drop(timer);
+        let timer = stage("swin/block/attention");
         let attn = self
             .attn
             .forward(&windows, if any_shift { mask } else { None })?;
+        drop(timer);
+        let timer = stage("swin/block/reverse, unshift, crop, residual");
         let mut y = window_reverse(&attn, ws, [b, dp[0], dp[1], dp[2]])?;
         if any_shift {
             for a in 0..3 {
@@ -371,9 +419,18 @@ impl SwinBlock {
                 .contiguous()?;
         }
         let x = (shortcut + y)?;
-        let m = self
-            .linear2
-            .forward(&self.linear1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        drop(timer);
+        let timer = stage("swin/block/norm2");
+        let n2 = self.norm2.forward(&x)?;
+        drop(timer);
+        let timer = stage("swin/block/mlp linear1");
+        let h1 = self.linear1.forward(&n2)?;
+        drop(timer);
+        let timer = stage("swin/block/mlp gelu");
+        let h1 = h1.gelu_erf()?;
+        drop(timer);
+        let _timer = stage("swin/block/mlp linear2 + residual");
+        let m = self.linear2.forward(&h1)?;
         Ok((x + m)?)
     }
 }
@@ -464,11 +521,17 @@ impl BasicLayer {
         } else {
             None
         };
+        let timer = stage("swin/layer permutes");
         let mut y = x.permute((0, 2, 3, 4, 1))?.contiguous()?;
+        drop(timer);
         for blk in &self.blocks {
+            let _timer = stage("swin/block");
             y = blk.forward(&y, mask.as_ref())?;
         }
+        let timer = stage("swin/patch merging");
         let y = self.downsample.forward(&y)?;
+        drop(timer);
+        let _timer = stage("swin/layer permutes");
         Ok(y.permute((0, 4, 1, 2, 3))?.contiguous()?)
     }
 }
@@ -517,10 +580,15 @@ impl SwinTransformer {
     /// # Errors
     /// Tensor errors.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let timer = stage("swin/patch embedding");
         let mut cur = self.patch_embed.forward(x)?;
+        drop(timer);
+        let timer = stage("swin/hidden-state norms");
         let mut out = vec![proj_out(&cur)?];
+        drop(timer);
         for layer in &self.layers {
             cur = layer.forward(&cur)?;
+            let _timer = stage("swin/hidden-state norms");
             out.push(proj_out(&cur)?);
         }
         Ok(out)
@@ -690,12 +758,17 @@ impl SwinUnetr {
         } else {
             x.to_dtype(DType::F32)?
         };
+        let timer = stage("swin");
         let hs = self.swin.forward(&x)?;
+        drop(timer);
+        let timer = stage("convolutional encoders (res blocks)");
         let enc0 = self.encoder1.forward(&x)?;
         let enc1 = self.encoder2.forward(&hs[0])?;
         let enc2 = self.encoder3.forward(&hs[1])?;
         let enc3 = self.encoder4.forward(&hs[2])?;
         let dec4 = self.encoder10.forward(&hs[4])?;
+        drop(timer);
+        let _timer = stage("convolutional decoders (up-sampling, res blocks)");
         let dec3 = self.decoder5.forward(&dec4, &hs[3])?;
         let dec2 = self.decoder4.forward(&dec3, &enc3)?;
         let dec1 = self.decoder3.forward(&dec2, &enc2)?;

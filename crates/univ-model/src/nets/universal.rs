@@ -277,7 +277,10 @@ impl UniversalModel {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn forward_parts(&self, x: &Tensor) -> Result<ForwardParts> {
+        let timer = crate::runtime::stage("backbone");
         let (deep, decoder) = self.backbone.forward(x)?;
+        drop(timer);
+        let _timer = crate::runtime::stage("text-driven head");
         let c = self.head.controller(&deep)?;
         let precls = self.head.features(&decoder)?; // (B, 8, D, H, W)
         let logits = dynamic_head(&precls, &c.params)?;
