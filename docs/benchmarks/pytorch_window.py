@@ -5,7 +5,10 @@ CLIP-Driven Universal Model with random weights: a Models-Genesis-style UNet3D (
 batch-statistics BatchNorm as the official ContBatchNorm3d) and MONAI's SwinUNETR (feature size
 48), each followed by the text-driven head (GroupNorm/ReLU/1x1 conv, GAP, controller, grouped
 8-8-1 dynamic head over 32 classes). Written from the architecture description in the
-specification; it is a timing baseline, not a parity reference.
+specification; it is a timing baseline, not a parity reference. The modules are named after the
+official checkpoint keys, so that `cpu_anchors.py` can load univ's random weights into them; the
+U-Net's ContBatchNorm3d (batch statistics) is instance norm with the same affine weights, which
+for batch 1 is the same arithmetic.
 
 Run it from a throwaway virtualenv outside the repository:
     python -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.15.0 monai==1.6.1 numpy
@@ -27,42 +30,44 @@ class LUConv(nn.Module):
 
     def forward(self, x):
         y = self.conv1(x)
-        y = F.batch_norm(y, None, None, self.bn1.weight, self.bn1.bias, True, 0.1, 1e-5)
+        # ContBatchNorm3d uses batch statistics; for batch 1 that is instance norm.
+        y = F.instance_norm(y, weight=self.bn1.weight, bias=self.bn1.bias, eps=1e-5)
         return F.relu(y)
 
 
-def two(cin, mid, cout):
-    return nn.Sequential(LUConv(cin, mid), LUConv(mid, cout))
-
-
-class Up(nn.Module):
-    def __init__(self, cin, skip, cout):
+class Stage(nn.Module):
+    def __init__(self, cin, mid, cout, up=None):
         super().__init__()
-        self.up_conv = nn.ConvTranspose3d(cin, cin, 2, stride=2)
-        self.ops = two(cin + skip, cout, cout)
-
-    def forward(self, x, s):
-        return self.ops(torch.cat([self.up_conv(x), s], 1))
+        if up is not None:
+            self.up_conv = nn.ConvTranspose3d(up, up, 2, stride=2)
+        self.ops = nn.Sequential(LUConv(cin, mid), LUConv(mid, cout))
 
 
 class UNet3D(nn.Module):
     def __init__(self, b=32):
         super().__init__()
-        self.d64, self.d128 = two(1, b, 2 * b), two(2 * b, 2 * b, 4 * b)
-        self.d256, self.d512 = two(4 * b, 4 * b, 8 * b), two(8 * b, 8 * b, 16 * b)
-        self.u256, self.u128 = Up(16 * b, 8 * b, 8 * b), Up(8 * b, 4 * b, 4 * b)
-        self.u64 = Up(4 * b, 2 * b, 2 * b)
+        self.down_tr64 = Stage(1, b, 2 * b)
+        self.down_tr128 = Stage(2 * b, 2 * b, 4 * b)
+        self.down_tr256 = Stage(4 * b, 4 * b, 8 * b)
+        self.down_tr512 = Stage(8 * b, 8 * b, 16 * b)
+        self.up_tr256 = Stage(24 * b, 8 * b, 8 * b, up=16 * b)
+        self.up_tr128 = Stage(12 * b, 4 * b, 4 * b, up=8 * b)
+        self.up_tr64 = Stage(6 * b, 2 * b, 2 * b, up=4 * b)
 
     def forward(self, x):
-        s64 = self.d64(x)
-        s128 = self.d128(F.max_pool3d(s64, 2))
-        s256 = self.d256(F.max_pool3d(s128, 2))
-        deep = self.d512(F.max_pool3d(s256, 2))
-        u = self.u64(self.u128(self.u256(deep, s256), s128), s64)
+        s64 = self.down_tr64.ops(x)
+        s128 = self.down_tr128.ops(F.max_pool3d(s64, 2))
+        s256 = self.down_tr256.ops(F.max_pool3d(s128, 2))
+        deep = self.down_tr512.ops(F.max_pool3d(s256, 2))
+        u = deep
+        for stage, skip in ((self.up_tr256, s256), (self.up_tr128, s128), (self.up_tr64, s64)):
+            u = stage.ops(torch.cat([stage.up_conv(u), skip], 1))
         return deep, u
 
 
 class SwinBackbone(nn.Module):
+    """MONAI's SwinUNETR (its legacy patch merging, as the official model) as a backbone."""
+
     def __init__(self, fs=48):
         super().__init__()
         from monai.networks.nets import SwinUNETR
@@ -86,23 +91,24 @@ class Universal(nn.Module):
     def __init__(self, backbone, c_dec, c_deep, classes=32):
         super().__init__()
         self.backbone = backbone
-        self.precls = nn.Sequential(nn.GroupNorm(16, c_dec), nn.ReLU(), nn.Conv3d(c_dec, 8, 1))
-        self.gap = nn.Sequential(nn.GroupNorm(16, c_deep), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Conv3d(c_deep, 256, 1))
+        self.precls_conv = nn.Sequential(nn.GroupNorm(16, c_dec), nn.ReLU(), nn.Conv3d(c_dec, 8, 1))
+        self.GAP = nn.Sequential(nn.GroupNorm(16, c_deep), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                                 nn.Conv3d(c_deep, 256, 1))
         self.controller = nn.Conv3d(512, 153, 1)
-        self.register_buffer("emb", torch.randn(classes, 512))
-        self.t2v = nn.Linear(512, 256)
+        self.text_to_vision = nn.Linear(512, 256)
+        self.organ_embedding = nn.Parameter(torch.randn(classes, 512))
         self.k = classes
 
     def forward(self, x):
         deep, dec = self.backbone(x)
-        e = F.relu(self.t2v(self.emb)).unsqueeze(2).unsqueeze(2).unsqueeze(2)
-        g = self.gap(deep)
+        e = F.relu(self.text_to_vision(self.organ_embedding))[:, :, None, None, None]
+        g = self.GAP(deep)
         out = []
         for i in range(x.shape[0]):
-            cond = torch.cat([g[i].unsqueeze(0).repeat(self.k, 1, 1, 1, 1), e], 1)
-            p = self.controller(cond).squeeze(-1).squeeze(-1).squeeze(-1)
+            cond = torch.cat([g[i : i + 1].repeat(self.k, 1, 1, 1, 1), e], 1)
+            p = self.controller(cond).flatten(1)
             w1, w2, w3, b1, b2, b3 = torch.split(p, [64, 64, 8, 8, 8, 1], 1)
-            f = self.precls(dec[i].unsqueeze(0)).repeat(self.k, 1, 1, 1, 1)
+            f = self.precls_conv(dec[i : i + 1]).repeat(self.k, 1, 1, 1, 1)
             d, h, w = f.shape[2:]
             f = f.reshape(1, -1, d, h, w)
             f = F.relu(F.conv3d(f, w1.reshape(-1, 8, 1, 1, 1), b1.reshape(-1), groups=self.k))

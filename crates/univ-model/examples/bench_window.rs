@@ -5,6 +5,9 @@
 //! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet
 //! --slab-mb 96 --winograd off --precision bf16 --profile]`
 //!
+//! With `UNIV_SAVE_RANDOM_MODELS=DIR` the random weights, the input and the f32 logits are saved
+//! in `DIR` (for `docs/benchmarks/cpu_anchors.py`, which runs PyTorch and OpenVINO on them).
+//!
 //! With `--precision bf16` (the kernel chosen as `univ` chooses it; `UNIV_BF16_KERNEL` forces
 //! one) the window is also run once in f32 on the same weights and input, and the largest
 //! logit difference and the share of voxels whose mask (logit > 0) flips are printed.
@@ -251,6 +254,21 @@ fn bench(
         cfg,
     )?;
     let x = Tensor::rand(0f32, 1.0, (1, 1, size, size, size), &Device::Cpu)?;
+    if let Some(dir) = std::env::var_os("UNIV_SAVE_RANDOM_MODELS") {
+        // The input and univ's f32 logits too, for docs/benchmarks/cpu_anchors.py (which runs
+        // PyTorch and OpenVINO on the same weights and input).
+        let dir = std::path::Path::new(&dir);
+        let name = cfg.backbone.name();
+        let kernel = univ_model::runtime::active_bf16_kernel();
+        univ_model::runtime::set_bf16_kernel(None)?;
+        let logits = model.forward(&x)?;
+        univ_model::runtime::set_bf16_kernel(kernel)?;
+        let input = dir.join(format!("input_{name}_{size}.safetensors"));
+        candle_core::safetensors::save(&[("input", x.clone())].into_iter().collect(), &input)?;
+        let out = dir.join(format!("logits_{name}_{size}.safetensors"));
+        candle_core::safetensors::save(&[("logits", logits)].into_iter().collect(), &out)?;
+        println!("saved {} and {}", input.display(), out.display());
+    }
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let mut times = Vec::new();

@@ -30,8 +30,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
-use crate::cpu::correlate::{block_len, scatter_block};
-use crate::cpu::tap_offsets;
+use crate::cpu::correlate::{Geometry, block_len, scatter_block};
 use crate::error::{Error, Result};
 
 /// The arithmetic precision of the CPU convolutions.
@@ -838,14 +837,15 @@ pub(crate) fn correlate_sample(
     out: &mut [f32],
     cstride: usize,
 ) {
-    let vp = p[0] * p[1] * p[2];
-    let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
-    let plane = p[1] * p[2];
-    let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
-    let taps = tap_offsets(k, p);
+    let Geometry {
+        vp,
+        od,
+        span,
+        taps,
+        n_out,
+    } = Geometry::new(p, k);
     let blen = block_len(w.o_pad).next_multiple_of(32);
     let nblocks = span.div_ceil(blen);
-    let n_out = od[0] * od[1] * od[2];
     let o = w.o;
     assert!(xp.len() == w.c_pad / 2 * vp + SLACK);
     assert!(cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);

@@ -103,6 +103,34 @@ pub(crate) fn pad_sample<'a>(
     (out, p)
 }
 
+/// The geometry of a stride-1 correlation of a padded block `p` with kernel `k`, read as an
+/// implicit GEMM over the flat padded grid.
+pub(crate) struct Geometry {
+    /// Voxels of the padded block.
+    pub(crate) vp: usize,
+    /// The output grid.
+    pub(crate) od: [usize; 3],
+    /// Flat padded positions from the first to the last valid output position.
+    pub(crate) span: usize,
+    /// The flat offset of every kernel tap.
+    pub(crate) taps: Vec<usize>,
+    /// Output voxels.
+    pub(crate) n_out: usize,
+}
+
+impl Geometry {
+    pub(crate) fn new(p: [usize; 3], k: [usize; 3]) -> Self {
+        let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
+        Geometry {
+            vp: p[0] * p[1] * p[2],
+            od,
+            span: (od[0] - 1) * p[1] * p[2] + (od[1] - 1) * p[2] + od[2],
+            taps: tap_offsets(k, p),
+            n_out: od[0] * od[1] * od[2],
+        }
+    }
+}
+
 /// Stride-1 correlation of one padded block of planes: `out[o, z, y, x] = b[o] + Σ_c Σ_t
 /// w[t][o][c] · xp[c, z+kd, y+kh, x+kw]`, with `wp` packed as `(taps, O, C)`. Output channel
 /// `o` starts at `out[o · cstride]` (the block may be a run of planes of a larger output).
@@ -118,14 +146,15 @@ pub(crate) fn correlate_sample(
     out: &mut [f32],
     cstride: usize,
 ) {
-    let vp = p[0] * p[1] * p[2];
-    let od = [p[0] + 1 - k[0], p[1] + 1 - k[1], p[2] + 1 - k[2]];
-    let plane = p[1] * p[2];
-    let span = (od[0] - 1) * plane + (od[1] - 1) * p[2] + od[2];
-    let taps = tap_offsets(k, p);
+    let Geometry {
+        vp,
+        od,
+        span,
+        taps,
+        n_out,
+    } = Geometry::new(p, k);
     let blen = block_len(o);
     let nblocks = span.div_ceil(blen);
-    let n_out = od[0] * od[1] * od[2];
     assert!(xp.len() == c * vp && cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
     let dst = OutPtr(out.as_mut_ptr());
     (0..nblocks).into_par_iter().for_each_init(
