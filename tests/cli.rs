@@ -1002,6 +1002,53 @@ fn write_training_case(dir: &Path) {
 }
 
 #[test]
+fn train_in_bf16_follows_the_f32_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    write_training_case(dir.path());
+    std::fs::write(
+        dir.path().join("data.toml"),
+        "[[dataset]]\nname = \"tiny\"\ncases = [[\"ct.nii.gz\", \"seg.nii.gz\"]]\nclasses = [6]\n",
+    )
+    .unwrap();
+    // Width 8: the 16- to 128-channel convolutions run in bf16.
+    let losses: Vec<Vec<f64>> = ["f32", "bf16"]
+        .iter()
+        .map(|p| {
+            let conf = dir.path().join(format!("train_{p}.toml"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "[model]\nbackbone = \"unet\"\nwidth = 8\nclasses = 8\n\n[data]\nmanifest = \"data.toml\"\n\
+                     roi = [32, 32, 32]\nnum_samples = 1\n\n[train]\noutput = \"run_{p}\"\nsteps = 3\n\
+                     checkpoint_every = 3\nschedule_unit = \"step\"\n"
+                ),
+            )
+            .unwrap();
+            let o = Command::new(env!("CARGO_BIN_EXE_univ"))
+                .args(["train", "--config", conf.to_str().unwrap(), "--quiet"])
+                .args(["--precision", p, "--threads", "2"])
+                .env("UNIV_BF16_KERNEL", "reference")
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", text(&o).1);
+            let log = std::fs::read_to_string(dir.path().join(format!("run_{p}/log.csv"))).unwrap();
+            log.lines()
+                .skip(1)
+                .map(|l| l.split(',').nth(3).unwrap().parse().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(losses[0].len(), 3);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!((a - b).abs() < 0.01 * a.abs(), "f32 {a} against bf16 {b}");
+    }
+    assert_ne!(
+        losses[0], losses[1],
+        "bf16 training gave f32's losses exactly: was bf16 used?"
+    );
+}
+
+#[test]
 fn train_writes_checkpoints_refuses_to_overwrite_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     write_training_case(dir.path());
