@@ -959,7 +959,8 @@ fn info_and_segment_read_a_dicom_series_and_evaluate_aligns_its_reference() {
     }
 }
 
-/// A tiny synthetic CT and label for training through the command line.
+/// A tiny synthetic CT and label for training through the command line, and `data.toml`, a
+/// manifest of that one case (dataset `tiny`, class 6).
 fn write_training_case(dir: &Path) {
     let shape = [20usize, 20, 12];
     let aff = [
@@ -999,17 +1000,17 @@ fn write_training_case(dir: &Path) {
         &o,
     )
     .unwrap();
+    std::fs::write(
+        dir.join("data.toml"),
+        "[[dataset]]\nname = \"tiny\"\ncases = [[\"ct.nii.gz\", \"seg.nii.gz\"]]\nclasses = [6]\n",
+    )
+    .unwrap();
 }
 
 #[test]
 fn train_in_bf16_follows_the_f32_losses() {
     let dir = tempfile::tempdir().unwrap();
     write_training_case(dir.path());
-    std::fs::write(
-        dir.path().join("data.toml"),
-        "[[dataset]]\nname = \"tiny\"\ncases = [[\"ct.nii.gz\", \"seg.nii.gz\"]]\nclasses = [6]\n",
-    )
-    .unwrap();
     // Width 8: the 16- to 128-channel convolutions run in bf16.
     let losses: Vec<Vec<f64>> = ["f32", "bf16"]
         .iter()
@@ -1052,11 +1053,6 @@ fn train_in_bf16_follows_the_f32_losses() {
 fn train_writes_checkpoints_refuses_to_overwrite_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     write_training_case(dir.path());
-    std::fs::write(
-        dir.path().join("data.toml"),
-        "[[dataset]]\nname = \"tiny\"\ncases = [[\"ct.nii.gz\", \"seg.nii.gz\"]]\nclasses = [6]\n",
-    )
-    .unwrap();
     let cfg = |steps: u32| {
         format!(
             "[model]\nbackbone = \"unet\"\nwidth = 4\nclasses = 8\n\n[data]\nmanifest = \"data.toml\"\n\
