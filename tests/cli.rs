@@ -3,6 +3,8 @@
 #[path = "common/shared.rs"]
 mod shared;
 
+#[path = "cohort_cli.rs"]
+mod cohort_cli;
 #[path = "fuzz_replay.rs"]
 mod fuzz_replay;
 #[path = "../examples/segment_ct.rs"]

@@ -2,10 +2,13 @@
 //! sibling (same folder, so the rename is atomic on one file system), is synced to disk, and
 //! is renamed over the destination. A failure removes the temporary file.
 //!
-//! Temporary names are `.NAME-univ-tmp-PID-N.EXT`: hidden, recognisable as univ's, unique per
-//! process and call, and ending in the destination's extension (writers that choose the
-//! format from it, such as gzip for `.nii.gz`, see the same one). No dot comes before the
-//! extension, so writers that swap extensions (the nifti crate does) keep the whole name.
+//! Temporary names are `.NAME-univ-tmp-PID-N-HOST.EXT`: hidden, recognisable as univ's, unique
+//! per process and call, tagged with the machine (`HOST`, 8 hex digits of a hash of its host
+//! name, so that on a file system shared by a cluster only the machine that made a temporary
+//! ever judges whether its process still runs), and ending in the destination's extension
+//! (writers that choose the format from it, such as gzip for `.nii.gz`, see the same one). No
+//! dot comes before the extension, so writers that swap extensions (the nifti crate does) keep
+//! the whole name.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +33,24 @@ fn temp_prefix(path: &Path) -> String {
     format!(".{stem}{TEMP_MARKER}")
 }
 
+/// This machine's tag in temporary names: FNV-1a (32 bits) of the host name, in hex.
+fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| std::env::var("COMPUTERNAME").ok())
+            .unwrap_or_default();
+        let mut h: u32 = 0x811c_9dc5;
+        for b in name.trim().bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        format!("{h:08x}")
+    })
+}
+
 /// `true` while a process with this id runs (Linux: `/proc/PID`); `true` where that cannot
 /// be known, so that nothing of a live process is ever removed.
 fn process_alive(pid: u32) -> bool {
@@ -41,8 +62,10 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Removes the temporary siblings of `path` that an earlier univ process left when it was
-/// killed (a crash, `kill -9`, a power cut): entries named `.NAME-univ-tmp-PID-N...` whose
-/// process no longer runs. Nothing else is touched; returns what was removed.
+/// killed (a crash, `kill -9`, a power cut): entries named `.NAME-univ-tmp-PID-N-HOST...` made
+/// on this machine whose process no longer runs (names without the machine tag, from older
+/// versions, count as this machine's). Temporaries of other machines are left alone: whether
+/// their process runs cannot be known here. Nothing else is touched; returns what was removed.
 pub fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -58,8 +81,16 @@ pub fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
         let Some(rest) = name.strip_prefix(&prefix) else {
             continue;
         };
-        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let mut fields = rest.split('-');
+        let pid: Option<u32> = fields.next().and_then(|p| p.parse().ok());
         let Some(pid) = pid else { continue };
+        let _call = fields.next();
+        if let Some(host) = fields.next() {
+            let host = host.split('.').next().unwrap_or(host);
+            if host != host_tag() {
+                continue;
+            }
+        }
         if pid == std::process::id() || process_alive(pid) {
             continue;
         }
@@ -103,7 +134,7 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// A fresh temporary sibling of `path`: `.NAME-univ-tmp-PID-N.EXT` in the same folder, where
+/// A fresh temporary sibling of `path`: `.NAME-univ-tmp-PID-N-HOST.EXT` in the same folder, where
 /// `NAME.EXT` is the file name (`EXT` the part after the first dot, `nii.gz` for example).
 pub fn temp_sibling(path: &Path) -> PathBuf {
     let dir = match path.parent() {
@@ -120,8 +151,9 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(
-        ".{stem}{TEMP_MARKER}{}-{n}{ext}",
-        std::process::id()
+        ".{stem}{TEMP_MARKER}{}-{n}-{}{ext}",
+        std::process::id(),
+        host_tag()
     ))
 }
 
@@ -173,6 +205,7 @@ mod tests {
         assert_eq!(t.parent(), Some(Path::new("/a/b")));
         assert!(name.starts_with(".seg-univ-tmp-"), "{name}");
         assert_eq!(name.matches('.').count(), 3, "{name}");
+        assert!(name.contains(&format!("-{}.nii.gz", host_tag())), "{name}");
         assert!(name.ends_with(".nii.gz"), "{name}");
         let u = temp_sibling(Path::new("report"));
         assert_eq!(u.parent(), Some(Path::new(".")));
@@ -188,6 +221,13 @@ mod tests {
         std::fs::create_dir_all(dead.join("masks")).unwrap();
         let dead_file = dir.path().join(".case-univ-tmp-999999999-3.nii.gz");
         std::fs::write(&dead_file, b"x").unwrap();
+        let dead_here = dir
+            .path()
+            .join(format!(".case-univ-tmp-999999999-4-{}.nii.gz", host_tag()));
+        std::fs::write(&dead_here, b"x").unwrap();
+        // Another machine's (on a shared file system): its process may well run there.
+        let elsewhere = dir.path().join(".case-univ-tmp-999999999-5-0badf00d");
+        std::fs::create_dir_all(&elsewhere).unwrap();
         let live = dir
             .path()
             .join(format!(".case-univ-tmp-{}-1", std::process::id()));
@@ -195,6 +235,7 @@ mod tests {
         let other = [
             dir.path().join(".other-univ-tmp-999999999-0"),
             dir.path().join(".case-partial"),
+            elsewhere,
             dir.path().join("case"),
         ];
         for o in &other {
@@ -202,8 +243,10 @@ mod tests {
         }
         let mut removed = remove_stale_temps(&out);
         removed.sort();
-        assert_eq!(removed, vec![dead.clone(), dead_file.clone()]);
-        assert!(!dead.exists() && !dead_file.exists());
+        let mut expected = vec![dead.clone(), dead_file.clone(), dead_here.clone()];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(!dead.exists() && !dead_file.exists() && !dead_here.exists());
         assert!(live.exists());
         assert!(other.iter().all(|o| o.exists()));
     }

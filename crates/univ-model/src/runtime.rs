@@ -43,6 +43,14 @@ pub fn peak_resident_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Resets the peak resident memory that [`peak_resident_bytes`] reports to the memory resident
+/// now (Linux: `5` written to `/proc/self/clear_refs`), so that the peak of one piece of work
+/// (a case of a cohort) can be measured in a process that did other work before. `false` where
+/// the system does not allow it; the peak then stays the process's.
+pub fn reset_peak_resident() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
 pub use crate::cpu::bf16::{
     Bf16Kernel, Precision, active_bf16_kernel, best_bf16_kernel, set_bf16_kernel, set_precision,
 };

@@ -35,6 +35,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A cohort manifest that cannot be used: every problem found, with its line.
+    #[error("{path}: {}", crate::cohort::list_problems(problems))]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong, one entry per problem.
+        problems: Vec<String>,
+    },
     /// No demo model was found.
     #[error(
         "the demo model {file} was not found; looked in: {}. Set UNIV_DEMO_MODEL to its path, \

@@ -12,7 +12,8 @@
 //! * [`train`] ([`univ_train`]): partial-label training and the evaluation metrics.
 //! * here: [`load_model`] (a path, `unet`/`swinunetr`, or the [`demo`] model),
 //!   [`segment_case`] (input to written result folder), [`write_outputs`], the [`report`],
-//!   the [`preview`], [`dicom_seg`] and [`evaluate`].
+//!   the [`preview`], [`dicom_seg`] and [`evaluate`]; [`cohort`] for manifests of many CTs
+//!   split between the tasks of a Slurm or Kubernetes job, resumed, and merged into one table.
 //!
 //! The `univ` command (the `cli` feature, on by default) is a thin layer over these:
 //! `univ info`, `preprocess`, `segment`, `evaluate`, `train`, `inspect`, `embed`, `convert`
@@ -41,6 +42,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod cohort;
 pub mod demo;
 pub mod dicom_seg;
 pub mod error;

@@ -118,6 +118,15 @@ pub struct CaseOptions {
     /// How a DICOM series is read (its limits are those of
     /// [`SegmentOptions::limits`](univ_model::SegmentOptions::limits)).
     pub dicom: DicomReadOptions,
+    /// A reference label map (univ's class ids, or ids mapped by
+    /// [`EvalOptions::label_map`](crate::evaluate::EvalOptions::label_map)): it is read before
+    /// the segmentation starts, and the report gains an `evaluation` entry with Dice per label
+    /// (see [`crate::evaluate::evaluate_pair`]).
+    pub reference: Option<PathBuf>,
+    /// How the segmentation is compared with [`reference`](Self::reference); the default
+    /// computes Dice and the official Dice only (surface metrics are slower: set
+    /// [`EvalOptions::surface`](crate::evaluate::EvalOptions::surface) for them).
+    pub evaluation: Option<crate::evaluate::EvalOptions>,
 }
 
 /// What [`segment_case`] reports while it runs.
@@ -151,6 +160,12 @@ pub struct CaseSummary {
     pub dicom_seg: Option<(usize, usize)>,
     /// The segmentation's notes (rules that could not apply, suspicious input).
     pub notes: Vec<String>,
+    /// Seconds per stage, in order: `read`, the segmentation's stages (preprocess, sliding
+    /// window, post-process, map back to the input grid), `evaluate` with a reference, `write`.
+    pub timings: Vec<(String, f64)>,
+    /// The process's peak resident memory (bytes) when the outputs were written (`None`
+    /// where the system does not report it).
+    pub peak_memory: Option<u64>,
 }
 
 /// The report entries that describe the run: checkpoint, class embedding, settings.
@@ -228,7 +243,33 @@ pub fn segment_case(
         limits: opts.segment.limits,
         ..opts.dicom.clone()
     };
+    let t = Instant::now();
     let case = CaseInput::read(input, &dicom)?;
+    let reference = opts
+        .reference
+        .as_deref()
+        .map(|r| {
+            univ_io::ReadOptions {
+                limits: opts.segment.limits,
+                ..Default::default()
+            }
+            .read_label(r)
+            .map_err(Error::from)
+            .and_then(|v| {
+                // Checked against the input now, not after the inference.
+                if v.check_same_grid(&case.image).is_ok() {
+                    Ok((r, v))
+                } else {
+                    univ_io::align_label_to(v, &case.image)
+                        .map(|v| (r, v))
+                        .map_err(|e| {
+                            Error::input(r, format!("the reference does not fit the input: {e}"))
+                        })
+                }
+            })
+        })
+        .transpose()?;
+    let mut timings = vec![("read".to_string(), t.elapsed().as_secs_f64())];
     let warnings: Vec<String> = if opts.segment.preprocess.is_some() {
         case.warnings()
     } else {
@@ -243,15 +284,33 @@ pub fn segment_case(
     let seg = segment(&case.image, &model.model, &opts.segment, |done, total| {
         events(Event::Windows { done, total })
     })?;
+    timings.extend(seg.timings.iter().cloned());
     let mut output = opts.output.clone();
     let mut extra = run_entries(model, opts);
     extra.insert("input_warnings".into(), serde_json::json!(warnings));
+    if let Some((path, gt)) = &reference {
+        let t = Instant::now();
+        let eval = opts
+            .evaluation
+            .clone()
+            .unwrap_or(crate::evaluate::EvalOptions {
+                surface: false,
+                ..Default::default()
+            });
+        let mut e = crate::evaluate::evaluate_pair(&seg.label_map, gt, &eval)
+            .map_err(|e| Error::input(path, format!("cannot be compared with the result: {e}")))?;
+        e["reference"] = serde_json::json!(path);
+        extra.insert("evaluation".into(), e);
+        timings.push(("evaluate".to_string(), t.elapsed().as_secs_f64()));
+    }
     extra.append(&mut output.report_extra);
     output.report_extra = extra;
     if model.demo && output.banner.is_none() {
         output.banner = Some("DEMO MODEL: NOT FOR CLINICAL USE".into());
     }
+    let t = Instant::now();
     let written = write_outputs(out, &case.image, &seg, &output, case.series.as_ref())?;
+    timings.push(("write".to_string(), t.elapsed().as_secs_f64()));
     Ok(CaseSummary {
         input: input.to_path_buf(),
         output: out.to_path_buf(),
@@ -260,6 +319,8 @@ pub fn segment_case(
         seconds: start.elapsed().as_secs_f64(),
         dicom_seg: written.dicom_seg,
         notes: seg.notes,
+        timings,
+        peak_memory: univ_model::runtime::peak_resident_bytes(),
     })
 }
 

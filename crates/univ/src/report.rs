@@ -25,6 +25,7 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> Value {
         classes.push(json!({
             "id": c.id(),
             "name": c.name(),
+            "slug": c.info.slug,
             "kind": c.info.kind.as_str(),
             "voxels": n,
             "volume_ml": n as f64 * vml,

@@ -38,14 +38,44 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// An error with the exit code it must end the program with.
+#[derive(Debug)]
+pub struct CodedError {
+    /// The exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+impl CodedError {
+    /// `error`, ending the program with `code`.
+    pub fn new(code: u8, error: anyhow::Error) -> Self {
+        CodedError { code, error }
+    }
+}
+
+impl std::fmt::Display for CodedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for CodedError {}
+
 /// The most worker threads accepted, as a multiple of the machine's cores.
 const MAX_THREADS_PER_CORE: usize = 4;
 
 impl RuntimeArgs {
-    /// The thread count, checked: at least 1 and at most 4× the cores.
+    /// The thread count, checked: at least 1 and at most 4× the cores. Without `--threads`,
+    /// a Slurm task's `SLURM_CPUS_PER_TASK` (Slurm does not always pin a task to its CPUs, so
+    /// every core would otherwise be used by every task); else `None` (every core the process
+    /// may use, which follows CPU affinity and container CPU limits).
     pub fn threads(&self) -> Result<Option<usize>> {
         let Some(n) = self.threads else {
-            return Ok(None);
+            return Ok(std::env::var("SLURM_CPUS_PER_TASK")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|n| *n > 0));
         };
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         let max = MAX_THREADS_PER_CORE * cores;

@@ -3,6 +3,7 @@
 //! readable message (with their causes), without a backtrace, with exit code 1.
 
 mod args;
+mod cohort;
 mod embed;
 mod evaluate;
 mod info;
@@ -41,6 +42,10 @@ enum Command {
     /// table, report, preview, and optionally per-class masks, probabilities, logits and
     /// DICOM-SEG, on the input's grid.
     Segment(segment::Args),
+    /// Merge a cohort's results (`univ segment --manifest`) into OUT/cohort.csv (one row per
+    /// case and class), OUT/cohort-summary.json (done, failed, missing, time) and
+    /// OUT/cohort-volumes.png. Exit code 3 when some cases failed or are missing.
+    Cohort(cohort::Args),
     /// Compare predicted label maps with references: Dice, official Dice, surface Dice, HD95
     /// per label (JSON); for two folders also case-level tumour detection.
     Evaluate(evaluate::Args),
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Command::Preprocess(a) => preprocess::run(a),
         Command::Segment(a) => segment::run(a),
         Command::Evaluate(a) => evaluate::run(a),
+        Command::Cohort(a) => cohort::run(a),
         Command::Train(a) => train::run(a),
         Command::Inspect(a) => model::inspect(a),
         Command::Embed(a) => embed::run(a),
@@ -99,7 +105,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<args::CodedError>() {
+                Some(c) => ExitCode::from(c.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -1,13 +1,17 @@
-//! `univ segment`: CT in, result folder out, through [`univ::segment_case`].
+//! `univ segment`: CT in, result folder out, through [`univ::segment_case`]; or a cohort
+//! manifest in, one result folder per case out, through [`univ::cohort::run_cohort`].
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use univ::cohort::{
+    CaseStatus, CohortEvent, CohortOptions, EXIT_NOTHING_RAN, Manifest, Shard, run_cohort,
+};
 use univ::model::inferers::{BlendMode, SlidingWindowOptions};
 use univ::model::postprocess::PostprocessOptions;
 use univ::{CaseOptions, Event, OutputOptions, SegmentOptions};
 
-use crate::args::{DicomArgs, LimitArgs, Progress, RuntimeArgs};
+use crate::args::{CodedError, DicomArgs, LimitArgs, Progress, RuntimeArgs};
 
 /// The window overlap of `--fast`.
 const FAST_OVERLAP: f64 = 0.25;
@@ -16,10 +20,24 @@ const FAST_OVERLAP: f64 = 0.25;
 #[derive(clap::Args)]
 pub struct Args {
     /// A NIfTI file or DICOM series folder, or a folder of them (one output folder per case).
-    input: PathBuf,
-    /// Output folder.
+    #[arg(required_unless_present = "manifest", conflicts_with = "manifest")]
+    input: Option<PathBuf>,
+    /// Output folder (for a manifest: OUT/<case id>/ per case, and the cohort's logs).
     #[arg(long, short)]
     output: PathBuf,
+    /// A cohort manifest instead of an input: CSV with a header row and the columns `id`,
+    /// `input` and optionally `series` and `reference`, or the same as JSON lines (see
+    /// docs/cohort.md). Complete results are kept (resume); exit code 3 when some cases
+    /// failed, 4 when none could run.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Only shard K of N (0-based) of the manifest [default: from a Slurm job array or a
+    /// Kubernetes Indexed Job, else the whole manifest].
+    #[arg(long, value_parser = parse_shard, requires = "manifest")]
+    shard: Option<Shard>,
+    /// The number of shards of a Kubernetes Indexed Job (its completions; or set UNIV_SHARDS).
+    #[arg(long, requires = "manifest")]
+    shards: Option<usize>,
     /// A .pth/.safetensors checkpoint, or `unet` / `swinunetr` (official weights); default:
     /// the small demo model (see the README for where it is looked for).
     #[arg(long)]
@@ -131,22 +149,17 @@ impl Args {
                 ..OutputOptions::default()
             },
             dicom: self.dicom.options(),
+            ..CaseOptions::default()
         })
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    if a.dicom_seg && !a.input.is_dir() && !univ::io::is_dicom(&a.input) {
-        bail!(
-            "{}: --dicom-seg needs a DICOM series as input",
-            a.input.display()
-        );
-    }
-    let cases = univ::case_list(&a.input, &a.output)?;
-    // Every output location is checked before any work.
-    for (input, out) in &cases {
-        univ::outputs::check_output(out, a.overwrite, Some(input))?;
-    }
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    Shard::parse(s)
+}
+
+/// Loads the model named by the arguments, saying where it came from.
+fn load(a: &Args) -> Result<univ::LoadedModel> {
     let model = univ::load_model(a.checkpoint.as_deref(), &a.runtime.device()?)?;
     if model.downloaded {
         eprintln!("downloaded {}", model.path.display());
@@ -158,6 +171,104 @@ pub fn run(a: Args) -> Result<()> {
             model.path.display()
         );
     }
+    Ok(model)
+}
+
+/// `univ segment --manifest`: this process's shard of a cohort.
+fn run_manifest(a: &Args, manifest: &std::path::Path) -> Result<()> {
+    let nothing = |e: anyhow::Error| CodedError::new(EXIT_NOTHING_RAN, e);
+    let m = Manifest::read(manifest).map_err(|e| nothing(e.into()))?;
+    let (shard, source) = Shard::resolve(a.shard, a.shards, |k| std::env::var(k).ok())
+        .map_err(|e| nothing(anyhow::anyhow!(e)))?;
+    m.check_files().map_err(|e| nothing(e.into()))?;
+    univ::cohort::prepare_output(&m, &a.output).map_err(|e| nothing(e.into()))?;
+    let model = load(a).map_err(nothing)?;
+    let opts = CohortOptions {
+        case: a.options(model.model.classes()).map_err(nothing)?,
+        shard,
+        shard_source: source,
+    };
+    let n = shard.select(&m.cases).len();
+    if !a.quiet {
+        eprintln!(
+            "{}: shard {shard} ({}): {n} of {} cases",
+            manifest.display(),
+            source.as_str(),
+            m.cases.len()
+        );
+    }
+    let mut bar = Progress::new("", a.quiet);
+    let run = run_cohort(&m, &a.output, &model, &opts, |e| match e {
+        CohortEvent::Begin { id, .. } => bar = Progress::new(id, a.quiet),
+        CohortEvent::Case(univ::Event::Warning(w)) => eprintln!("warning: {w}"),
+        CohortEvent::Case(univ::Event::Windows { done, total }) => bar.draw(done, total, "windows"),
+        CohortEvent::End(r) => {
+            let msg = r
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            match r.status {
+                CaseStatus::Failed => eprintln!("error: case {}{msg}", r.id),
+                _ if !a.quiet => eprintln!(
+                    "case {}: {} ({:.1} s){}",
+                    r.id,
+                    r.status.as_str(),
+                    r.total_seconds,
+                    if r.status == CaseStatus::Done {
+                        msg
+                    } else {
+                        String::new()
+                    }
+                ),
+                _ => {}
+            }
+        }
+    })
+    .map_err(|e| nothing(e.into()))?;
+    let (done, skipped, failed) = (
+        run.count(CaseStatus::Done),
+        run.count(CaseStatus::Skipped),
+        run.count(CaseStatus::Failed),
+    );
+    if !a.quiet {
+        println!(
+            "shard {shard}: {done} done, {skipped} already done, {failed} failed in {:.1} s (log: {})",
+            run.seconds,
+            run.log.display()
+        );
+    }
+    if failed > 0 {
+        return Err(CodedError::new(
+            run.exit_code(),
+            anyhow::anyhow!(
+                "{failed} of {} case(s) of shard {shard} failed (see {})",
+                run.records.len(),
+                run.log.display()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if let Some(m) = a.manifest.clone() {
+        return run_manifest(&a, &m);
+    }
+    let input = a.input.clone().context("give an input or --manifest")?;
+    if a.dicom_seg && !input.is_dir() && !univ::io::is_dicom(&input) {
+        bail!(
+            "{}: --dicom-seg needs a DICOM series as input",
+            input.display()
+        );
+    }
+    let cases = univ::case_list(&input, &a.output)?;
+    // Every output location is checked before any work.
+    for (input, out) in &cases {
+        univ::outputs::check_output(out, a.overwrite, Some(input))?;
+    }
+    let model = load(&a)?;
     let opts = a.options(model.model.classes())?;
     let mut failed = 0;
     for (input, out) in &cases {
