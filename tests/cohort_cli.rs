@@ -146,7 +146,11 @@ fn a_cohort_is_sharded_resumed_logged_and_merged() {
     // Sorted ids p1 p2 p3 p4: shard 0 = p1, p3; shard 1 = p2, p4.
     let o0 = run(&manifest, &out, &[], &["--shard", "0/2", "--quiet"]);
     assert_eq!(o0.status.code(), Some(3), "{}", text(&o0).1);
-    assert!(text(&o0).1.contains("error: case p3"), "{}", text(&o0).1);
+    assert!(
+        text(&o0).1.contains("error: case p3 (2/2)"),
+        "{}",
+        text(&o0).1
+    );
     assert!(text(&o0).1.contains("1 of 2 case(s) of shard 0/2 failed"));
     let slurm = [
         ("SLURM_ARRAY_TASK_ID", "8"),

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The work was cancelled through its [`Cancel`](crate::segment::Cancel) token.
+    #[error("cancelled")]
+    Cancelled,
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

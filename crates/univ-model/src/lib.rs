@@ -22,5 +22,5 @@ pub use checkpoint::{Checkpoint, LoadReport};
 pub use classes::{ClassInfo, ClassKind, ClassTable};
 pub use error::{Error, Result};
 pub use nets::{UniversalConfig, UniversalModel};
-pub use segment::{SegmentOptions, Segmentation, segment};
+pub use segment::{Cancel, SegmentOptions, Segmentation, segment};
 pub use univ_io::ClassMask;

@@ -37,6 +37,32 @@ pub struct SegmentOptions {
     /// the mapping back); they replace those of [`preprocess`](Self::preprocess) and
     /// [`window`](Self::window).
     pub limits: univ_io::Limits,
+    /// A token that stops the segmentation before its next window when cancelled (from
+    /// another thread, or a progress callback); [`segment`] then returns
+    /// [`Error::Cancelled`]. `None`: not cancellable.
+    pub cancel: Option<Cancel>,
+}
+
+/// A cancellation token shared between the work and whoever may stop it: clones share one
+/// flag.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    /// A token not yet cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels the work holding this token (or a clone of it).
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `true` once [`cancel`](Self::cancel) was called on it or a clone.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Default for SegmentOptions {
@@ -51,6 +77,7 @@ impl Default for SegmentOptions {
             keep_logits: false,
             device: Device::Cpu,
             limits: univ_io::Limits::default(),
+            cancel: None,
         }
     }
 }
@@ -342,7 +369,12 @@ pub fn segment(
         dims,
         &window,
         &opts.device,
-        |x| model.forward(x),
+        |x| {
+            if opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+                return Err(Error::Cancelled);
+            }
+            model.forward(x)
+        },
         |x0, planes| {
             let m = planes.len() / (k * ny * nz);
             for c in 0..k {

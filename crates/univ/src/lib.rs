@@ -60,7 +60,8 @@ pub use univ_train as train;
 pub use error::{Error, Result};
 pub use outputs::{OutputOptions, write_outputs};
 pub use pipeline::{
-    CaseInput, CaseOptions, CaseSummary, Event, LoadedModel, case_list, load_model, segment_case,
+    CaseInput, CaseOptions, CaseResult, CaseSummary, Event, LoadedModel, case_list, load_model,
+    segment_case, segment_input,
 };
 pub use univ_model::segment::{ClassResult, SegmentOptions, Segmentation, segment};
 pub use univ_model::{ClassInfo, ClassKind, ClassTable};

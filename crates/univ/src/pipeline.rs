@@ -15,6 +15,7 @@ use univ_model::{Checkpoint, LoadReport, SegmentOptions, UniversalModel, segment
 
 use crate::error::{Error, Result};
 use crate::outputs::{OutputOptions, check_output, write_outputs};
+use univ_model::Segmentation;
 
 /// A model with where it came from.
 #[derive(Debug, Clone)]
@@ -217,8 +218,138 @@ fn run_entries(
     extra
 }
 
-/// Segments one CT and writes its results to `out` (see the module docs). `events` hears
-/// warnings about the input and the progress of the windows.
+/// One CT segmented, not yet written: the input, the segmentation and everything its report
+/// says besides the segmentation (checkpoint, settings, warnings, evaluation).
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// The input as read (the CT the masks lie on, and its DICOM series when it is one).
+    pub input: CaseInput,
+    /// The segmentation.
+    pub segmentation: Segmentation,
+    /// The report's entries besides the segmentation's own (see [`crate::report::report`]).
+    pub report_extra: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Seconds per stage so far: `read`, the segmentation's stages, `evaluate`.
+    pub timings: Vec<(String, f64)>,
+    /// `true` when made by a demonstration model (its outputs say so).
+    pub demo: bool,
+}
+
+impl CaseResult {
+    /// The content of `report.json`, as [`write`](Self::write) writes it.
+    pub fn report(&self) -> serde_json::Value {
+        let mut rep = crate::report::report(&self.input.image, &self.segmentation);
+        if let serde_json::Value::Object(m) = &mut rep {
+            for (k, v) in &self.report_extra {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        rep
+    }
+
+    /// Writes the outputs into `out` ([`write_outputs`]) with this result's report entries
+    /// (before those of `output.report_extra`) and, for a demo model, its banner.
+    ///
+    /// # Errors
+    /// As [`write_outputs`].
+    pub fn write(&self, out: &Path, output: &OutputOptions) -> Result<crate::outputs::Written> {
+        let mut output = output.clone();
+        let mut extra = self.report_extra.clone();
+        extra.append(&mut output.report_extra);
+        output.report_extra = extra;
+        if self.demo && output.banner.is_none() {
+            output.banner = Some("DEMO MODEL: NOT FOR CLINICAL USE".into());
+        }
+        write_outputs(
+            out,
+            &self.input.image,
+            &self.segmentation,
+            &output,
+            self.input.series.as_ref(),
+        )
+    }
+}
+
+/// Reads `opts.reference`, checked against the input's grid (reoriented onto it when it
+/// differs only by axis order and direction).
+fn read_reference(opts: &CaseOptions, image: &Volume<f32>) -> Result<Option<Volume<u8>>> {
+    let Some(r) = opts.reference.as_deref() else {
+        return Ok(None);
+    };
+    let v = univ_io::ReadOptions {
+        limits: opts.segment.limits,
+        ..Default::default()
+    }
+    .read_label(r)?;
+    if v.check_same_grid(image).is_ok() {
+        return Ok(Some(v));
+    }
+    univ_io::align_label_to(v, image)
+        .map(Some)
+        .map_err(|e| Error::input(r, format!("the reference does not fit the input: {e}")))
+}
+
+/// Segments a CT already read (see [`CaseInput::read`], or build one from a volume): the
+/// reference of `opts` is read and checked first, then the segmentation runs and, with a
+/// reference, is evaluated. `events` hears warnings about the input and the progress of the
+/// windows. Nothing is written.
+///
+/// # Errors
+/// A reference that cannot be read or does not fit; model errors.
+pub fn segment_input(
+    input: CaseInput,
+    model: &LoadedModel,
+    opts: &CaseOptions,
+    mut events: impl FnMut(Event),
+) -> Result<CaseResult> {
+    let t = Instant::now();
+    let reference = read_reference(opts, &input.image)?;
+    let mut timings = vec![("read reference".to_string(), t.elapsed().as_secs_f64())];
+    let warnings: Vec<String> = if opts.segment.preprocess.is_some() {
+        input.warnings()
+    } else {
+        input
+            .series
+            .as_ref()
+            .map(|s| s.warnings.clone())
+            .unwrap_or_default()
+    };
+    for w in &warnings {
+        events(Event::Warning(w.clone()));
+    }
+    let seg = segment(&input.image, &model.model, &opts.segment, |done, total| {
+        events(Event::Windows { done, total })
+    })?;
+    timings.extend(seg.timings.iter().cloned());
+    let mut extra = run_entries(model, opts);
+    extra.insert("input_warnings".into(), serde_json::json!(warnings));
+    if let (Some(gt), Some(path)) = (&reference, &opts.reference) {
+        let t = Instant::now();
+        let eval = opts
+            .evaluation
+            .clone()
+            .unwrap_or(crate::evaluate::EvalOptions {
+                surface: false,
+                ..Default::default()
+            });
+        let mut e = crate::evaluate::evaluate_pair(&seg.label_map, gt, &eval)
+            .map_err(|e| Error::input(path, format!("cannot be compared with the result: {e}")))?;
+        e["reference"] = serde_json::json!(path);
+        extra.insert("evaluation".into(), e);
+        timings.push(("evaluate".to_string(), t.elapsed().as_secs_f64()));
+    }
+    Ok(CaseResult {
+        input,
+        segmentation: seg,
+        report_extra: extra,
+        timings,
+        demo: model.demo,
+    })
+}
+
+/// Segments one CT and writes its results to `out` (see the module docs): the output location
+/// is checked before any work, the input read ([`CaseInput::read`]), segmented
+/// ([`segment_input`]) and written ([`CaseResult::write`]). `events` hears warnings about the
+/// input and the progress of the windows.
 ///
 /// # Errors
 /// An output location that is taken (checked before any work), an unreadable input, model
@@ -228,7 +359,7 @@ pub fn segment_case(
     out: &Path,
     model: &LoadedModel,
     opts: &CaseOptions,
-    mut events: impl FnMut(Event),
+    events: impl FnMut(Event),
 ) -> Result<CaseSummary> {
     let start = Instant::now();
     check_output(out, opts.output.overwrite, Some(input))?;
@@ -245,72 +376,15 @@ pub fn segment_case(
     };
     let t = Instant::now();
     let case = CaseInput::read(input, &dicom)?;
-    let reference = opts
-        .reference
-        .as_deref()
-        .map(|r| {
-            univ_io::ReadOptions {
-                limits: opts.segment.limits,
-                ..Default::default()
-            }
-            .read_label(r)
-            .map_err(Error::from)
-            .and_then(|v| {
-                // Checked against the input now, not after the inference.
-                if v.check_same_grid(&case.image).is_ok() {
-                    Ok((r, v))
-                } else {
-                    univ_io::align_label_to(v, &case.image)
-                        .map(|v| (r, v))
-                        .map_err(|e| {
-                            Error::input(r, format!("the reference does not fit the input: {e}"))
-                        })
-                }
-            })
-        })
-        .transpose()?;
-    let mut timings = vec![("read".to_string(), t.elapsed().as_secs_f64())];
-    let warnings: Vec<String> = if opts.segment.preprocess.is_some() {
-        case.warnings()
-    } else {
-        case.series
-            .as_ref()
-            .map(|s| s.warnings.clone())
-            .unwrap_or_default()
-    };
-    for w in &warnings {
-        events(Event::Warning(w.clone()));
-    }
-    let seg = segment(&case.image, &model.model, &opts.segment, |done, total| {
-        events(Event::Windows { done, total })
-    })?;
-    timings.extend(seg.timings.iter().cloned());
-    let mut output = opts.output.clone();
-    let mut extra = run_entries(model, opts);
-    extra.insert("input_warnings".into(), serde_json::json!(warnings));
-    if let Some((path, gt)) = &reference {
-        let t = Instant::now();
-        let eval = opts
-            .evaluation
-            .clone()
-            .unwrap_or(crate::evaluate::EvalOptions {
-                surface: false,
-                ..Default::default()
-            });
-        let mut e = crate::evaluate::evaluate_pair(&seg.label_map, gt, &eval)
-            .map_err(|e| Error::input(path, format!("cannot be compared with the result: {e}")))?;
-        e["reference"] = serde_json::json!(path);
-        extra.insert("evaluation".into(), e);
-        timings.push(("evaluate".to_string(), t.elapsed().as_secs_f64()));
-    }
-    extra.append(&mut output.report_extra);
-    output.report_extra = extra;
-    if model.demo && output.banner.is_none() {
-        output.banner = Some("DEMO MODEL: NOT FOR CLINICAL USE".into());
-    }
+    let read = t.elapsed().as_secs_f64();
+    let result = segment_input(case, model, opts, events)?;
+    let mut timings = result.timings.clone();
+    // Reading the reference is part of reading.
+    timings[0] = ("read".to_string(), read + timings[0].1);
     let t = Instant::now();
-    let written = write_outputs(out, &case.image, &seg, &output, case.series.as_ref())?;
+    let written = result.write(out, &opts.output)?;
     timings.push(("write".to_string(), t.elapsed().as_secs_f64()));
+    let seg = result.segmentation;
     Ok(CaseSummary {
         input: input.to_path_buf(),
         output: out.to_path_buf(),

@@ -213,13 +213,12 @@ fn case_rows(id: &str, rep: &Value) -> Vec<Vec<String>> {
             }
             None => Default::default(),
         };
-        // A class absent from both maps has Dice undefined: left empty; present in the
-        // reference only, 0.
-        let d = match dice.get(&class_id) {
-            Some(d) => d.clone(),
-            None => String::new(),
-        };
-        let d = if evaluated { d } else { String::new() };
+        // Empty without a reference, and for a class in neither map (Dice undefined).
+        let d = dice
+            .get(&class_id)
+            .filter(|_| evaluated)
+            .cloned()
+            .unwrap_or_default();
         rows.push(vec![
             id.to_string(),
             class_id.to_string(),
@@ -342,7 +341,7 @@ pub fn merge_cohort(out: &Path, manifest: Option<&Manifest>) -> Result<CohortTab
             _ => None,
         })
         .collect();
-    let wall = match (logs.first_start, logs.last_end) {
+    let span = match (logs.first_start, logs.last_end) {
         (Some(a), Some(b)) if b > a => Some(b - a),
         _ => None,
     };
@@ -374,8 +373,8 @@ pub fn merge_cohort(out: &Path, manifest: Option<&Manifest>) -> Result<CohortTab
         "failed_cases": failed,
         "missing_cases": missing,
         "compute_seconds": compute,
-        "wall_seconds": wall,
-        "cases_per_hour": wall.map(|w| done as f64 * 3600.0 / w),
+        "span_seconds": span,
+        "cases_per_hour": span.map(|w| done as f64 * 3600.0 / w),
         "first_start": logs.first_start.map(utc_text),
         "last_case_end": logs.last_end.map(utc_text),
         "checkpoints": checkpoints,

@@ -198,9 +198,14 @@ fn run_manifest(a: &Args, manifest: &std::path::Path) -> Result<()> {
         );
     }
     let mut bar = Progress::new("", a.quiet);
+    let (mut current, mut at) = (String::new(), String::new());
     let run = run_cohort(&m, &a.output, &model, &opts, |e| match e {
-        CohortEvent::Begin { id, .. } => bar = Progress::new(id, a.quiet),
-        CohortEvent::Case(univ::Event::Warning(w)) => eprintln!("warning: {w}"),
+        CohortEvent::Begin { id, position, of } => {
+            at = format!("{}/{of}", position + 1);
+            bar = Progress::new(format!("{id} ({at})"), a.quiet);
+            current = id;
+        }
+        CohortEvent::Case(univ::Event::Warning(w)) => eprintln!("warning: case {current}: {w}"),
         CohortEvent::Case(univ::Event::Windows { done, total }) => bar.draw(done, total, "windows"),
         CohortEvent::End(r) => {
             let msg = r
@@ -209,18 +214,13 @@ fn run_manifest(a: &Args, manifest: &std::path::Path) -> Result<()> {
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default();
             match r.status {
-                CaseStatus::Failed => eprintln!("error: case {}{msg}", r.id),
-                _ if !a.quiet => eprintln!(
-                    "case {}: {} ({:.1} s){}",
-                    r.id,
-                    r.status.as_str(),
-                    r.total_seconds,
-                    if r.status == CaseStatus::Done {
-                        msg
-                    } else {
-                        String::new()
-                    }
-                ),
+                CaseStatus::Failed => eprintln!("error: case {} ({at}){msg}", r.id),
+                CaseStatus::Done if !a.quiet => {
+                    eprintln!("case {} ({at}): done ({:.1} s){msg}", r.id, r.total_seconds)
+                }
+                CaseStatus::Skipped if !a.quiet => {
+                    eprintln!("case {} ({at}): already done", r.id)
+                }
                 _ => {}
             }
         }
