@@ -36,16 +36,7 @@ pyo3::create_exception!(
 /// A univ error as a Python exception: `FileNotFoundError` for a file that does not exist,
 /// `univ.Error` for the rest, with the whole message (causes included).
 fn py_err(e: univ::Error) -> PyErr {
-    let mut text = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        src = s.source();
-    }
+    let text = e.full_message();
     if let univ::Error::Model(m) = &e
         && matches!(**m, univ::model::Error::Cancelled)
     {

@@ -78,6 +78,22 @@ from_boxed!(
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The message with its causes, each cause once: `a: b: c` (what the command line prints,
+    /// for logs and other languages' exceptions).
+    pub fn full_message(&self) -> String {
+        let mut text = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            let t = s.to_string();
+            if !text.contains(&t) {
+                text.push_str(": ");
+                text.push_str(&t);
+            }
+            src = s.source();
+        }
+        text
+    }
+
     pub(crate) fn output(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
         Error::Output {
             path: path.into(),

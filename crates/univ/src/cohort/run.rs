@@ -289,16 +289,7 @@ fn run_case(
             message: (!s.notes.is_empty()).then(|| s.notes.join("; ")),
         },
         Ok(Err(e)) => {
-            let mut text = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                let t = s.to_string();
-                if !text.contains(&t) {
-                    text.push_str(": ");
-                    text.push_str(&t);
-                }
-                src = s.source();
-            }
+            let text = e.full_message();
             CaseRecord {
                 peak_memory_mb: mb(univ_model::runtime::peak_resident_bytes()),
                 ..record(CaseStatus::Failed, Some(text))
