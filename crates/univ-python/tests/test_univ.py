@@ -190,7 +190,9 @@ def test_progress_exceptions_and_ctrl_c_stop_the_work(model: univ.Model, ct_sm: 
         model.segment(ct_sm, progress=stop)
     assert calls == [1], "the work went on after the callback raised"
 
-    # Ctrl-C (SIGINT) during the windows: KeyboardInterrupt, soon.
+    # Ctrl-C (SIGINT) during the windows: KeyboardInterrupt, soon. (Python's own handler is
+    # installed for the test: a process started in the background inherits SIGINT ignored.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     start = time.monotonic()
     timer.start()
@@ -199,6 +201,7 @@ def test_progress_exceptions_and_ctrl_c_stop_the_work(model: univ.Model, ct_sm: 
             model.segment(ct_sm)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 20, "Ctrl-C was not honoured before the end"
 
 
