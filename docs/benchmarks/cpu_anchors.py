@@ -133,7 +133,8 @@ def main():
             except Exception as e:  # noqa: BLE001
                 print(f"OpenVINO {ov.__version__} {precision} {title}: failed: {str(e).splitlines()[0]}")
                 continue
-            note = "" if precision in used.lower() else f" (the plugin ran {used}: this CPU has no bf16)"
+            ran_bf16 = "bf16" in used.lower() or "bfloat16" in used.lower()
+            note = "" if ran_bf16 == (precision == "bf16") else f" (the plugin ran {used}: this CPU has no bf16)"
             print(f"OpenVINO {precision:<4}          {title:<20} best {t:7.2f} s of {a.reps} (all: {[round(v, 2) for v in ts]}){note}")
             y = torch.from_numpy(y)
             if precision == "f32":

@@ -67,7 +67,6 @@ pub(crate) fn conv_transpose_planes(
 ) {
     let [ci, d, h, wd] = dims;
     let [kd, kh, kw] = k;
-    let taps = kd * kh * kw;
     let v_in = d * h * wd;
     let (d2, h2, w2) = (zs.len() * kd, h * kh, wd * kw);
     assert_eq!(out.len(), co * d2 * h2 * w2);
@@ -77,34 +76,65 @@ pub(crate) fn conv_transpose_planes(
     (0..(q_hi - q_lo).div_ceil(blen))
         .into_par_iter()
         .for_each_init(
-            || vec![0f32; co * blen],
+            || vec![0f32; kw * co * blen],
             |buf, bi| {
                 let q0 = q_lo + bi * blen;
                 let len = blen.min(q_hi - q0);
-                for t in 0..taps {
-                    // SAFETY: reads stay inside `xs` (rows of length v_in, columns q0..q0+len).
-                    unsafe {
-                        matmul(
-                            [co, len, ci],
-                            buf.as_mut_ptr(),
-                            [len, 1],
-                            false,
-                            wp.as_ptr().add(t * co * ci),
-                            [ci, 1],
-                            xs.as_ptr().add(q0),
-                            [v_in, 1],
-                        );
-                    }
-                    let (a, bb, c) = (t / (kh * kw), (t / kw) % kh, t % kw);
-                    for o in 0..co {
-                        let bias_o = bv.map_or(0.0, |v| v[o]);
-                        for r in 0..len {
-                            let q = q0 + r;
-                            let (z, y, xx) = (q / (h * wd) - zs.start, (q / wd) % h, q % wd);
-                            let oi = ((o * d2 + kd * z + a) * h2 + kh * y + bb) * w2 + kw * xx + c;
-                            // SAFETY: (o, position, tap) maps to a unique output element.
-                            unsafe { *dst.get().add(oi) = buf[o * len + r] + bias_o };
+                // The `kw` taps of one (kd, kh) offset together, so that each output row is
+                // written contiguously (their outputs interleave along x).
+                for ab in 0..kd * kh {
+                    let (a, bb) = (ab / kh, ab % kh);
+                    for c in 0..kw {
+                        let t = ab * kw + c;
+                        // SAFETY: reads stay inside `xs` (rows of length v_in, columns
+                        // q0..q0+len); tap `c` writes its own `co·len` part of `buf`.
+                        unsafe {
+                            matmul(
+                                [co, len, ci],
+                                buf.as_mut_ptr().add(c * co * len),
+                                [len, 1],
+                                false,
+                                wp.as_ptr().add(t * co * ci),
+                                [ci, 1],
+                                xs.as_ptr().add(q0),
+                                [v_in, 1],
+                            );
                         }
+                    }
+                    let buf = &buf[..kw * co * len];
+                    // Runs of positions along one input row.
+                    let mut r = 0;
+                    while r < len {
+                        let q = q0 + r;
+                        let x0 = q % wd;
+                        let run = (wd - x0).min(len - r);
+                        let (z, y) = ((q / wd) / h - zs.start, (q / wd) % h);
+                        for o in 0..co {
+                            let bias_o = bv.map_or(0.0, |v| v[o]);
+                            let base = ((o * d2 + kd * z + a) * h2 + kh * y + bb) * w2 + kw * x0;
+                            // SAFETY: these `kw·run` output elements belong to this block's
+                            // positions and this (kd, kh) offset only.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(dst.get().add(base), kw * run)
+                            };
+                            if kw == 2 {
+                                let (s0, s1) = (
+                                    &buf[o * len + r..][..run],
+                                    &buf[(co + o) * len + r..][..run],
+                                );
+                                for ((d, v0), v1) in dst.chunks_exact_mut(2).zip(s0).zip(s1) {
+                                    d[0] = v0 + bias_o;
+                                    d[1] = v1 + bias_o;
+                                }
+                            } else {
+                                for (i, d) in dst.chunks_exact_mut(kw).enumerate() {
+                                    for (c, dv) in d.iter_mut().enumerate() {
+                                        *dv = buf[(c * co + o) * len + r + i] + bias_o;
+                                    }
+                                }
+                            }
+                        }
+                        r += run;
                     }
                 }
             },

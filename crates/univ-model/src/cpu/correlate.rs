@@ -77,6 +77,41 @@ pub(crate) fn pad_planes<'a>(
         });
 }
 
+/// Where [`pad_into`] writes the zero-padded planes: f32 `(C, np, H+2p, W+2p)` as
+/// [`pad_planes`] does, or the bf16 channel pairs of [`crate::cpu::bf16`] straight from the
+/// source (no f32 copy).
+pub(crate) enum PadDst<'a> {
+    /// f32 planes, every element written.
+    F32(&'a mut [MaybeUninit<f32>]),
+    /// bf16 pairs `(C'/2, np, H+2p, W+2p)` plus the kernels' slack, `C'` = `c_pad`; resized
+    /// and every word written.
+    Pairs {
+        /// The pair buffer (reused between slabs).
+        dst: &'a mut Vec<u32>,
+        /// The channel count rounded up to 32.
+        c_pad: usize,
+    },
+}
+
+/// [`pad_planes`] into either kind of [`PadDst`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pad_into<'a>(
+    plane: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    pz0: usize,
+    np: usize,
+    dst: PadDst<'_>,
+) {
+    match dst {
+        PadDst::F32(dst) => pad_planes(plane, c, dhw, pad, pz0, np, dst),
+        PadDst::Pairs { dst, c_pad } => {
+            crate::cpu::bf16::pad_pairs(plane, c, dhw, pad, pz0, np, c_pad, dst)
+        }
+    }
+}
+
 /// Zero-pads one whole sample to `(C, D+2p, H+2p, W+2p)`; `channel(ci)` gives channel `ci`'s
 /// `D·H·W` voxels.
 pub(crate) fn pad_sample<'a>(
@@ -265,7 +300,7 @@ pub(crate) fn pack_weights(
 
 /// A stride-1 correlation of one sample whose zero-padded input is made a few planes at a
 /// time: `fill(pz0, np, dst)` writes padded planes `pz0..pz0+np` of all `c` channels (see
-/// [`pad_planes`]) and the output planes they determine are computed before the next block,
+/// [`pad_into`]) and the output planes they determine are computed before the next block,
 /// so at most about [`set_slab_bytes`] of padded input exist at once. `out` is `(O, D', H', W')`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn correlate_chunked(
@@ -277,7 +312,7 @@ pub(crate) fn correlate_chunked(
     k: [usize; 3],
     bias: Option<&[f32]>,
     out: &mut [f32],
-    mut fill: impl FnMut(usize, usize, &mut [MaybeUninit<f32>]),
+    mut fill: impl FnMut(usize, usize, PadDst<'_>),
 ) {
     let p = [
         dhw[0] + 2 * pad[0],
@@ -290,7 +325,7 @@ pub(crate) fn correlate_chunked(
     let budget = SLAB_BYTES.load(Ordering::Relaxed);
     let planes = (budget / per_plane).max(k[0] + 1);
     let step = (planes + 1 - k[0]).clamp(1, od[0]);
-    let mut slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
+    let mut slab = Vec::new();
     // The bf16 kernel's packed weights, or Winograd's transformed ones, made once for all
     // slabs.
     let taps = k[0] * k[1] * k[2];
@@ -303,14 +338,20 @@ pub(crate) fn correlate_chunked(
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
         let np = t + k[0] - 1;
-        let buf = &mut slab[..c * np * p[1] * p[2]];
-        fill(oz0, np, buf);
-        // SAFETY: `fill` writes every element of its buffer.
-        let xp = unsafe { assume_init_slice(buf) };
         let dst = &mut out[oz0 * plane_out..];
         if let Some((kernel, w)) = &bf16 {
             let np_dims = [np, p[1], p[2]];
-            crate::cpu::bf16::pair_slab(xp, c, np * p[1] * p[2], w.c_pad(), &mut pairs);
+            let timer = crate::runtime::stage("conv/fill bf16 pairs");
+            fill(
+                oz0,
+                np,
+                PadDst::Pairs {
+                    dst: &mut pairs,
+                    c_pad: w.c_pad(),
+                },
+            );
+            drop(timer);
+            let _timer = crate::runtime::stage("conv/bf16 gemm");
             crate::cpu::bf16::correlate_sample(
                 crate::cpu::bf16::Runner::Kernel(*kernel),
                 &pairs,
@@ -323,6 +364,20 @@ pub(crate) fn correlate_chunked(
             );
             continue;
         }
+        if slab.is_empty() {
+            slab = uninit_vec(c * (step + k[0] - 1) * p[1] * p[2]);
+        }
+        let buf = &mut slab[..c * np * p[1] * p[2]];
+        let timer = crate::runtime::stage("conv/fill");
+        fill(oz0, np, PadDst::F32(buf));
+        drop(timer);
+        // SAFETY: `fill` writes every element of its buffer.
+        let xp = unsafe { assume_init_slice(buf) };
+        let _timer = crate::runtime::stage(if winograd.is_some() {
+            "conv/f32 winograd"
+        } else {
+            "conv/f32 gemm"
+        });
         match &winograd {
             Some(u) => crate::cpu::winograd::correlate_sample(
                 xp,
@@ -371,7 +426,7 @@ pub(crate) fn correlate(
             bias,
             &mut out[b * per_out..(b + 1) * per_out],
             |pz0, np, dst| {
-                pad_planes(
+                pad_into(
                     |ci, z| &sample[ci * dhw + z * hw..ci * dhw + (z + 1) * hw],
                     c,
                     [d, h, w],
@@ -412,6 +467,6 @@ pub(crate) fn correlate_concat_sample(
         unreachable!("channel index within the total")
     };
     correlate_chunked(c, dhw, pad, wp, o, k, bias, out, |pz0, np, dst| {
-        pad_planes(plane, c, dhw, pad, pz0, np, dst)
+        pad_into(plane, c, dhw, pad, pz0, np, dst)
     });
 }

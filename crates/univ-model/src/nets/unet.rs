@@ -12,7 +12,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::cpu::conv_transpose::{conv_transpose_planes, pack_transpose_weights};
-use crate::cpu::correlate::{correlate_chunked, pack_weights, pad_planes};
+use crate::cpu::correlate::{correlate_chunked, pack_weights, pad_into};
 use crate::error::{Error, Result};
 use crate::layers::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig};
 use crate::ops::conv::check_conv3d;
@@ -79,17 +79,20 @@ impl LuConv {
 
     /// The block on the channel-wise concatenation of `inputs`.
     fn forward_concat(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let timer = crate::runtime::stage("unet/conv");
         let y = if inputs.len() == 1 {
             self.conv.forward(inputs[0])?
         } else {
             self.conv.forward_concat(inputs)?
         };
+        drop(timer);
         self.norm_act(y)
     }
 
     /// The normalisation and activation of a convolution output `y` that was just made (it
     /// is normalised in place at inference).
     fn norm_act(&self, y: Tensor) -> Result<Tensor> {
+        let _timer = crate::runtime::stage("unet/norm+relu");
         norm_act_owned(
             y,
             NormKind::Batch,
@@ -147,7 +150,10 @@ impl UpTransition {
         // At inference the up-sampled map is made a few planes at a time as the first
         // convolution needs them; otherwise that convolution reads [up, skip] without a
         // concatenated copy.
-        let y = match up_then_concat_conv(&self.up, x, skip, &self.ops.a.conv)? {
+        let timer = crate::runtime::stage("unet/up+conv");
+        let y = up_then_concat_conv(&self.up, x, skip, &self.ops.a.conv)?;
+        drop(timer);
+        let y = match y {
             Some(y) => self.ops.a.norm_act(y)?,
             None => {
                 let up = self.up.forward(x)?;
@@ -249,6 +255,7 @@ pub fn up_then_concat_conv(
                 let nloc = (iz1 - iz0) * kd;
                 planes.resize(co * nloc * hw, 0.0);
                 if iz1 > iz0 {
+                    let _timer = crate::runtime::stage("unet/up planes");
                     conv_transpose_planes(
                         xv,
                         [ci, d, h, wd],
@@ -261,7 +268,7 @@ pub fn up_then_concat_conv(
                     );
                 }
                 let planes = &planes;
-                pad_planes(
+                pad_into(
                     |c, z| {
                         if c < co {
                             let zl = z - iz0 * kd;
@@ -348,9 +355,13 @@ impl Unet3d {
             ));
         }
         let skip64 = self.down64.forward(x)?;
-        let skip128 = self.down128.forward(&max_pool3d_2(&skip64)?)?;
-        let skip256 = self.down256.forward(&max_pool3d_2(&skip128)?)?;
-        let deep = self.down512.forward(&max_pool3d_2(&skip256)?)?;
+        let pool = |x: &Tensor| {
+            let _timer = crate::runtime::stage("unet/pool");
+            max_pool3d_2(x)
+        };
+        let skip128 = self.down128.forward(&pool(&skip64)?)?;
+        let skip256 = self.down256.forward(&pool(&skip128)?)?;
+        let deep = self.down512.forward(&pool(&skip256)?)?;
         // Each skip map (and the map below it) is released as soon as its stage has used it.
         let u = self.up256.forward(deep.clone(), skip256)?;
         let u = self.up128.forward(u, skip128)?;

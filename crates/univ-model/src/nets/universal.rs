@@ -265,10 +265,16 @@ impl UniversalModel {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // The lean path: each intermediate is released as soon as the next one exists, and the
         // decoder map is normalised in place (it is ours alone).
+        let timer = crate::runtime::stage("backbone");
         let (deep, decoder) = self.backbone.forward(x)?;
+        drop(timer);
+        let timer = crate::runtime::stage("head/controller");
         let params = self.head.controller(&deep)?.params;
-        drop(deep);
+        drop((deep, timer));
+        let timer = crate::runtime::stage("head/precls");
         let precls = self.head.features_owned(decoder)?;
+        drop(timer);
+        let _timer = crate::runtime::stage("head/dynamic");
         dynamic_head(&precls, &params)
     }
 

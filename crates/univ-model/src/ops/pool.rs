@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use crate::cpu::pool::{argmax_windows, max_pool2_grad};
+use crate::cpu::pool::{max_pool2_grad, max_windows};
 use crate::error::{Error, Result};
 use crate::ops::{ExecPath, dims5, storage_f32};
 
@@ -16,7 +16,7 @@ impl CustomOp1 for MaxPool2 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = dims5(l, "max_pool3d")?;
-        let (vals, _) = argmax_windows(storage_f32(s, l, "max_pool3d")?, d);
+        let vals = max_windows(storage_f32(s, l, "max_pool3d")?, d);
         Ok((
             CpuStorage::F32(vals),
             Shape::from(vec![d[0], d[1], d[2] / 2, d[3] / 2, d[4] / 2]),
