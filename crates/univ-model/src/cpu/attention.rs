@@ -92,6 +92,7 @@ fn matrix_softmax(s: &mut [f32], n: usize, bias: &[f32], mask: Option<&[f32]>) {
 /// `scores ← softmax(scores + bias + mask)` over the last axis. `scores` is `(BW, heads, N, N)`,
 /// `bias` `(heads, N, N)`, `mask` `(nW, N, N)` for windows `b` of the batch taking row
 /// `b mod nW` (batch-major, as Swin's window partition orders them).
+#[cfg(test)]
 pub(crate) fn bias_mask_softmax(
     scores: &mut [f32],
     heads: usize,
@@ -117,6 +118,18 @@ type MatrixKernel = fn(&mut [f32], usize, &[f32], Option<&[f32]>);
 /// [`matrix_softmax`] compiled for AVX2+FMA where the CPU has them (the loops vectorise).
 fn matrix_kernel() -> MatrixKernel {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        fn matrix_avx512(s: &mut [f32], n: usize, bias: &[f32], mask: Option<&[f32]>) {
+            matrix_softmax(s, n, bias, mask)
+        }
+        fn checked512(s: &mut [f32], n: usize, bias: &[f32], mask: Option<&[f32]>) {
+            // SAFETY: AVX-512F was detected before this function was chosen.
+            unsafe { matrix_avx512(s, n, bias, mask) }
+        }
+        return checked512;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[target_feature(enable = "avx2,fma")]
         fn matrix_avx2(s: &mut [f32], n: usize, bias: &[f32], mask: Option<&[f32]>) {
@@ -132,6 +145,73 @@ fn matrix_kernel() -> MatrixKernel {
         matrix_softmax(s, n, bias, mask)
     }
     portable
+}
+
+/// Window attention for inference, fused per (window, head): `softmax(q·kᵀ·scale + bias
+/// [+ mask])·v`, each task computing its `N × N` scores in a buffer of its own (never the
+/// whole `(windows, heads, N, N)` tensor) and writing its head's columns of the merged output.
+///
+/// `qkv` is the qkv linear's output `(BW, N, 3, heads, hd)`; `bias` is `(heads, N, N)`; `mask`
+/// `(nW, N, N)` with window `b` using row `b mod nW`. Returns `(BW, N, heads·hd)`. `q` is
+/// scaled before the product, as the reference does.
+pub(crate) fn window_attention(
+    qkv: &[f32],
+    [bw, n, heads, hd]: [usize; 4],
+    scale: f32,
+    bias: &[f32],
+    mask: Option<(&[f32], usize)>,
+) -> Vec<f32> {
+    let (c, nn) = (heads * hd, n * n);
+    assert!(qkv.len() == bw * n * 3 * c && bias.len() == heads * nn);
+    if let Some((m, nw)) = mask {
+        assert_eq!(m.len(), nw * nn);
+    }
+    let mut out = vec![0f32; bw * n * c];
+    let dst = crate::cpu::OutPtr(out.as_mut_ptr());
+    let kernel = matrix_kernel();
+    (0..bw * heads).into_par_iter().for_each_init(
+        || (vec![0f32; nn], vec![0f32; n * hd]),
+        |(scores, q), i| {
+            let (b, h) = (i / heads, i % heads);
+            let base = b * n * 3 * c + h * hd;
+            for (t, row) in q.chunks_exact_mut(hd).enumerate() {
+                let src = &qkv[base + t * 3 * c..][..hd];
+                for (d, v) in row.iter_mut().zip(src) {
+                    *d = v * scale;
+                }
+            }
+            // SAFETY: `q` is n × hd; k and v rows are hd-long at a stride of 3c inside `qkv`
+            // (checked length); the output rows of window b, columns h·hd.., are this task's.
+            unsafe {
+                crate::cpu::matmul(
+                    [n, n, hd],
+                    scores.as_mut_ptr(),
+                    [n, 1],
+                    false,
+                    q.as_ptr(),
+                    [hd, 1],
+                    qkv.as_ptr().add(base + c),
+                    [1, 3 * c],
+                );
+            }
+            let m = mask.map(|(m, nw)| &m[(b % nw) * nn..(b % nw + 1) * nn]);
+            kernel(scores, n, &bias[h * nn..(h + 1) * nn], m);
+            // SAFETY: as above.
+            unsafe {
+                crate::cpu::matmul(
+                    [n, hd, n],
+                    dst.get().add(b * n * c + h * hd),
+                    [c, 1],
+                    false,
+                    scores.as_ptr(),
+                    [n, 1],
+                    qkv.as_ptr().add(base + 2 * c),
+                    [3 * c, 1],
+                );
+            }
+        },
+    );
+    out
 }
 
 #[cfg(test)]
@@ -152,6 +232,60 @@ mod tests {
         assert_eq!(exp_approx(-100.0), 0.0);
         assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_approx(0.0), 1.0);
+    }
+
+    #[test]
+    fn fused_window_attention_matches_the_unfused_steps() {
+        let (bw, n, heads, hd, nw) = (4, 9, 3, 5, 2);
+        let c = heads * hd;
+        let val = |i: usize, s: f32| (i as f32 * 0.61 + s).sin();
+        let qkv: Vec<f32> = (0..bw * n * 3 * c).map(|i| val(i, 0.2)).collect();
+        let bias: Vec<f32> = (0..heads * n * n).map(|i| val(i, 0.9) * 0.5).collect();
+        let mask: Vec<f32> = (0..nw * n * n)
+            .map(|i| if i % 5 == 0 { -100.0 } else { 0.0 })
+            .collect();
+        let scale = (hd as f32).powf(-0.5);
+        for with_mask in [false, true] {
+            let m = with_mask.then_some((&mask[..], nw));
+            let got = window_attention(&qkv, [bw, n, heads, hd], scale, &bias, m);
+            let at = |b: usize, t: usize, which: usize, h: usize, d: usize| {
+                qkv[(b * n + t) * 3 * c + which * c + h * hd + d]
+            };
+            for b in 0..bw {
+                for h in 0..heads {
+                    for i in 0..n {
+                        let mut row: Vec<f64> = (0..n)
+                            .map(|j| {
+                                let s: f64 = (0..hd)
+                                    .map(|d| {
+                                        f64::from(at(b, i, 0, h, d) * scale)
+                                            * f64::from(at(b, j, 1, h, d))
+                                    })
+                                    .sum();
+                                let mut v = s + f64::from(bias[(h * n + i) * n + j]);
+                                if with_mask {
+                                    v += f64::from(mask[((b % nw) * n + i) * n + j]);
+                                }
+                                v
+                            })
+                            .collect();
+                        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        row.iter_mut().for_each(|v| *v = (*v - max).exp());
+                        let sum: f64 = row.iter().sum();
+                        for d in 0..hd {
+                            let want: f64 = (0..n)
+                                .map(|j| row[j] / sum * f64::from(at(b, j, 2, h, d)))
+                                .sum();
+                            let g = f64::from(got[(b * n + i) * c + h * hd + d]);
+                            assert!(
+                                (g - want).abs() < 1e-5,
+                                "b{b} h{h} i{i} d{d}: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

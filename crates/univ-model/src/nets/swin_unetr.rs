@@ -268,18 +268,58 @@ impl WindowAttention {
         Ok(Tensor::cat(&outs, 0)?)
     }
 
+    /// The relative position bias `(1, heads, N, N)` of windows of `N` tokens. The quirk: the
+    /// first N rows and columns of the full window's index table.
+    fn position_bias(&self, n: usize) -> Result<Tensor> {
+        let full = relative_position_index(self.window);
+        let nf = self.window.pow(3);
+        let idx: Vec<u32> = (0..n)
+            .flat_map(|i| full[i * nf..i * nf + n].to_vec())
+            .collect();
+        let idx = Tensor::from_vec(idx, n * n, self.bias_table.device())?;
+        Ok(self
+            .bias_table
+            .index_select(&idx, 0)?
+            .reshape((n, n, self.heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?)
+    }
+
     /// [`forward`](Self::forward) on one group of windows (`mask` has one row per window of
     /// the group, or divides the group evenly).
     fn forward_group(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (bw, n, c) = x.dims3()?;
         let hd = c / self.heads;
         let timer = stage("swin/block/attention/qkv linear");
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = self.qkv.forward(x)?;
+        drop(timer);
+        let bias = self.position_bias(n)?;
+        if ExecPath::of(&[Some(&qkv), Some(&bias), mask]) == ExecPath::CpuInference {
+            // Scores, bias, mask, softmax and the product with v fused per (window, head).
+            let timer = stage("swin/block/attention/fused attention");
+            let mut ts = vec![qkv.contiguous()?, bias.contiguous()?];
+            if let Some(m) = mask {
+                ts.push(m.contiguous()?);
+            }
+            let refs: Vec<&Tensor> = ts.iter().collect();
+            let nw = mask.map(|m| m.dim(0)).transpose()?;
+            let out = with_f32_slices(&refs, |d| {
+                crate::cpu::attention::window_attention(
+                    d[0],
+                    [bw, n, self.heads, hd],
+                    (hd as f64).powf(-0.5) as f32,
+                    d[1],
+                    nw.map(|nw| (d[2], nw)),
+                )
+            })?;
+            drop(timer);
+            let out = Tensor::from_vec(out, (bw, n, c), x.device())?;
+            let _timer = stage("swin/block/attention/projection linear");
+            return Ok(self.proj.forward(&out)?);
+        }
+        let qkv = qkv
             .reshape((bw, n, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        drop(timer);
         let timer = stage("swin/block/attention/split heads");
         let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
         let k = qkv.get(1)?.contiguous()?;
@@ -288,47 +328,7 @@ impl WindowAttention {
         let timer = stage("swin/block/attention/scores QK^T");
         let mut attn = q.matmul(&k.t()?.contiguous()?)?; // (BW, h, N, N)
         drop(timer);
-        let timer = stage("swin/block/attention/bias + mask + softmax");
-        // The quirk: the first N rows and columns of the full window's index table.
-        let full = relative_position_index(self.window);
-        let nf = self.window.pow(3);
-        let idx: Vec<u32> = (0..n)
-            .flat_map(|i| full[i * nf..i * nf + n].to_vec())
-            .collect();
-        let idx = Tensor::from_vec(idx, n * n, x.device())?;
-        let bias = self
-            .bias_table
-            .index_select(&idx, 0)?
-            .reshape((n, n, self.heads))?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?;
-        if ExecPath::of(&[Some(&attn), Some(&bias), mask]) == ExecPath::CpuInference {
-            // One fused pass: bias, mask and softmax.
-            let mut scores = attn.flatten_all()?.to_vec1::<f32>()?;
-            let mut ts = vec![bias.contiguous()?];
-            if let Some(m) = mask {
-                ts.push(m.contiguous()?);
-            }
-            let refs: Vec<&Tensor> = ts.iter().collect();
-            with_f32_slices(&refs, |d| {
-                let nw = mask.map(|m| m.dim(0)).transpose()?;
-                crate::cpu::attention::bias_mask_softmax(
-                    &mut scores,
-                    self.heads,
-                    n,
-                    d[0],
-                    nw.map(|nw| (d[1], nw)),
-                );
-                candle_core::Result::Ok(())
-            })??;
-            let attn = Tensor::from_vec(scores, (bw, self.heads, n, n), x.device())?;
-            drop(timer);
-            let timer = stage("swin/block/attention/AV + merge heads");
-            let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
-            drop(timer);
-            let _timer = stage("swin/block/attention/projection linear");
-            return Ok(self.proj.forward(&out)?);
-        }
+        let timer = stage("swin/block/attention/bias + mask");
         attn = attn.broadcast_add(&bias)?;
         if let Some(m) = mask {
             let nw = m.dim(0)?;
