@@ -275,9 +275,14 @@ pub(crate) struct Bf16Weights {
 }
 
 impl Bf16Weights {
-    /// The input channel count rounded up to 32 (what [`pair_slab`] needs).
+    /// The input channel count rounded up to 32 (what [`pad_pairs`] needs).
     pub(crate) fn c_pad(&self) -> usize {
         self.c_pad
+    }
+
+    /// The output channel count rounded up to 32.
+    pub(crate) fn o_pad(&self) -> usize {
+        self.o_pad
     }
 }
 
@@ -926,12 +931,14 @@ unsafe fn run_tiles<T: Tiles>(tiles: &mut T, block: &Block<'_>, buf: *mut f32) {
                         let a = w.data.as_ptr().add((t * w.o_pad + ob) * pairs);
                         let b = b.add(*off);
                         for kb in (kc0..kc1).step_by(16) {
-                            tiles.load(4, a.add(kb).cast(), a_stride);
-                            tiles.load(5, a.add(16 * pairs + kb).cast(), a_stride);
+                            // Each load just before the first product that reads it (tiles
+                            // are not renamed: a load waits for the last reader of its tile).
                             tiles.load(6, b.add(kb * block.vp).cast(), b_stride);
-                            tiles.load(7, b.add(kb * block.vp + 16).cast(), b_stride);
+                            tiles.load(4, a.add(kb).cast(), a_stride);
                             tiles.dot(0, 4, 6);
+                            tiles.load(7, b.add(kb * block.vp + 16).cast(), b_stride);
                             tiles.dot(1, 4, 7);
+                            tiles.load(5, a.add(16 * pairs + kb).cast(), a_stride);
                             tiles.dot(2, 5, 6);
                             tiles.dot(3, 5, 7);
                         }
@@ -998,8 +1005,34 @@ fn run_block(runner: Runner, block: &Block<'_>, buf: &mut [f32]) {
     }
 }
 
+/// One 1×1×1 product in bf16: `buf (O', len_pad) = W · X[:, q0..q0+len]` for pairs `x`
+/// (`(C'/2, vp)` plus [`SLACK`], as [`pad_pairs`] makes them) and weights packed with one tap;
+/// returns `len_pad` (`len` rounded up to 32: the row stride of `buf`, which must hold
+/// `O'·len_pad` floats; columns past `len` are garbage).
+pub(crate) fn product_block(
+    kernel: Bf16Kernel,
+    x: &[u32],
+    vp: usize,
+    q0: usize,
+    len: usize,
+    w: &Bf16Weights,
+    buf: &mut [f32],
+) -> usize {
+    assert_eq!(w.taps, 1);
+    let block = Block {
+        x,
+        vp,
+        q0,
+        len_pad: len.next_multiple_of(32),
+        taps: &[0],
+        w,
+    };
+    run_block(Runner::Kernel(kernel), &block, buf);
+    block.len_pad
+}
+
 /// The bf16 counterpart of [`crate::cpu::correlate::correlate_sample`]: `xp` is the padded
-/// block of planes as pairs ([`pair_slab`]), `p` its padded extent.
+/// block of planes as pairs ([`pad_pairs`]), `p` its padded extent.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn correlate_sample(
     runner: Runner,

@@ -73,10 +73,32 @@ pub(crate) fn conv_transpose_planes(
     let (q_lo, q_hi) = (zs.start * h * wd, zs.end * h * wd);
     let blen = block_len(co).min((q_hi - q_lo).max(1));
     let dst = OutPtr(out.as_mut_ptr());
+    // bf16: the input planes as channel pairs once, each tap's weights packed for the kernel.
+    let bf16 = crate::cpu::bf16::active_bf16_kernel()
+        .filter(|_| crate::cpu::bf16::applies(ci, co))
+        .map(|kernel| {
+            let hw = h * wd;
+            let mut pairs = Vec::new();
+            let w: Vec<_> = (0..kd * kh * kw)
+                .map(|t| crate::cpu::bf16::pack_weights(&wp[t * co * ci..][..co * ci], 1, co, ci))
+                .collect();
+            crate::cpu::bf16::pad_pairs(
+                |c, z| &xs[c * v_in + (zs.start + z) * hw..][..hw],
+                ci,
+                [zs.len(), h, wd],
+                [0; 3],
+                0,
+                zs.len(),
+                w[0].c_pad(),
+                &mut pairs,
+            );
+            (kernel, pairs, w)
+        });
+    let o_rows = bf16.as_ref().map_or(co, |(_, _, w)| w[0].o_pad());
     (0..(q_hi - q_lo).div_ceil(blen))
         .into_par_iter()
         .for_each_init(
-            || vec![0f32; kw * co * blen],
+            || vec![0f32; kw * o_rows * blen.next_multiple_of(32)],
             |buf, bi| {
                 let q0 = q_lo + bi * blen;
                 let len = blen.min(q_hi - q0);
@@ -84,14 +106,29 @@ pub(crate) fn conv_transpose_planes(
                 // written contiguously (their outputs interleave along x).
                 for ab in 0..kd * kh {
                     let (a, bb) = (ab / kh, ab % kh);
+                    // Tap `c`'s outputs: channel `o` at `buf[(c·o_rows + o)·stride ..]`.
+                    let mut stride = len;
                     for c in 0..kw {
                         let t = ab * kw + c;
+                        let part = &mut buf[c * o_rows * blen.next_multiple_of(32)..];
+                        if let Some((kernel, pairs, w)) = &bf16 {
+                            stride = crate::cpu::bf16::product_block(
+                                *kernel,
+                                pairs,
+                                q_hi - q_lo,
+                                q0 - q_lo,
+                                len,
+                                &w[t],
+                                part,
+                            );
+                            continue;
+                        }
                         // SAFETY: reads stay inside `xs` (rows of length v_in, columns
                         // q0..q0+len); tap `c` writes its own `co·len` part of `buf`.
                         unsafe {
                             matmul(
                                 [co, len, ci],
-                                buf.as_mut_ptr().add(c * co * len),
+                                part.as_mut_ptr(),
                                 [len, 1],
                                 false,
                                 wp.as_ptr().add(t * co * ci),
@@ -101,7 +138,9 @@ pub(crate) fn conv_transpose_planes(
                             );
                         }
                     }
-                    let buf = &buf[..kw * co * len];
+                    let tap = |c: usize, o: usize, r: usize| {
+                        c * o_rows * blen.next_multiple_of(32) + o * stride + r
+                    };
                     // Runs of positions along one input row.
                     let mut r = 0;
                     while r < len {
@@ -118,10 +157,8 @@ pub(crate) fn conv_transpose_planes(
                                 std::slice::from_raw_parts_mut(dst.get().add(base), kw * run)
                             };
                             if kw == 2 {
-                                let (s0, s1) = (
-                                    &buf[o * len + r..][..run],
-                                    &buf[(co + o) * len + r..][..run],
-                                );
+                                let (s0, s1) =
+                                    (&buf[tap(0, o, r)..][..run], &buf[tap(1, o, r)..][..run]);
                                 for ((d, v0), v1) in dst.chunks_exact_mut(2).zip(s0).zip(s1) {
                                     d[0] = v0 + bias_o;
                                     d[1] = v1 + bias_o;
@@ -129,7 +166,7 @@ pub(crate) fn conv_transpose_planes(
                             } else {
                                 for (i, d) in dst.chunks_exact_mut(kw).enumerate() {
                                     for (c, dv) in d.iter_mut().enumerate() {
-                                        *dv = buf[(c * co + o) * len + r + i] + bias_o;
+                                        *dv = buf[tap(c, o, r + i)] + bias_o;
                                     }
                                 }
                             }

@@ -161,9 +161,10 @@ fn affine_act_in_place(r: &mut [f32], scale: f32, shift: f32, act: Act) {
                 .iter_mut()
                 .for_each(|v| *v = (*v * scale + shift).max(0.0)),
             Act::Identity => r.iter_mut().for_each(|v| *v = *v * scale + shift),
-            _ => r
-                .iter_mut()
-                .for_each(|v| *v = act.apply(*v * scale + shift)),
+            Act::LeakyRelu(s) => r.iter_mut().for_each(|v| {
+                let y = *v * scale + shift;
+                *v = if y >= 0.0 { y } else { y * s };
+            }),
         }
     }
     #[cfg(target_arch = "x86_64")]

@@ -640,13 +640,20 @@ impl ResBlock {
                 c.forward_concat(inputs)
             }
         };
+        let timer = stage("res block/conv1 + norm");
         let y = inorm(conv(&self.conv1)?, Act::LeakyRelu(0.01))?;
+        drop(timer);
+        let timer = stage("res block/conv2 + norm");
         let y = inorm(self.conv2.forward(&y)?, Act::Identity)?;
+        drop(timer);
+        let timer = stage("res block/conv3 + norm");
         let res = match &self.conv3 {
             Some(c) => inorm(conv(c)?, Act::Identity)?,
             None if inputs.len() == 1 => inputs[0].clone(),
             None => Tensor::cat(inputs, 1)?,
         };
+        drop(timer);
+        let _timer = stage("res block/residual add");
         add_act_owned(y, &res, Act::LeakyRelu(0.01))
     }
 }
@@ -672,7 +679,9 @@ impl UpBlock {
     }
 
     fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        let timer = stage("up block/transposed conv");
         let up = self.transp.forward(x)?;
+        drop(timer);
         self.block.forward_concat(&[&up, skip])
     }
 }
