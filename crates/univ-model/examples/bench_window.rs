@@ -361,8 +361,9 @@ fn main() -> anyhow::Result<()> {
         let kernel = univ_model::runtime::set_precision(precision)?;
         if precision == univ_model::runtime::Precision::Bf16 && kernel.is_none() {
             println!(
-                "warning: this CPU has neither AMX-BF16 nor AVX512-BF16: timing f32 \
-                 (UNIV_BF16_KERNEL=reference forces the slow portable bf16 kernel)"
+                "warning: no bf16 kernel faster than f32 here ({}): timing f32 \
+                 (UNIV_BF16_KERNEL=avx512bf16 or reference forces a slower bf16 kernel)",
+                univ_model::runtime::bf16_fallback_reason()
             );
         }
     }

@@ -39,8 +39,9 @@ pub enum Precision {
     /// f32 throughout (the default; within the parity tolerances of the official code).
     #[default]
     F32,
-    /// Convolutions between layers of at least 16 channels, and the Swin UNETR's linear
-    /// layers (attention qkv and projection, MLP, patch merging), with bf16 operands and f32
+    /// Convolutions (also the transposed ones) between layers of at least 16 channels, and the
+    /// Swin UNETR's linear layers (attention qkv and projection, MLP, patch merging), with
+    /// bf16 operands and f32
     /// accumulation; everything else (the first and last layers, the attention scores and
     /// softmax, norms, activations, the text-driven head, the logits) in f32.
     Bf16,
@@ -187,12 +188,26 @@ fn amx_state() -> &'static std::result::Result<(), String> {
     })
 }
 
-/// The fastest bf16 kernel this machine runs, if any runs faster than f32 (the reference
-/// kernel does not).
+/// The bf16 kernel that `--precision bf16` uses on this machine, if one runs faster than the
+/// f32 convolutions: AMX where the CPU has it and Linux grants it. The AVX512-BF16 kernel is
+/// not chosen by itself: on a 2-core AMX Xeon it took 11.4 s for the U-Net window against
+/// 4.9 s in f32 (one `VDPBF16PS` does the work of two f32 FMAs on one port, which the f32
+/// path's Winograd transform beats), so it runs only when `UNIV_BF16_KERNEL=avx512bf16` asks.
 pub fn best_bf16_kernel() -> Option<Bf16Kernel> {
-    [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16]
-        .into_iter()
-        .find(|k| k.check().is_ok())
+    Bf16Kernel::Amx.check().ok().map(|()| Bf16Kernel::Amx)
+}
+
+/// Why [`best_bf16_kernel`] found nothing here (for the warning that bf16 runs as f32).
+pub fn bf16_fallback_reason() -> String {
+    let amx = Bf16Kernel::Amx.check().err().unwrap_or_default();
+    if Bf16Kernel::Avx512Bf16.check().is_ok() {
+        format!(
+            "{amx}; the CPU has AVX512-BF16, but that kernel is slower than f32 \
+             (UNIV_BF16_KERNEL=avx512bf16 forces it)"
+        )
+    } else {
+        format!("{amx} and AVX512-BF16")
+    }
 }
 
 /// 0: f32; otherwise [`Bf16Kernel::code`].
@@ -222,9 +237,9 @@ pub fn active_bf16_kernel() -> Option<Bf16Kernel> {
 /// Sets the precision of the CPU convolutions (process-wide) and returns the bf16 kernel now
 /// in use. For [`Precision::Bf16`] that is the kernel named by the environment variable
 /// `UNIV_BF16_KERNEL` (`amx`, `avx512bf16` or `reference`; an error if this machine cannot
-/// run it), else [`best_bf16_kernel`]. When the CPU has neither AMX-BF16 nor AVX512-BF16 the
+/// run it), else [`best_bf16_kernel`]. When that finds none (no AMX) the
 /// result is `Ok(None)` and the convolutions stay f32: callers should say so (the command line
-/// prints a warning), since the portable bf16 kernel would only be slower.
+/// prints a warning with [`bf16_fallback_reason`]), since the other kernels would be slower.
 pub fn set_precision(precision: Precision) -> Result<Option<Bf16Kernel>> {
     let kernel = match precision {
         Precision::F32 => None,

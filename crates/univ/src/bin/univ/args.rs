@@ -13,8 +13,9 @@ pub struct RuntimeArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Arithmetic of the CPU convolutions: f32 (the default, within the parity tolerances
-    /// of the official code) or bf16 (operands rounded to bfloat16, sums in f32: on AMX or
-    /// AVX512-BF16 CPUs; elsewhere f32 is used and a warning printed).
+    /// of the official code) or bf16 (operands rounded to bfloat16, sums in f32: on CPUs with
+    /// AMX-BF16; elsewhere f32 is used and a warning printed, `UNIV_BF16_KERNEL=avx512bf16`
+    /// forcing the slower AVX512-BF16 kernel).
     /// [default: f32; bf16 with `segment --fast`]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
@@ -99,9 +100,10 @@ impl RuntimeArgs {
         let kernel = set_precision(precision)?;
         if precision == Precision::Bf16 && kernel.is_none() {
             eprintln!(
-                "warning: bf16 (--precision bf16 or --fast): this CPU has neither AMX-BF16 nor AVX512-BF16 \
-                 (the reference bf16 kernel would be slower than f32), so the convolutions run \
-                 in f32; UNIV_BF16_KERNEL=reference forces bf16 arithmetic"
+                "warning: bf16 (--precision bf16 or --fast): no bf16 kernel faster than f32 here \
+                 ({}), so the convolutions run in f32; UNIV_BF16_KERNEL=reference forces bf16 \
+                 arithmetic",
+                univ::model::runtime::bf16_fallback_reason()
             );
         }
         Ok(())
