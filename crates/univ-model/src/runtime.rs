@@ -92,7 +92,9 @@ pub fn set_profiling(on: bool) {
 
 /// The stage profile so far: `(stage, seconds, calls)` sorted by name. Stages nest (their names
 /// say how: `swin/block/attention/qkv` is inside `swin/block/attention`), so a stage's time
-/// includes its children's. Timed today: the Swin UNETR backbone.
+/// includes its children's. Timed: the U-Net's convolutions, norms, pooling and up-sampling,
+/// the Swin UNETR's transformer and residual blocks, the CPU convolutions' padding and
+/// products, the norms' two passes, and the text-driven head.
 pub fn profile() -> Vec<(&'static str, f64, u64)> {
     let totals = profile_totals().lock().unwrap_or_else(|e| e.into_inner());
     totals.iter().map(|(k, (s, n))| (*k, *s, *n)).collect()
