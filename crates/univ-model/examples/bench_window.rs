@@ -279,6 +279,9 @@ fn bench(
         times.push(t.elapsed().as_secs_f64());
     }
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    // The timed windows' own peak (the profile and the f32 comparison below allocate more:
+    // the latter holds the bf16 logits while the f32 window runs).
+    let window_peak = PEAK.load(Ordering::Relaxed) - base;
     if profiling {
         // The last window's stages (the earlier ones include the allocator's warm-up).
         univ_model::runtime::reset_profile();
@@ -328,7 +331,7 @@ fn bench(
     println!(
         "{name:<22} memory: weights + input {:.0} MB; a window allocates at most {:.0} MB more; process peak RSS so far {}",
         mb(base as f64),
-        mb((PEAK.load(Ordering::Relaxed) - base) as f64),
+        mb(window_peak as f64),
         peak_rss().map_or("unknown".to_string(), |b| format!("{:.0} MB", mb(b as f64)))
     );
     Ok(())

@@ -332,7 +332,7 @@ const SLACK: usize = 64;
 
 /// [`to_bf16`] without branches (the select compiles to vector blends), for the packing loops.
 #[inline(always)]
-fn to_bf16_bits(x: f32) -> u32 {
+pub(crate) fn to_bf16_bits(x: f32) -> u32 {
     let b = x.to_bits();
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
     let r = if b & 0x7f80_0000 == 0 {
@@ -674,7 +674,7 @@ fn run_reference(block: &Block<'_>, buf: &mut [f32]) {
 
 /// The AMX tile configuration (`LDTILECFG`'s 64-byte operand, palette 1).
 #[repr(C, align(64))]
-struct TileConfig {
+pub(crate) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -684,7 +684,7 @@ struct TileConfig {
 
 impl TileConfig {
     /// Eight tiles of 16 rows × 64 bytes.
-    fn full() -> Self {
+    pub(crate) fn full() -> Self {
         let mut cfg = TileConfig {
             palette: 1,
             start_row: 0,
@@ -702,7 +702,7 @@ impl TileConfig {
 
 /// The tile instructions of the AMX kernel. Tiles 0–3 accumulate, 4–5 hold weights, 6–7
 /// input pairs.
-trait Tiles {
+pub(crate) trait Tiles {
     unsafe fn config(&mut self, cfg: &TileConfig);
     unsafe fn zero(&mut self, t: usize);
     /// Loads tile `t` (an accumulator to resume, or an operand): row `r` from `p + r·stride`
@@ -718,7 +718,7 @@ trait Tiles {
 /// The software model of [`Tiles`], following the instructions' definitions (tests only:
 /// it checks the AMX kernel's logic on machines without AMX).
 #[cfg(test)]
-struct SoftTiles {
+pub(crate) struct SoftTiles {
     data: [[u8; 1024]; 8],
     rows: [usize; 8],
     colsb: [usize; 8],
@@ -795,7 +795,7 @@ mod amx {
 
     /// [`super::Tiles`] on the AMX unit (the state is per thread; every block configures it
     /// and releases it).
-    pub(super) struct HwTiles;
+    pub(crate) struct HwTiles;
 
     impl super::Tiles for HwTiles {
         #[inline(always)]
@@ -974,7 +974,7 @@ const AMX_KC: usize = 64;
 
 /// Asks for the cache line at `p` (a hint: never faults).
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetching is a hint and never faults, whatever the address.
     unsafe {
@@ -982,6 +982,23 @@ fn prefetch(p: *const u8) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Whether the process may use AMX tiles (the kernel is chosen only then).
+pub(crate) fn amx_granted() -> bool {
+    amx_state().is_ok()
+}
+
+/// The hardware tiles (the caller checks [`amx_granted`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn hw_tiles() -> amx::HwTiles {
+    amx::HwTiles
+}
+
+/// The software model of the tiles.
+#[cfg(test)]
+pub(crate) fn soft_tiles() -> SoftTiles {
+    SoftTiles::new()
 }
 
 /// Which implementation runs a block: a kernel, or (in tests) the software model of the AMX

@@ -91,6 +91,14 @@ pub(crate) enum PadDst<'a> {
         /// The channel count rounded up to 32.
         c_pad: usize,
     },
+    /// bf16 pairs blocked channels-last `(C'/32, np, H+2p, W+2p, 16)` for the AMX kernel
+    /// ([`crate::cpu::amx_cl::pad_pairs_cl`]); resized and every word written.
+    PairsCl {
+        /// The pair buffer (reused between slabs).
+        dst: &'a mut crate::cpu::amx_cl::Lines,
+        /// The channel count rounded up to 32.
+        c_pad: usize,
+    },
 }
 
 /// [`pad_planes`] into either kind of [`PadDst`].
@@ -108,6 +116,9 @@ pub(crate) fn pad_into<'a>(
         PadDst::F32(dst) => pad_planes(plane, c, dhw, pad, pz0, np, dst),
         PadDst::Pairs { dst, c_pad } => {
             crate::cpu::bf16::pad_pairs(plane, c, dhw, pad, pz0, np, c_pad, dst)
+        }
+        PadDst::PairsCl { dst, c_pad } => {
+            crate::cpu::amx_cl::pad_pairs_cl(plane, c, dhw, pad, pz0, np, c_pad, dst)
         }
     }
 }
@@ -329,16 +340,46 @@ pub(crate) fn correlate_chunked(
     // The bf16 kernel's packed weights, or Winograd's transformed ones, made once for all
     // slabs.
     let taps = k[0] * k[1] * k[2];
-    let bf16 = crate::cpu::bf16::active_bf16_kernel()
-        .filter(|_| crate::cpu::bf16::applies(c, o))
+    let active = crate::cpu::bf16::active_bf16_kernel().filter(|_| crate::cpu::bf16::applies(c, o));
+    let amx_cl = active
+        .filter(|k| crate::cpu::amx_cl::uses_cl(crate::cpu::bf16::Runner::Kernel(*k)))
+        .map(|kernel| (kernel, crate::cpu::amx_cl::pack_weights_cl(wp, taps, o, c)));
+    let bf16 = active
+        .filter(|_| amx_cl.is_none())
         .map(|kernel| (kernel, crate::cpu::bf16::pack_weights(wp, taps, o, c)));
     let mut pairs = Vec::new();
-    let winograd = (bf16.is_none() && crate::cpu::winograd::applies(k, c, o, od))
+    let mut lines = crate::cpu::amx_cl::Lines::default();
+    let winograd = (active.is_none() && crate::cpu::winograd::applies(k, c, o, od))
         .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
         let np = t + k[0] - 1;
         let dst = &mut out[oz0 * plane_out..];
+        if let Some((kernel, w)) = &amx_cl {
+            let np_dims = [np, p[1], p[2]];
+            let timer = crate::runtime::stage("conv/fill bf16 pairs");
+            fill(
+                oz0,
+                np,
+                PadDst::PairsCl {
+                    dst: &mut lines,
+                    c_pad: w.c_pad(),
+                },
+            );
+            drop(timer);
+            let _timer = crate::runtime::stage("conv/bf16 gemm");
+            crate::cpu::amx_cl::correlate_sample(
+                crate::cpu::bf16::Runner::Kernel(*kernel),
+                lines.words(),
+                np_dims,
+                w,
+                k,
+                bias,
+                dst,
+                n_out,
+            );
+            continue;
+        }
         if let Some((kernel, w)) = &bf16 {
             let np_dims = [np, p[1], p[2]];
             let timer = crate::runtime::stage("conv/fill bf16 pairs");

@@ -1,0 +1,711 @@
+//! The AMX convolution in a channels-last pair layout.
+//!
+//! [`crate::cpu::bf16`]'s kernels read the input as planes of channel pairs, so one tile of
+//! input is 16 pair rows that lie a whole padded volume apart and, for two of every three
+//! taps, straddle two cache lines each. Here the input is blocked channels-last instead:
+//! for each block of 32 channels, every padded position holds its 16 pairs in one 64-byte
+//! line ([`pad_pairs_cl`]). A tile of input is then 16 consecutive positions, 1 KB read
+//! front to back, and the next tap along x reads the same lines shifted by one, so the input
+//! a block of positions needs over all taps stays in L1 while every block of output channels
+//! uses it. The tiles' roles swap accordingly: input positions are the rows of the `A`
+//! operand, the weights (packed as 16 pairs × 16 output channels, [`pack_weights_cl`]) the
+//! `B` operand, and the accumulators hold positions × output channels, transposed back to
+//! channel-first planes when they are written out ([`correlate_sample`]).
+
+use rayon::prelude::*;
+
+use super::bf16::{Runner, TileConfig, Tiles, to_bf16_bits};
+use crate::cpu::OutPtr;
+use crate::cpu::correlate::Geometry;
+
+/// Channels per block of the layout (16 pairs: one 64-byte tile row).
+const CB: usize = 32;
+
+/// Positions past the end of the blocked input that the kernel may read (the last, partial
+/// block of 32 positions beyond the last valid output; their results are dropped).
+const SLACK_POS: usize = 64;
+
+/// One cache line of words.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// A buffer of words that starts on a cache line (the kernel's tile rows are 64-byte lines:
+/// unaligned, every row would straddle two).
+#[derive(Default)]
+pub(crate) struct Lines(Vec<Line>);
+
+impl Lines {
+    /// `n` words (`n` a multiple of 16), zeros where the buffer grows (a buffer too small is
+    /// replaced, not copied).
+    fn resize(&mut self, n: usize) {
+        debug_assert!(n.is_multiple_of(16));
+        let lines = n / 16;
+        if lines > self.0.capacity() {
+            self.0 = Vec::with_capacity(lines);
+        }
+        self.0.resize(lines, Line([0; 16]));
+    }
+
+    /// The words.
+    pub(crate) fn words(&self) -> &[u32] {
+        // SAFETY: `Line` is 16 `u32` without padding (`repr(C)`, 64 bytes).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
+    }
+
+    /// The words, mutably.
+    fn words_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as in `words`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+    }
+
+    /// The words as `f32` (the kernel's accumulators), mutably.
+    fn floats_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `words`; every bit pattern is a valid `f32`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+    }
+}
+
+/// Blocks of 32 channels per chunk of the kernel's reduction. Within a chunk, output channels
+/// outside positions: one block of 32 output channels' weights for a chunk (27 taps × 4 KB)
+/// stay in L2 while every position of the block uses them, and the input lines one block of
+/// 32 positions reads over the taps (9 × 34 lines per channel block) in L1. Measured on one
+/// thread of an AMX Xeon (1.0–1.3 TFLOP/s on the U-Net's shapes): 2 is best or within 5 %
+/// of best everywhere; positions outside output channels is as fast at 64 channels and 1.5×
+/// slower at 512.
+const KC_BLOCKS: usize = 2;
+
+/// Weights packed for [`correlate_sample`]: for each block of 32 output channels, each tap,
+/// each block of 32 input channels, two 16 × 16 tiles (16 pairs × 16 output channels each).
+pub(crate) struct ClWeights {
+    data: Lines,
+    taps: usize,
+    o: usize,
+    o_pad: usize,
+    ncb: usize,
+}
+
+impl ClWeights {
+    /// The input channel count rounded up to 32 (what [`pad_pairs_cl`] needs).
+    pub(crate) fn c_pad(&self) -> usize {
+        self.ncb * CB
+    }
+}
+
+/// Packs weights given as `(taps, O, C)` f32 (the layout of
+/// [`crate::cpu::correlate::pack_weights`]).
+pub(crate) fn pack_weights_cl(wp: &[f32], taps: usize, o: usize, c: usize) -> ClWeights {
+    assert_eq!(wp.len(), taps * o * c);
+    let (o_pad, ncb) = (o.next_multiple_of(32), c.div_ceil(CB));
+    let mut lines = Lines::default();
+    lines.resize(o_pad * taps * ncb * CB / 2);
+    let data = lines.words_mut();
+    for oi in 0..o {
+        let (ob, half, n) = (oi / 32, (oi % 32) / 16, oi % 16);
+        for t in 0..taps {
+            let src = &wp[(t * o + oi) * c..][..c];
+            for (ci, v) in src.iter().enumerate() {
+                let (cb, k) = (ci / CB, (ci % CB) / 2);
+                let tile = ((ob * taps + t) * ncb + cb) * 2 + half;
+                data[tile * 256 + k * 16 + n] |= to_bf16_bits(*v) << (16 * (ci % 2));
+            }
+        }
+    }
+    ClWeights {
+        data: lines,
+        taps,
+        o,
+        o_pad,
+        ncb,
+    }
+}
+
+/// One padded plane of one channel block: `chans` are the block's 32 source planes of `H·W`
+/// voxels (`None`: a zero channel), `out` the `(H+2p)·(W+2p)` positions × 16 pairs.
+#[inline(always)]
+fn plane_body(out: &mut [u32], chans: &[Option<&[f32]>; CB], hw: [usize; 2], pad: [usize; 2]) {
+    let [h, w] = hw;
+    let p2 = w + 2 * pad[1];
+    for (y, row) in out.chunks_exact_mut(p2 * 16).enumerate() {
+        if y < pad[0] || y >= pad[0] + h {
+            row.fill(0);
+            continue;
+        }
+        row[..pad[1] * 16].fill(0);
+        row[(pad[1] + w) * 16..].fill(0);
+        let s = (y - pad[0]) * w;
+        let mid = &mut row[pad[1] * 16..(pad[1] + w) * 16];
+        for x0 in (0..w).step_by(16) {
+            let n = 16.min(w - x0);
+            // 16 positions × 16 pairs, made pair by pair (contiguous along x), then
+            // transposed to positions × pairs.
+            let mut tile = [[0u32; 16]; 16];
+            for (k, words) in tile.iter_mut().enumerate() {
+                let lo = chans[2 * k].map(|p| &p[s + x0..s + x0 + n]);
+                let hi = chans[2 * k + 1].map(|p| &p[s + x0..s + x0 + n]);
+                match (lo, hi) {
+                    (Some(lo), Some(hi)) => {
+                        for ((d, l), h) in words.iter_mut().zip(lo).zip(hi) {
+                            *d = to_bf16_bits(*l) | (to_bf16_bits(*h) << 16);
+                        }
+                    }
+                    (Some(lo), None) => {
+                        for (d, l) in words.iter_mut().zip(lo) {
+                            *d = to_bf16_bits(*l);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for (i, pos) in mid[x0 * 16..(x0 + n) * 16].chunks_exact_mut(16).enumerate() {
+                for (k, d) in pos.iter_mut().enumerate() {
+                    *d = tile[k][i];
+                }
+            }
+        }
+    }
+}
+
+/// [`plane_body`] with AVX-512 where the CPU has it (the same words: the rounding is the same
+/// integer arithmetic, the transpose only moves them).
+fn plane(out: &mut [u32], chans: &[Option<&[f32]>; CB], hw: [usize; 2], pad: [usize; 2]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature.
+        return unsafe { avx512::plane(out, chans, hw, pad) };
+    }
+    plane_body(out, chans, hw, pad)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::CB;
+    use std::arch::x86_64::*;
+
+    /// `to_bf16_bits` on 16 lanes.
+    #[inline(always)]
+    unsafe fn bf16_bits(x: __m512i) -> __m512i {
+        // SAFETY: only called from functions compiled with AVX-512F.
+        unsafe {
+            let high = _mm512_srli_epi32::<16>(x);
+            let lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb);
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, bias));
+            // Zero exponent (zeros and subnormals): the signed zero.
+            let tiny = _mm512_testn_epi32_mask(x, _mm512_set1_epi32(0x7f80_0000));
+            let sign = _mm512_and_si512(high, _mm512_set1_epi32(0x8000));
+            let r = _mm512_mask_mov_epi32(rounded, tiny, sign);
+            // NaN: truncated and made quiet.
+            let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff));
+            let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+            let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+            _mm512_mask_mov_epi32(r, nan, quiet)
+        }
+    }
+
+    /// Transposes 16 rows of 16 words (`r[k][i]`) into `out[i][k]`.
+    #[inline(always)]
+    unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+        // SAFETY: only called from functions compiled with AVX-512F.
+        unsafe {
+            // Within each 128-bit lane L: a[2j] holds (r2j, r2j+1) at positions 4L, 4L+1,
+            // a[2j+1] at 4L+2, 4L+3.
+            let a: [__m512i; 16] = std::array::from_fn(|i| {
+                let (x, y) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_epi32(x, y)
+                } else {
+                    _mm512_unpackhi_epi32(x, y)
+                }
+            });
+            // b[4j+m], lane L: rows 4j..4j+3 at position 4L+m.
+            let b: [__m512i; 16] = std::array::from_fn(|i| {
+                let (j, m) = (i / 4, i % 4);
+                let (x, y) = (a[4 * j + m / 2], a[4 * j + 2 + m / 2]);
+                if m % 2 == 0 {
+                    _mm512_unpacklo_epi64(x, y)
+                } else {
+                    _mm512_unpackhi_epi64(x, y)
+                }
+            });
+            let mut out = [_mm512_setzero_si512(); 16];
+            for m in 0..4 {
+                let (b0, b1, b2, b3) = (b[m], b[4 + m], b[8 + m], b[12 + m]);
+                let c0 = _mm512_shuffle_i32x4::<0x44>(b0, b1);
+                let c1 = _mm512_shuffle_i32x4::<0xee>(b0, b1);
+                let c2 = _mm512_shuffle_i32x4::<0x44>(b2, b3);
+                let c3 = _mm512_shuffle_i32x4::<0xee>(b2, b3);
+                out[m] = _mm512_shuffle_i32x4::<0x88>(c0, c2);
+                out[4 + m] = _mm512_shuffle_i32x4::<0xdd>(c0, c2);
+                out[8 + m] = _mm512_shuffle_i32x4::<0x88>(c1, c3);
+                out[12 + m] = _mm512_shuffle_i32x4::<0xdd>(c1, c3);
+            }
+            out
+        }
+    }
+
+    /// [`super::plane_body`] on AVX-512: 16 positions of a row at a time, each pair's 16
+    /// words made in one register and the 16 × 16 block transposed in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane(
+        out: &mut [u32],
+        chans: &[Option<&[f32]>; CB],
+        hw: [usize; 2],
+        pad: [usize; 2],
+    ) {
+        let [h, w] = hw;
+        let p2 = w + 2 * pad[1];
+        for (y, row) in out.chunks_exact_mut(p2 * 16).enumerate() {
+            if y < pad[0] || y >= pad[0] + h {
+                row.fill(0);
+                continue;
+            }
+            row[..pad[1] * 16].fill(0);
+            row[(pad[1] + w) * 16..].fill(0);
+            let s = (y - pad[0]) * w;
+            let mid = &mut row[pad[1] * 16..(pad[1] + w) * 16];
+            for x0 in (0..w).step_by(16) {
+                let n = 16.min(w - x0);
+                let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+                // SAFETY: masked loads read the `n` voxels of the row only (`s + x0 + n <= h·w`
+                // for every plane); the stores write positions `x0..x0+n` of `mid`.
+                unsafe {
+                    let load = |ci: usize| match chans[ci] {
+                        Some(p) => {
+                            let v = &p[s + x0..s + x0 + n];
+                            bf16_bits(_mm512_maskz_loadu_epi32(mask, v.as_ptr().cast()))
+                        }
+                        None => _mm512_setzero_si512(),
+                    };
+                    let r: [__m512i; 16] = std::array::from_fn(|k| {
+                        _mm512_or_si512(load(2 * k), _mm512_slli_epi32::<16>(load(2 * k + 1)))
+                    });
+                    let t = transpose(r);
+                    let dst = mid[x0 * 16..(x0 + n) * 16].as_mut_ptr();
+                    for (i, v) in t.iter().take(n).enumerate() {
+                        _mm512_storeu_si512(dst.add(16 * i).cast(), *v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the zero-padded planes `pz0..pz0+np` (padded depth coordinates) of `c` channels in
+/// the blocked channels-last pair layout `(C'/32, np, H+2p, W+2p, 16)` (plus [`SLACK_POS`]
+/// zero positions) into `dst`, `C'` being `c_pad`, straight from the source planes
+/// (`plane(ci, z)`, as [`crate::cpu::correlate::pad_planes`] takes them). Every word is
+/// written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pad_pairs_cl<'a>(
+    plane_of: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    c: usize,
+    dhw: [usize; 3],
+    pad: [usize; 3],
+    pz0: usize,
+    np: usize,
+    c_pad: usize,
+    dst: &mut Lines,
+) {
+    let [d, h, w] = dhw;
+    let pl = (h + 2 * pad[1]) * (w + 2 * pad[2]);
+    let n = c_pad / CB * np * pl * 16;
+    // Every word below `n` is written below: only grow (no clearing pass).
+    dst.resize(n + SLACK_POS * 16);
+    let dst = dst.words_mut();
+    dst[n..].fill(0);
+    dst[..n]
+        .par_chunks_mut(pl * 16)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (cb, pz) = (i / np, pz0 + i % np);
+            if pz < pad[0] || pz >= pad[0] + d {
+                out.fill(0);
+                return;
+            }
+            let z = pz - pad[0];
+            let chans: [Option<&[f32]>; CB] =
+                std::array::from_fn(|j| (cb * CB + j < c).then(|| plane_of(cb * CB + j, z)));
+            plane(out, &chans, [h, w], [pad[1], pad[2]]);
+        });
+}
+
+/// One block of the implicit GEMM: positions `q0..q0+len_pad` of the padded grid, every
+/// padded output channel, summed over all taps and channels, written to `buf`
+/// `(len_pad, O')` (position-major).
+struct Block<'a> {
+    x: &'a [u32],
+    vp: usize,
+    q0: usize,
+    len_pad: usize,
+    taps: &'a [usize],
+    w: &'a ClWeights,
+}
+
+impl Block<'_> {
+    fn check(&self, buf: &[f32]) {
+        let max_off = self.taps.iter().copied().max().unwrap_or(0);
+        assert!(self.len_pad.is_multiple_of(32) && self.taps.len() == self.w.taps);
+        assert!(
+            ((self.w.ncb - 1) * self.vp + self.q0 + max_off + self.len_pad) * 16 <= self.x.len()
+        );
+        assert!(buf.len() >= self.w.o_pad * self.len_pad);
+    }
+}
+
+/// The kernel: 32 positions × 32 output channels in tiles 0–3 (`[c0 c1; c2 c3]`, positions
+/// `nb..nb+16` in `c0 c1`), over every tap and channel block: input positions `nb..nb+16`
+/// and `nb+16..nb+32` in tiles 4 and 5, the two weight tiles of output channels `ob..ob+16`
+/// and `ob+16..ob+32` in tiles 6 and 7.
+///
+/// # Safety
+/// `block` must pass [`Block::check`] against `buf`'s `O'·len_pad` elements; `tiles` must be
+/// runnable (for the hardware: AMX granted to the process).
+unsafe fn run_tiles<T: Tiles>(tiles: &mut T, block: &Block<'_>, buf: *mut f32) {
+    let w = block.w;
+    let ncb = w.ncb;
+    let cfg = TileConfig::full();
+    // SAFETY: forwarded; every micro-block lies inside the checked extents.
+    unsafe {
+        tiles.config(&cfg);
+        for kc0 in (0..ncb).step_by(KC_BLOCKS) {
+            let kc = kc0..(kc0 + KC_BLOCKS).min(ncb);
+            for ob in 0..w.o_pad / 32 {
+                for nb in (0..block.len_pad).step_by(32) {
+                    micro(tiles, block, buf, kc.clone(), nb, ob);
+                }
+            }
+        }
+        tiles.release();
+    }
+}
+
+/// One micro-block of [`run_tiles`]: positions `nb..nb+32`, output channels
+/// `32·ob..32·ob+32`, channel blocks `kc` (accumulators zeroed at the first block, else
+/// resumed from `buf`).
+///
+/// # Safety
+/// As [`run_tiles`], with `nb < len_pad`, `ob < O'/32`, `kc` inside `0..C'/32`.
+#[inline(always)]
+unsafe fn micro<T: Tiles>(
+    tiles: &mut T,
+    block: &Block<'_>,
+    buf: *mut f32,
+    kc: std::ops::Range<usize>,
+    nb: usize,
+    ob: usize,
+) {
+    let w = block.w;
+    let (taps, ncb) = (block.taps.len(), w.ncb);
+    let c_stride = w.o_pad * 4;
+    // SAFETY: every address stays inside the extents checked by `Block::check`: weight tiles
+    // of blocks below `O'/32`, channel blocks below `C'/32`, positions below `q0 + max_off +
+    // len_pad`.
+    unsafe {
+        let x = block.x.as_ptr().add((block.q0 + nb) * 16);
+        let c = buf.add(nb * w.o_pad + ob * 32).cast::<u8>();
+        let cs = [
+            c,
+            c.add(64),
+            c.add(16 * c_stride),
+            c.add(16 * c_stride + 64),
+        ];
+        for (t, cp) in cs.iter().enumerate() {
+            if kc.start == 0 {
+                tiles.zero(t);
+            } else {
+                tiles.load(t, *cp, c_stride);
+            }
+        }
+        for (t, off) in block.taps.iter().enumerate() {
+            let wt = w.data.words().as_ptr().add(((ob * taps + t) * ncb) * 512);
+            let xt = x.add(off * 16);
+            for cb in kc.clone() {
+                let a = xt.add(cb * block.vp * 16);
+                let b = wt.add(cb * 512);
+                // Each load just before the first product that reads it (tiles are not
+                // renamed: a load waits for the last reader of its tile).
+                tiles.load(4, a.cast(), 64);
+                tiles.load(6, b.cast(), 64);
+                tiles.dot(0, 4, 6);
+                tiles.load(7, b.add(256).cast(), 64);
+                tiles.dot(1, 4, 7);
+                tiles.load(5, a.add(256).cast(), 64);
+                tiles.dot(2, 5, 6);
+                tiles.dot(3, 5, 7);
+            }
+        }
+        for (t, cp) in cs.iter().enumerate() {
+            tiles.store(t, *cp, c_stride);
+        }
+    }
+}
+
+fn run_block(runner: Runner, block: &Block<'_>, buf: &mut [f32]) {
+    block.check(buf);
+    match runner {
+        #[cfg(target_arch = "x86_64")]
+        Runner::Kernel(super::bf16::Bf16Kernel::Amx) => {
+            assert!(
+                super::bf16::amx_granted(),
+                "the AMX kernel needs AMX granted"
+            );
+            // SAFETY: AMX is granted and the block was checked.
+            unsafe { run_tiles(&mut super::bf16::hw_tiles(), block, buf.as_mut_ptr()) }
+        }
+        #[cfg(test)]
+        // SAFETY: the block was checked; the model runs anywhere.
+        Runner::SoftAmx => unsafe {
+            run_tiles(&mut super::bf16::soft_tiles(), block, buf.as_mut_ptr())
+        },
+        other => unreachable!("the channels-last layout is the AMX kernel's, not {other:?}"),
+    }
+}
+
+/// Whether `runner` reads the channels-last layout of this module.
+pub(crate) fn uses_cl(runner: Runner) -> bool {
+    match runner {
+        Runner::Kernel(k) => k == super::bf16::Bf16Kernel::Amx,
+        #[cfg(test)]
+        Runner::SoftAmx => true,
+    }
+}
+
+/// The stride-1 correlation of one padded block of planes in bf16 on the AMX kernel: `xp` is
+/// the block in the layout of [`pad_pairs_cl`], `p` its padded extent; output channel `o`
+/// starts at `out[o · cstride]` (plus the bias).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn correlate_sample(
+    runner: Runner,
+    xp: &[u32],
+    p: [usize; 3],
+    w: &ClWeights,
+    k: [usize; 3],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    cstride: usize,
+) {
+    let Geometry {
+        vp,
+        od,
+        span,
+        taps,
+        n_out,
+    } = Geometry::new(p, k);
+    let blen = crate::cpu::correlate::block_len(w.o_pad).next_multiple_of(32);
+    let nblocks = span.div_ceil(blen);
+    let o = w.o;
+    assert!(xp.len() == w.ncb * vp * 16 + SLACK_POS * 16);
+    assert!(cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..nblocks).into_par_iter().for_each_init(
+        || {
+            let mut buf = Lines::default();
+            buf.resize(w.o_pad * blen);
+            buf
+        },
+        |buf, bi| {
+            let buf = buf.floats_mut();
+            let q0 = bi * blen;
+            let len = blen.min(span - q0);
+            let block = Block {
+                x: xp,
+                vp,
+                q0,
+                len_pad: len.next_multiple_of(32),
+                taps: &taps,
+                w,
+            };
+            run_block(runner, &block, buf);
+            // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
+            unsafe { scatter(buf, w.o_pad, q0, len, p, od, o, bias, dst, cstride) };
+        },
+    );
+}
+
+/// Writes the valid positions of one position-major block (`buf[(q - q0)·o_pad + oc]`) to
+/// the channel-first output whose channel `oc` starts at `dst + oc·cstride`, adding the
+/// bias: runs of whole output rows, transposed 16 positions at a time.
+///
+/// # Safety
+/// The block's output positions must be written by no other thread, and lie (for `o`
+/// channels) inside the output `dst` points to.
+#[allow(clippy::too_many_arguments)]
+unsafe fn scatter(
+    buf: &[f32],
+    o_pad: usize,
+    q0: usize,
+    len: usize,
+    p: [usize; 3],
+    od: [usize; 3],
+    o: usize,
+    bias: Option<&[f32]>,
+    dst: OutPtr,
+    cstride: usize,
+) {
+    let plane = p[1] * p[2];
+    let mut q = q0;
+    while q < q0 + len {
+        let z = q / plane;
+        let y = (q % plane) / p[2];
+        let x = q % p[2];
+        let run_end = (q - x + p[2]).min(q0 + len);
+        if z < od[0] && y < od[1] && x < od[2] {
+            let n = (run_end - q).min(od[2] - x);
+            let base = (z * od[1] + y) * od[2] + x;
+            let rows = &buf[(q - q0) * o_pad..][..n * o_pad];
+            for oc in 0..o {
+                let bo = bias.map_or(0.0, |b| b[oc]);
+                // SAFETY: (oc, z, y, x..x+n) is this block's (the caller guarantees it lies
+                // inside the output and that no other thread writes it).
+                let d = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
+                };
+                for (i, v) in d.iter_mut().enumerate() {
+                    *v = rows[i * o_pad + oc] + bo;
+                }
+            }
+        }
+        q = run_end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::bf16::{self, Bf16Kernel};
+    use crate::cpu::correlate::{pack_weights as pack_f32, pad_sample};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The channels-last kernel (`runner`) against the plane-layout reference kernel on the
+    /// same bf16 operands (itself tested against f32): only the order of the f32 sums
+    /// differs. The input is padded here by the layout's own padding (the f32 sample's
+    /// planes with `pad`), the reference's by [`pad_sample`].
+    fn check(runner: Runner) {
+        for (c, o, dhw) in [
+            (32, 32, [6, 7, 9]),
+            (48, 40, [5, 9, 11]),
+            (17, 64, [4, 6, 5]),
+            (96, 32, [3, 5, 7]),
+            // Several blocks per sample, rows of more than 16 positions.
+            (32, 32, [10, 20, 24]),
+        ] {
+            let (k, pad) = ([3, 3, 3], [1, 1, 1]);
+            let vol: usize = dhw.iter().product();
+            let x = rand_vec(c * vol, 7);
+            let w = rand_vec(o * c * 27, 11);
+            let bias = rand_vec(o, 13);
+            let wp = pack_f32(&w, o, c, 27, false);
+            let (xp, p) = pad_sample(|ci| &x[ci * vol..(ci + 1) * vol], c, dhw, pad);
+            let packed = bf16::pack_weights(&wp, 27, o, c);
+            let mut pairs = Vec::new();
+            bf16::pad_pairs(
+                |ci, _| &xp[ci * xp.len() / c..(ci + 1) * xp.len() / c],
+                c,
+                [1, 1, p.iter().product()],
+                [0; 3],
+                0,
+                1,
+                packed.c_pad(),
+                &mut pairs,
+            );
+            let mut want = vec![f32::NAN; o * vol];
+            bf16::correlate_sample(
+                Runner::Kernel(Bf16Kernel::Reference),
+                &pairs,
+                p,
+                &packed,
+                k,
+                Some(&bias),
+                &mut want,
+                vol,
+            );
+            let cl = pack_weights_cl(&wp, 27, o, c);
+            let hw = dhw[1] * dhw[2];
+            let mut xcl = Lines::default();
+            pad_pairs_cl(
+                |ci, z| &x[ci * vol + z * hw..][..hw],
+                c,
+                dhw,
+                pad,
+                0,
+                p[0],
+                cl.c_pad(),
+                &mut xcl,
+            );
+            let mut got = vec![f32::NAN; o * vol];
+            correlate_sample(runner, xcl.words(), p, &cl, k, Some(&bias), &mut got, vol);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            assert!(got.iter().all(|v| v.is_finite()), "{runner:?}: all written");
+            eprintln!("{runner:?} c={c} o={o} {dhw:?}: {err:.2e} against the reference kernel");
+            assert!(err < 1e-5, "{runner:?} c={c} o={o} {dhw:?}: {err}");
+        }
+    }
+
+    /// The AVX-512 fill makes the same words as the portable one (row tails of every
+    /// length, absent channels, zeros, subnormals, NaN, infinities).
+    #[test]
+    fn vector_fill_matches_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                eprintln!("skipping: no AVX-512F here");
+                return;
+            }
+            for (h, w) in [(3, 1), (2, 16), (4, 21), (3, 37)] {
+                let mut planes: Vec<Vec<f32>> =
+                    (0..CB as u64).map(|c| rand_vec(h * w, 100 + c)).collect();
+                planes[3][0] = f32::NAN;
+                planes[4][1 % (h * w)] = 1e-40;
+                planes[5][0] = -1e-40;
+                planes[6][0] = f32::INFINITY;
+                planes[7][0] = -0.0;
+                planes[8][0] = f32::MAX;
+                for present in [CB, 17, 1] {
+                    let chans: [Option<&[f32]>; CB] =
+                        std::array::from_fn(|j| (j < present).then(|| planes[j].as_slice()));
+                    let pad = [1, 2];
+                    let n = (h + 2 * pad[0]) * (w + 2 * pad[1]) * 16;
+                    let (mut a, mut b) = (vec![7u32; n], vec![9u32; n]);
+                    plane_body(&mut a, &chans, [h, w], pad);
+                    // SAFETY: the CPU has AVX-512F (checked above).
+                    unsafe { avx512::plane(&mut b, &chans, [h, w], pad) };
+                    assert_eq!(a, b, "{h}x{w}, {present} channels");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn channels_last_amx_logic_matches_the_reference_on_the_tile_model() {
+        check(Runner::SoftAmx);
+    }
+
+    /// The hardware kernel: runs where the CPU has AMX, skipped (with the reason) elsewhere.
+    #[test]
+    fn channels_last_amx_matches_the_reference_where_present() {
+        match Bf16Kernel::Amx.check() {
+            Ok(()) => check(Runner::Kernel(Bf16Kernel::Amx)),
+            Err(why) => eprintln!("skipping the AMX kernel: {why}"),
+        }
+    }
+}
