@@ -65,14 +65,34 @@ class UNet3D(nn.Module):
         return deep, u
 
 
+def legacy_patch_merging():
+    """MONAI 0.9.0's patch merging, which the official checkpoints were trained with: the eight
+    strided sub-volumes concatenated in the order (000, 100, 010, 001, 101, 010, 001, 111) over
+    (D, H, W), two of them twice and (110, 011) never (MONAI >= 1.0's "merging" uses all eight
+    and changes the logits). Norm and reduction as MONAI's own module."""
+    from monai.networks.nets.swin_unetr import PatchMergingV2
+
+    class LegacyPatchMerging(PatchMergingV2):
+        def forward(self, x):
+            d, h, w = x.shape[1:4]
+            if d % 2 or h % 2 or w % 2:
+                x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+            order = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+            parts = [x[:, a::2, b::2, c::2, :] for a, b, c in order]
+            return self.reduction(self.norm(torch.cat(parts, -1)))
+
+    return LegacyPatchMerging
+
+
 class SwinBackbone(nn.Module):
-    """MONAI's SwinUNETR (its legacy patch merging, as the official model) as a backbone."""
+    """MONAI's SwinUNETR with the legacy patch merging of the official model, as a backbone."""
 
     def __init__(self, fs=48):
         super().__init__()
         from monai.networks.nets import SwinUNETR
 
-        self.net = SwinUNETR(in_channels=1, out_channels=32, feature_size=fs)
+        self.net = SwinUNETR(in_channels=1, out_channels=32, feature_size=fs,
+                             downsample=legacy_patch_merging())
 
     def forward(self, x):
         n = self.net

@@ -96,21 +96,44 @@ impl ClWeights {
 /// [`crate::cpu::correlate::pack_weights`]).
 pub(crate) fn pack_weights_cl(wp: &[f32], taps: usize, o: usize, c: usize) -> ClWeights {
     assert_eq!(wp.len(), taps * o * c);
+    pack_with(taps, o, c, |oi, ci, t| wp[(t * o + oi) * c + ci])
+}
+
+/// Packs weights given as stored, `(O, C, taps)` f32.
+pub(crate) fn pack_raw_weights_cl(w: &[f32], taps: usize, o: usize, c: usize) -> ClWeights {
+    assert_eq!(w.len(), taps * o * c);
+    pack_with(taps, o, c, |oi, ci, t| w[(oi * c + ci) * taps + t])
+}
+
+/// The packing of [`ClWeights`] from `weight(oi, ci, t)`, one task per block of 32 output
+/// channels (each block's tiles are contiguous).
+fn pack_with(
+    taps: usize,
+    o: usize,
+    c: usize,
+    weight: impl Fn(usize, usize, usize) -> f32 + Sync,
+) -> ClWeights {
     let (o_pad, ncb) = (o.next_multiple_of(32), c.div_ceil(CB));
     let mut lines = Lines::default();
-    lines.resize(o_pad * taps * ncb * CB / 2);
-    let data = lines.words_mut();
-    for oi in 0..o {
-        let (ob, half, n) = (oi / 32, (oi % 32) / 16, oi % 16);
-        for t in 0..taps {
-            let src = &wp[(t * o + oi) * c..][..c];
-            for (ci, v) in src.iter().enumerate() {
-                let (cb, k) = (ci / CB, (ci % CB) / 2);
-                let tile = ((ob * taps + t) * ncb + cb) * 2 + half;
-                data[tile * 256 + k * 16 + n] |= to_bf16_bits(*v) << (16 * (ci % 2));
+    let per_block = taps * ncb * 2 * 256;
+    lines.resize(o_pad / 32 * per_block);
+    lines
+        .words_mut()
+        .par_chunks_mut(per_block)
+        .enumerate()
+        .for_each(|(ob, block)| {
+            for oi in 32 * ob..(32 * ob + 32).min(o) {
+                let (half, n) = ((oi % 32) / 16, oi % 16);
+                for ci in 0..c {
+                    let (cb, k) = (ci / CB, (ci % CB) / 2);
+                    for t in 0..taps {
+                        let tile = (t * ncb + cb) * 2 + half;
+                        block[tile * 256 + k * 16 + n] |=
+                            to_bf16_bits(weight(oi, ci, t)) << (16 * (ci % 2));
+                    }
+                }
             }
-        }
-    }
+        });
     ClWeights {
         data: lines,
         taps,
@@ -526,6 +549,70 @@ pub(crate) fn correlate_sample(
     );
 }
 
+/// `x (T×C) · wᵀ` for `w (O×C)` (a `Linear` layer without its bias) in bf16 on the AMX
+/// kernel: tokens are positions, and both the input (each token's channels, 32 at a time, one
+/// line per token) and the kernel's position-major accumulators are already rows of the
+/// token-major layout, so nothing is transposed.
+pub(crate) fn linear(
+    runner: Runner,
+    x: &[f32],
+    t: usize,
+    c: usize,
+    w: &[f32],
+    o: usize,
+) -> Vec<f32> {
+    assert!(x.len() == t * c && w.len() == o * c);
+    let packed = pack_raw_weights_cl(w, 1, o, c);
+    let ncb = packed.ncb;
+    let mut xp = Lines::default();
+    xp.resize((ncb * t + SLACK_POS) * 16);
+    {
+        let words = xp.words_mut();
+        let (body, slack) = words.split_at_mut(ncb * t * 16);
+        slack.fill(0);
+        body.par_chunks_mut(t * 16)
+            .enumerate()
+            .for_each(|(cb, dst)| {
+                for (ti, line) in dst.chunks_exact_mut(16).enumerate() {
+                    let row = &x[ti * c..][..c];
+                    for (k, word) in line.iter_mut().enumerate() {
+                        let ci = cb * CB + 2 * k;
+                        let lo = row.get(ci).map_or(0, |v| to_bf16_bits(*v));
+                        let hi = row.get(ci + 1).map_or(0, |v| to_bf16_bits(*v));
+                        *word = lo | (hi << 16);
+                    }
+                }
+            });
+    }
+    let blen = crate::cpu::correlate::block_len(packed.o_pad).next_multiple_of(32);
+    let mut out = vec![0f32; t * o];
+    let words = xp.words();
+    out.par_chunks_mut(blen * o).enumerate().for_each_init(
+        || {
+            let mut buf = Lines::default();
+            buf.resize(packed.o_pad * blen);
+            buf
+        },
+        |buf, (bi, rows)| {
+            let len = rows.len() / o;
+            let block = Block {
+                x: words,
+                vp: t,
+                q0: bi * blen,
+                len_pad: len.next_multiple_of(32),
+                taps: &[0],
+                w: &packed,
+            };
+            let buf = buf.floats_mut();
+            run_block(runner, &block, buf);
+            for (i, row) in rows.chunks_exact_mut(o).enumerate() {
+                row.copy_from_slice(&buf[i * packed.o_pad..][..o]);
+            }
+        },
+    );
+    out
+}
+
 /// Writes the valid positions of one position-major block (`buf[(q - q0)·o_pad + oc]`) to
 /// the channel-first output whose channel `oc` starts at `dst + oc·cstride`, adding the
 /// bias: runs of whole output rows, transposed 16 positions at a time.
@@ -692,6 +779,28 @@ mod tests {
                     assert_eq!(a, b, "{h}x{w}, {present} channels");
                 }
             }
+        }
+    }
+
+    /// The token-major product against the plane-layout reference (same bf16 operands).
+    #[test]
+    fn linear_matches_the_reference() {
+        let (t, c, o) = (300, 48, 144);
+        let x = rand_vec(t * c, 3);
+        let w = rand_vec(o * c, 5);
+        let want = bf16::linear(Runner::Kernel(Bf16Kernel::Reference), &x, t, c, &w, o);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut runners = vec![Runner::SoftAmx];
+        if Bf16Kernel::Amx.check().is_ok() {
+            runners.push(Runner::Kernel(Bf16Kernel::Amx));
+        }
+        for runner in runners {
+            let got = linear(runner, &x, t, c, &w, o);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5 * scale, "{runner:?}: {err} (scale {scale})");
         }
     }
 

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 /// saturate at 88. `k` is rounded with the 1.5·2²³ trick and `2^k` made from its bits, so that
 /// every step is a vector instruction.
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

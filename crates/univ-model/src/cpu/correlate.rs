@@ -284,7 +284,8 @@ pub(crate) unsafe fn scatter_block(
 }
 
 /// Packs `(O, C, kd, kh, kw)` weights as `(taps, O, C)`, optionally flipping the taps and
-/// swapping O and C (for the input gradient).
+/// swapping O and C (for the input gradient). One task per tap (each writes its own
+/// contiguous `(O, C)` block).
 pub(crate) fn pack_weights(
     w: &[f32],
     o: usize,
@@ -292,21 +293,47 @@ pub(crate) fn pack_weights(
     taps: usize,
     flip_transpose: bool,
 ) -> Vec<f32> {
+    assert_eq!(w.len(), o * c * taps);
     let mut out = vec![0f32; taps * o * c];
-    for oi in 0..o {
-        for ci in 0..c {
-            for t in 0..taps {
-                let v = w[(oi * c + ci) * taps + t];
-                if flip_transpose {
-                    // New layout: (taps, C as outputs, O as inputs), tap reversed.
-                    out[((taps - 1 - t) * c + ci) * o + oi] = v;
-                } else {
-                    out[(t * o + oi) * c + ci] = v;
+    out.par_chunks_mut(o * c)
+        .enumerate()
+        .for_each(|(t, block)| {
+            if flip_transpose {
+                // New layout: (taps, C as outputs, O as inputs), tap reversed.
+                let src_t = taps - 1 - t;
+                for ci in 0..c {
+                    for oi in 0..o {
+                        block[ci * o + oi] = w[(oi * c + ci) * taps + src_t];
+                    }
+                }
+            } else {
+                for (i, v) in block.iter_mut().enumerate() {
+                    *v = w[i * taps + t];
                 }
             }
+        });
+    out
+}
+
+/// The weights of a stride-1 correlation as [`correlate_chunked`] takes them: packed for the
+/// f32 kernel, or as stored (`(O, C, kd, kh, kw)`), packed there for whichever kernel runs
+/// (the AMX kernel's layout is made straight from them).
+#[derive(Clone, Copy)]
+pub(crate) enum ConvWeights<'a> {
+    /// `(taps, O, C)`, as [`pack_weights`] makes them.
+    Packed(&'a [f32]),
+    /// `(O, C, taps)`, the checkpoint's layout.
+    Raw(&'a [f32]),
+}
+
+impl<'a> ConvWeights<'a> {
+    /// The `(taps, O, C)` packing (borrowed when already packed).
+    fn packed(self, o: usize, c: usize, taps: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            ConvWeights::Packed(wp) => std::borrow::Cow::Borrowed(wp),
+            ConvWeights::Raw(w) => std::borrow::Cow::Owned(pack_weights(w, o, c, taps, false)),
         }
     }
-    out
 }
 
 /// A stride-1 correlation of one sample whose zero-padded input is made a few planes at a
@@ -318,7 +345,7 @@ pub(crate) fn correlate_chunked(
     c: usize,
     dhw: [usize; 3],
     pad: [usize; 3],
-    wp: &[f32],
+    weights: ConvWeights<'_>,
     o: usize,
     k: [usize; 3],
     bias: Option<&[f32]>,
@@ -340,10 +367,23 @@ pub(crate) fn correlate_chunked(
     // The bf16 kernel's packed weights, or Winograd's transformed ones, made once for all
     // slabs.
     let taps = k[0] * k[1] * k[2];
+    let timer = crate::runtime::stage("conv/pack weights");
     let active = crate::cpu::bf16::active_bf16_kernel().filter(|_| crate::cpu::bf16::applies(c, o));
     let amx_cl = active
         .filter(|k| crate::cpu::amx_cl::uses_cl(crate::cpu::bf16::Runner::Kernel(*k)))
-        .map(|kernel| (kernel, crate::cpu::amx_cl::pack_weights_cl(wp, taps, o, c)));
+        .map(|kernel| {
+            let w = match weights {
+                ConvWeights::Raw(w) => crate::cpu::amx_cl::pack_raw_weights_cl(w, taps, o, c),
+                ConvWeights::Packed(wp) => crate::cpu::amx_cl::pack_weights_cl(wp, taps, o, c),
+            };
+            (kernel, w)
+        });
+    // The f32 packing, unless the AMX kernel runs (it needs none).
+    let wp = match amx_cl {
+        Some(_) => std::borrow::Cow::Borrowed(&[][..]),
+        None => weights.packed(o, c, taps),
+    };
+    let wp = &wp[..];
     let bf16 = active
         .filter(|_| amx_cl.is_none())
         .map(|kernel| (kernel, crate::cpu::bf16::pack_weights(wp, taps, o, c)));
@@ -351,6 +391,7 @@ pub(crate) fn correlate_chunked(
     let mut lines = crate::cpu::amx_cl::Lines::default();
     let winograd = (active.is_none() && crate::cpu::winograd::applies(k, c, o, od))
         .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
+    drop(timer);
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
         let np = t + k[0] - 1;
@@ -439,7 +480,7 @@ pub(crate) fn correlate_chunked(
 pub(crate) fn correlate(
     x: &[f32],
     xs: [usize; 5],
-    wp: &[f32],
+    weights: ConvWeights<'_>,
     o: usize,
     k: [usize; 3],
     pad: [usize; 3],
@@ -461,7 +502,7 @@ pub(crate) fn correlate(
             c,
             [d, h, w],
             pad,
-            wp,
+            weights,
             o,
             k,
             bias,
@@ -489,7 +530,7 @@ pub(crate) fn correlate_concat_sample(
     srcs: &[(&[f32], usize)],
     dhw: [usize; 3],
     pad: [usize; 3],
-    wp: &[f32],
+    weights: ConvWeights<'_>,
     o: usize,
     k: [usize; 3],
     bias: Option<&[f32]>,
@@ -507,7 +548,7 @@ pub(crate) fn correlate_concat_sample(
         }
         unreachable!("channel index within the total")
     };
-    correlate_chunked(c, dhw, pad, wp, o, k, bias, out, |pz0, np, dst| {
+    correlate_chunked(c, dhw, pad, weights, o, k, bias, out, |pz0, np, dst| {
         pad_into(plane, c, dhw, pad, pz0, np, dst)
     });
 }

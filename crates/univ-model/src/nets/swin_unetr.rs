@@ -427,7 +427,7 @@ impl SwinBlock {
         let h1 = self.linear1.forward(&n2)?;
         drop(timer);
         let timer = stage("swin/block/mlp gelu");
-        let h1 = h1.gelu_erf()?;
+        let h1 = crate::ops::gelu(&h1)?;
         drop(timer);
         let _timer = stage("swin/block/mlp linear2 + residual");
         let m = self.linear2.forward(&h1)?;

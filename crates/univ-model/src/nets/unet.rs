@@ -12,7 +12,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::cpu::conv_transpose::{conv_transpose_planes, pack_transpose_weights};
-use crate::cpu::correlate::{correlate_chunked, pack_weights, pad_into};
+use crate::cpu::correlate::{ConvWeights, correlate_chunked, pad_into};
 use crate::error::{Error, Result};
 use crate::layers::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig};
 use crate::ops::conv::check_conv3d;
@@ -219,13 +219,7 @@ pub fn up_then_concat_conv(
     let wt = pack_transpose_weights(&to_f32_vec(upconv.weight())?, ci, co, [kd, kh, kw]);
     let bt = upconv.bias().map(to_f32_vec).transpose()?;
     let k = [ckd, ckh, ckw];
-    let wp = pack_weights(
-        &to_f32_vec(conv.weight())?,
-        o,
-        cc,
-        k.iter().product(),
-        false,
-    );
+    let wv = to_f32_vec(conv.weight())?;
     let bc = conv.bias().map(to_f32_vec).transpose()?;
     let od = [
         up[0] + 2 * pad[0] + 1 - k[0],
@@ -243,7 +237,7 @@ pub fn up_then_concat_conv(
             cc,
             up,
             pad,
-            &wp,
+            ConvWeights::Raw(&wv),
             o,
             k,
             bc.as_deref(),

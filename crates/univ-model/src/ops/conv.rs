@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::cpu::bias::{add_bias_slice, channel_sums};
-use crate::cpu::correlate::{correlate, correlate_concat_sample, pack_weights};
+use crate::cpu::correlate::{ConvWeights, correlate, correlate_concat_sample, pack_weights};
 use crate::cpu::weight_grad::{weight_grad, weight_grad_with};
 use crate::error::{Error, Result};
 use crate::ops::{ExecPath, dims5, storage_f32, to_f32_vec, with_f32_slices};
@@ -27,9 +27,13 @@ fn correlate_op(
     let x = storage_f32(s1, l1, "conv3d input")?;
     let w = storage_f32(s2, l2, "conv3d weight")?;
     let k = [ws[2], ws[3], ws[4]];
-    let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), transposed);
     let out_channels = if transposed { ws[1] } else { ws[0] };
-    let (out, shape) = correlate(x, xs, &wp, out_channels, k, pad, bias);
+    let (out, shape) = if transposed {
+        let wp = pack_weights(w, ws[0], ws[1], k.iter().product(), true);
+        correlate(x, xs, ConvWeights::Packed(&wp), out_channels, k, pad, bias)
+    } else {
+        correlate(x, xs, ConvWeights::Raw(w), out_channels, k, pad, bias)
+    };
     Ok((CpuStorage::F32(out), Shape::from(shape.to_vec())))
 }
 
@@ -205,9 +209,8 @@ impl CustomOp3 for Conv3dConcat2 {
         let a = storage_f32(s1, l1, "conv3d concat input")?;
         let b = storage_f32(s2, l2, "conv3d concat input")?;
         let w = storage_f32(s3, l3, "conv3d weight")?;
-        let (o, c) = (ws[0], ca + cb);
+        let o = ws[0];
         let k = [ws[2], ws[3], ws[4]];
-        let wp = pack_weights(w, o, c, k.iter().product(), false);
         let od = [
             d + 2 * self.pad[0] + 1 - k[0],
             h + 2 * self.pad[1] + 1 - k[1],
@@ -224,7 +227,7 @@ impl CustomOp3 for Conv3dConcat2 {
                 ],
                 [d, h, wd],
                 self.pad,
-                &wp,
+                ConvWeights::Raw(w),
                 o,
                 k,
                 None,
@@ -486,7 +489,7 @@ pub fn conv3d_concat_bias(
         ));
     }
     check_conv3d(&contiguous[0].narrow(1, 0, 1)?, &w.narrow(1, 0, 1)?, pad)?;
-    let wp = pack_weights(&to_f32_vec(w)?, o, c, kd * kh * kw, false);
+    let wv = to_f32_vec(w)?;
     let bv = bias.map(to_f32_vec).transpose()?;
     let od = [
         d + 2 * pad[0] + 1 - kd,
@@ -505,7 +508,7 @@ pub fn conv3d_concat_bias(
             &srcs,
             [d, h, wd],
             pad,
-            &wp,
+            ConvWeights::Raw(&wv),
             o,
             [kd, kh, kw],
             bv.as_deref(),

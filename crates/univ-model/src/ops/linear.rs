@@ -53,7 +53,12 @@ impl CustomOp2 for LinearBf16 {
         }
         let x = storage_f32(s1, l1, "linear input")?;
         let w = storage_f32(s2, l2, "linear weight")?;
-        let out = bf16::linear(Runner::Kernel(self.kernel), x, t, c, w, o);
+        let runner = Runner::Kernel(self.kernel);
+        let out = if crate::cpu::amx_cl::uses_cl(runner) {
+            crate::cpu::amx_cl::linear(runner, x, t, c, w, o)
+        } else {
+            bf16::linear(runner, x, t, c, w, o)
+        };
         Ok((CpuStorage::F32(out), Shape::from((t, o))))
     }
 
