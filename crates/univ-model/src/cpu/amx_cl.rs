@@ -147,17 +147,8 @@ fn pack_with(
 /// voxels (`None`: a zero channel), `out` the `(H+2p)·(W+2p)` positions × 16 pairs.
 #[inline(always)]
 fn plane_body(out: &mut [u32], chans: &[Option<&[f32]>; CB], hw: [usize; 2], pad: [usize; 2]) {
-    let [h, w] = hw;
-    let p2 = w + 2 * pad[1];
-    for (y, row) in out.chunks_exact_mut(p2 * 16).enumerate() {
-        if y < pad[0] || y >= pad[0] + h {
-            row.fill(0);
-            continue;
-        }
-        row[..pad[1] * 16].fill(0);
-        row[(pad[1] + w) * 16..].fill(0);
-        let s = (y - pad[0]) * w;
-        let mid = &mut row[pad[1] * 16..(pad[1] + w) * 16];
+    let w = hw[1];
+    padded_rows(out, hw, pad, |mid, s| {
         for x0 in (0..w).step_by(16) {
             let n = 16.min(w - x0);
             // 16 positions × 16 pairs, made pair by pair (contiguous along x), then
@@ -186,6 +177,28 @@ fn plane_body(out: &mut [u32], chans: &[Option<&[f32]>; CB], hw: [usize; 2], pad
                 }
             }
         }
+    });
+}
+
+/// The rows of one padded plane of one channel block (`(H+2p)·(W+2p)` positions × 16 words):
+/// padding rows and columns zeroed, `mid(words, s)` for the `W·16` words of each image row,
+/// `s` being the row's first voxel in the source planes.
+#[inline(always)]
+fn padded_rows(
+    out: &mut [u32],
+    [h, w]: [usize; 2],
+    pad: [usize; 2],
+    mut mid: impl FnMut(&mut [u32], usize),
+) {
+    let p2 = w + 2 * pad[1];
+    for (y, row) in out.chunks_exact_mut(p2 * 16).enumerate() {
+        if y < pad[0] || y >= pad[0] + h {
+            row.fill(0);
+            continue;
+        }
+        row[..pad[1] * 16].fill(0);
+        row[(pad[1] + w) * 16..].fill(0);
+        mid(&mut row[pad[1] * 16..(pad[1] + w) * 16], (y - pad[0]) * w);
     }
 }
 
@@ -279,17 +292,8 @@ mod avx512 {
         hw: [usize; 2],
         pad: [usize; 2],
     ) {
-        let [h, w] = hw;
-        let p2 = w + 2 * pad[1];
-        for (y, row) in out.chunks_exact_mut(p2 * 16).enumerate() {
-            if y < pad[0] || y >= pad[0] + h {
-                row.fill(0);
-                continue;
-            }
-            row[..pad[1] * 16].fill(0);
-            row[(pad[1] + w) * 16..].fill(0);
-            let s = (y - pad[0]) * w;
-            let mid = &mut row[pad[1] * 16..(pad[1] + w) * 16];
+        let w = hw[1];
+        super::padded_rows(out, hw, pad, |mid, s| {
             for x0 in (0..w).step_by(16) {
                 let n = 16.min(w - x0);
                 let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
@@ -313,7 +317,7 @@ mod avx512 {
                     }
                 }
             }
-        }
+        });
     }
 }
 
@@ -519,32 +523,43 @@ pub(crate) fn correlate_sample(
         n_out,
     } = Geometry::new(p, k);
     let blen = crate::cpu::correlate::block_len(w.o_pad).next_multiple_of(32);
-    let nblocks = span.div_ceil(blen);
     let o = w.o;
     assert!(xp.len() == w.ncb * vp * 16 + SLACK_POS * 16);
     assert!(cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
     let dst = OutPtr(out.as_mut_ptr());
-    (0..nblocks).into_par_iter().for_each_init(
+    par_position_blocks(span, blen, w.o_pad * blen, |buf, q0, len| {
+        let block = Block {
+            x: xp,
+            vp,
+            q0,
+            len_pad: len.next_multiple_of(32),
+            taps: &taps,
+            w,
+        };
+        run_block(runner, &block, buf);
+        // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
+        unsafe { scatter(buf, w.o_pad, q0, len, p, od, o, bias, dst, cstride) };
+    });
+}
+
+/// Runs `f(buf, q0, len)` for the blocks `q0..q0+len` of `blen` positions that cover
+/// `0..span`, in parallel, each task with a cache-line-aligned buffer of `buf_len` floats
+/// (reused from block to block).
+pub(crate) fn par_position_blocks(
+    span: usize,
+    blen: usize,
+    buf_len: usize,
+    f: impl Fn(&mut [f32], usize, usize) + Sync + Send,
+) {
+    (0..span.div_ceil(blen)).into_par_iter().for_each_init(
         || {
             let mut buf = Lines::default();
-            buf.resize(w.o_pad * blen);
+            buf.resize(buf_len.next_multiple_of(16));
             buf
         },
         |buf, bi| {
-            let buf = buf.floats_mut();
             let q0 = bi * blen;
-            let len = blen.min(span - q0);
-            let block = Block {
-                x: xp,
-                vp,
-                q0,
-                len_pad: len.next_multiple_of(32),
-                taps: &taps,
-                w,
-            };
-            run_block(runner, &block, buf);
-            // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
-            unsafe { scatter(buf, w.o_pad, q0, len, p, od, o, bias, dst, cstride) };
+            f(buf.floats_mut(), q0, blen.min(span - q0));
         },
     );
 }
@@ -633,31 +648,19 @@ unsafe fn scatter(
     dst: OutPtr,
     cstride: usize,
 ) {
-    let plane = p[1] * p[2];
-    let mut q = q0;
-    while q < q0 + len {
-        let z = q / plane;
-        let y = (q % plane) / p[2];
-        let x = q % p[2];
-        let run_end = (q - x + p[2]).min(q0 + len);
-        if z < od[0] && y < od[1] && x < od[2] {
-            let n = (run_end - q).min(od[2] - x);
-            let base = (z * od[1] + y) * od[2] + x;
-            let rows = &buf[(q - q0) * o_pad..][..n * o_pad];
-            for oc in 0..o {
-                let bo = bias.map_or(0.0, |b| b[oc]);
-                // SAFETY: (oc, z, y, x..x+n) is this block's (the caller guarantees it lies
-                // inside the output and that no other thread writes it).
-                let d = unsafe {
-                    std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
-                };
-                for (i, v) in d.iter_mut().enumerate() {
-                    *v = rows[i * o_pad + oc] + bo;
-                }
+    crate::cpu::correlate::output_runs(q0, len, p, od, |r, n, base| {
+        let rows = &buf[r * o_pad..][..n * o_pad];
+        for oc in 0..o {
+            let bo = bias.map_or(0.0, |b| b[oc]);
+            // SAFETY: (oc, base..base+n) is this block's (the caller guarantees it lies
+            // inside the output and that no other thread writes it).
+            let d =
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n) };
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = rows[i * o_pad + oc] + bo;
             }
         }
-        q = run_end;
-    }
+    });
 }
 
 #[cfg(test)]

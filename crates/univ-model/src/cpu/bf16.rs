@@ -1088,29 +1088,23 @@ pub(crate) fn correlate_sample(
         n_out,
     } = Geometry::new(p, k);
     let blen = block_len(w.o_pad).next_multiple_of(32);
-    let nblocks = span.div_ceil(blen);
     let o = w.o;
     assert!(xp.len() == w.c_pad / 2 * vp + SLACK);
     assert!(cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
     let dst = crate::cpu::OutPtr(out.as_mut_ptr());
-    (0..nblocks).into_par_iter().for_each_init(
-        || vec![0f32; w.o_pad * blen],
-        |buf, bi| {
-            let q0 = bi * blen;
-            let len = blen.min(span - q0);
-            let block = Block {
-                x: xp,
-                vp,
-                q0,
-                len_pad: len.next_multiple_of(32),
-                taps: &taps,
-                w,
-            };
-            run_block(runner, &block, buf);
-            // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
-            unsafe { scatter_block(buf, block.len_pad, q0, len, p, od, o, bias, dst, cstride) };
-        },
-    );
+    crate::cpu::amx_cl::par_position_blocks(span, blen, w.o_pad * blen, |buf, q0, len| {
+        let block = Block {
+            x: xp,
+            vp,
+            q0,
+            len_pad: len.next_multiple_of(32),
+            taps: &taps,
+            w,
+        };
+        run_block(runner, &block, buf);
+        // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
+        unsafe { scatter_block(buf, block.len_pad, q0, len, p, od, o, bias, dst, cstride) };
+    });
 }
 
 /// Tokens per tile of the transposes of [`linear`].

@@ -251,6 +251,37 @@ pub(crate) unsafe fn scatter_block(
     dst: OutPtr,
     cstride: usize,
 ) {
+    output_runs(q0, len, p, od, |r, n, base| {
+        for oc in 0..o {
+            let src = &buf[oc * buf_stride + r..][..n];
+            // SAFETY: (oc, base..base+n) is this block's (the caller guarantees it lies
+            // inside the output and that no other thread writes it).
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n) };
+            match bias {
+                Some(b) => {
+                    let bo = b[oc];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = s + bo;
+                    }
+                }
+                None => dst.copy_from_slice(src),
+            }
+        }
+    });
+}
+
+/// The runs of valid output positions among positions `q0..q0+len` of the padded grid `p`
+/// (output grid `od`): `run(r, n, base)` for `n` positions starting `r` after `q0`, which are
+/// output voxels `base..base+n` (flat, one output row at most).
+#[inline(always)]
+pub(crate) fn output_runs(
+    q0: usize,
+    len: usize,
+    p: [usize; 3],
+    od: [usize; 3],
+    mut run: impl FnMut(usize, usize, usize),
+) {
     let plane = p[1] * p[2];
     let mut q = q0;
     while q < q0 + len {
@@ -260,24 +291,7 @@ pub(crate) unsafe fn scatter_block(
         let run_end = (q - x + p[2]).min(q0 + len);
         if z < od[0] && y < od[1] && x < od[2] {
             let n = (run_end - q).min(od[2] - x);
-            let base = (z * od[1] + y) * od[2] + x;
-            for oc in 0..o {
-                let src = &buf[oc * buf_stride + (q - q0)..][..n];
-                // SAFETY: (oc, z, y, x..x+n) is this block's (the caller guarantees it lies
-                // inside the output and that no other thread writes it).
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n)
-                };
-                match bias {
-                    Some(b) => {
-                        let bo = b[oc];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d = s + bo;
-                        }
-                    }
-                    None => dst.copy_from_slice(src),
-                }
-            }
+            run(q - q0, n, (z * od[1] + y) * od[2] + x);
         }
         q = run_end;
     }
