@@ -383,81 +383,26 @@ pub(crate) fn correlate_chunked(
     let taps = k[0] * k[1] * k[2];
     let timer = crate::runtime::stage("conv/pack weights");
     let active = crate::cpu::bf16::active_bf16_kernel().filter(|_| crate::cpu::bf16::applies(c, o));
-    let amx_cl = active
-        .filter(|k| crate::cpu::amx_cl::uses_cl(crate::cpu::bf16::Runner::Kernel(*k)))
-        .map(|kernel| {
-            let w = match weights {
-                ConvWeights::Raw(w) => crate::cpu::amx_cl::pack_raw_weights_cl(w, taps, o, c),
-                ConvWeights::Packed(wp) => crate::cpu::amx_cl::pack_weights_cl(wp, taps, o, c),
-            };
-            (kernel, w)
-        });
-    // The f32 packing, unless the AMX kernel runs (it needs none).
-    let wp = match amx_cl {
+    let mut bf16 = active.map(|kernel| Bf16Conv::new(kernel, weights, taps, o, c));
+    // The f32 packing, unless a bf16 kernel runs.
+    let wp = match bf16 {
         Some(_) => std::borrow::Cow::Borrowed(&[][..]),
         None => weights.packed(o, c, taps),
     };
     let wp = &wp[..];
-    let bf16 = active
-        .filter(|_| amx_cl.is_none())
-        .map(|kernel| (kernel, crate::cpu::bf16::pack_weights(wp, taps, o, c)));
-    let mut pairs = Vec::new();
-    let mut lines = crate::cpu::amx_cl::Lines::default();
-    let winograd = (active.is_none() && crate::cpu::winograd::applies(k, c, o, od))
+    let winograd = (bf16.is_none() && crate::cpu::winograd::applies(k, c, o, od))
         .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
     drop(timer);
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
         let np = t + k[0] - 1;
         let dst = &mut out[oz0 * plane_out..];
-        if let Some((kernel, w)) = &amx_cl {
-            let np_dims = [np, p[1], p[2]];
+        if let Some(b) = &mut bf16 {
             let timer = crate::runtime::stage("conv/fill bf16 pairs");
-            fill(
-                oz0,
-                np,
-                PadDst::PairsCl {
-                    dst: &mut lines,
-                    c_pad: w.c_pad(),
-                },
-            );
+            fill(oz0, np, b.pad_dst());
             drop(timer);
             let _timer = crate::runtime::stage("conv/bf16 gemm");
-            crate::cpu::amx_cl::correlate_sample(
-                crate::cpu::bf16::Runner::Kernel(*kernel),
-                lines.words(),
-                np_dims,
-                w,
-                k,
-                bias,
-                dst,
-                n_out,
-            );
-            continue;
-        }
-        if let Some((kernel, w)) = &bf16 {
-            let np_dims = [np, p[1], p[2]];
-            let timer = crate::runtime::stage("conv/fill bf16 pairs");
-            fill(
-                oz0,
-                np,
-                PadDst::Pairs {
-                    dst: &mut pairs,
-                    c_pad: w.c_pad(),
-                },
-            );
-            drop(timer);
-            let _timer = crate::runtime::stage("conv/bf16 gemm");
-            crate::cpu::bf16::correlate_sample(
-                crate::cpu::bf16::Runner::Kernel(*kernel),
-                &pairs,
-                np_dims,
-                w,
-                k,
-                bias,
-                dst,
-                n_out,
-            );
+            b.correlate([np, p[1], p[2]], k, bias, dst, n_out);
             continue;
         }
         if slab.is_empty() {
@@ -486,6 +431,101 @@ pub(crate) fn correlate_chunked(
                 n_out,
             ),
             None => correlate_sample(xp, c, [np, p[1], p[2]], wp, o, k, bias, dst, n_out),
+        }
+    }
+}
+
+/// A convolution's bf16 weights and input buffer, in the layout its kernel reads: channel
+/// pairs in planes ([`crate::cpu::bf16`]) or, for AMX, blocked channels-last
+/// ([`crate::cpu::amx_cl`]).
+enum Bf16Conv {
+    Planes {
+        kernel: crate::cpu::bf16::Bf16Kernel,
+        w: crate::cpu::bf16::Bf16Weights,
+        pairs: Vec<u32>,
+    },
+    ChannelsLast {
+        kernel: crate::cpu::bf16::Bf16Kernel,
+        w: crate::cpu::amx_cl::ClWeights,
+        lines: crate::cpu::amx_cl::Lines,
+    },
+}
+
+impl Bf16Conv {
+    /// Packs `weights` for `kernel`.
+    fn new(
+        kernel: crate::cpu::bf16::Bf16Kernel,
+        weights: ConvWeights<'_>,
+        taps: usize,
+        o: usize,
+        c: usize,
+    ) -> Self {
+        use crate::cpu::amx_cl;
+        if amx_cl::uses_cl(crate::cpu::bf16::Runner::Kernel(kernel)) {
+            let w = match weights {
+                ConvWeights::Raw(w) => amx_cl::pack_raw_weights_cl(w, taps, o, c),
+                ConvWeights::Packed(wp) => amx_cl::pack_weights_cl(wp, taps, o, c),
+            };
+            Bf16Conv::ChannelsLast {
+                kernel,
+                w,
+                lines: Default::default(),
+            }
+        } else {
+            let w = crate::cpu::bf16::pack_weights(&weights.packed(o, c, taps), taps, o, c);
+            Bf16Conv::Planes {
+                kernel,
+                w,
+                pairs: Vec::new(),
+            }
+        }
+    }
+
+    /// Where the padded input of the next slab goes.
+    fn pad_dst(&mut self) -> PadDst<'_> {
+        match self {
+            Bf16Conv::Planes { w, pairs, .. } => PadDst::Pairs {
+                dst: pairs,
+                c_pad: w.c_pad(),
+            },
+            Bf16Conv::ChannelsLast { w, lines, .. } => PadDst::PairsCl {
+                dst: lines,
+                c_pad: w.c_pad(),
+            },
+        }
+    }
+
+    /// The correlation of the slab last padded (`np` its padded extent).
+    fn correlate(
+        &self,
+        np: [usize; 3],
+        k: [usize; 3],
+        bias: Option<&[f32]>,
+        dst: &mut [f32],
+        cstride: usize,
+    ) {
+        use crate::cpu::bf16::Runner;
+        match self {
+            Bf16Conv::Planes { kernel, w, pairs } => crate::cpu::bf16::correlate_sample(
+                Runner::Kernel(*kernel),
+                pairs,
+                np,
+                w,
+                k,
+                bias,
+                dst,
+                cstride,
+            ),
+            Bf16Conv::ChannelsLast { kernel, w, lines } => crate::cpu::amx_cl::correlate_sample(
+                Runner::Kernel(*kernel),
+                lines.words(),
+                np,
+                w,
+                k,
+                bias,
+                dst,
+                cstride,
+            ),
         }
     }
 }
