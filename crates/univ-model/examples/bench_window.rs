@@ -145,7 +145,9 @@ fn cpu_description() -> String {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    format!("{model} ({isa})")
+    let ratio = univ_model::runtime::avx512bf16_speedup()
+        .map_or(String::new(), |r| format!("; VDPBF16PS/FMA products: {r:.2}x"));
+    format!("{model} ({isa}{ratio})")
 }
 
 /// Measured FMA throughput of this machine (all threads), GFLOP/s.
@@ -244,6 +246,7 @@ fn bench(
         .collect();
     if let Some(dir) = std::env::var_os("UNIV_SAVE_RANDOM_MODELS") {
         // Keep the random weights (canonical keys) to benchmark whole pipelines with them.
+        std::fs::create_dir_all(&dir)?;
         let path =
             std::path::Path::new(&dir).join(format!("random_{}.safetensors", cfg.backbone.name()));
         candle_core::safetensors::save(&tensors, &path)?;

@@ -17,7 +17,7 @@
 //!   unavailable. The intrinsics are unstable in Rust, so the instructions are `asm!`. In this
 //!   layout it runs the 1×1×1 products (the transposed convolution's taps, `Linear` layers);
 //!   the 3×3×3 convolutions run on AMX in the channels-last layout of
-//!   [`crate::cpu::amx_cl`], whose input tiles are contiguous (1.3–3.3× faster on the U-Net's layer shapes, measured on
+//!   [`crate::cpu::channels_last`], whose input tiles are contiguous (1.3–3.3× faster on the U-Net's layer shapes, measured on
 //!   an AMX Xeon).
 //! - [`Bf16Kernel::Avx512Bf16`]: `VDPBF16PS` on 512-bit vectors, 8 output channels × 32
 //!   positions per micro-kernel, the weight pair broadcast.
@@ -193,20 +193,50 @@ fn amx_state() -> &'static std::result::Result<(), String> {
 }
 
 /// The bf16 kernel that `--precision bf16` uses on this machine, if one runs faster than the
-/// f32 convolutions: AMX where the CPU has it and Linux grants it. The AVX512-BF16 kernel is
-/// not chosen by itself: on a 2-core AMX Xeon it took 11.4 s for the U-Net window against
-/// 4.9 s in f32 (one `VDPBF16PS` does the work of two f32 FMAs on one port, which the f32
-/// path's Winograd transform beats), so it runs only when `UNIV_BF16_KERNEL=avx512bf16` asks.
+/// f32 convolutions: AMX where the CPU has it and Linux grants it; else AVX512-BF16 where
+/// one `VDPBF16PS` costs no more than one f32 FMA ([`avx512bf16_pays`]). That holds on AMD
+/// Zen 4 (an EPYC with AVX512-BF16 ran the U-Net window 1.4× faster in bf16 than in f32) but
+/// not on Intel cores, whose one `VDPBF16PS` port does the work of their two FMA ports (a
+/// 2-core AMX Xeon took 11.4 s in bf16 on the vector kernel against 4.9 s in f32, whose
+/// Winograd transform beats it there).
 pub fn best_bf16_kernel() -> Option<Bf16Kernel> {
-    Bf16Kernel::Amx.check().ok().map(|()| Bf16Kernel::Amx)
+    if Bf16Kernel::Amx.check().is_ok() {
+        return Some(Bf16Kernel::Amx);
+    }
+    avx512bf16_pays().then_some(Bf16Kernel::Avx512Bf16)
+}
+
+/// The measured ratio of `VDPBF16PS` to f32 FMA throughput on 512-bit registers (products
+/// per second, two per bf16 lane), probed once (about 2 ms); `None` without AVX512-BF16.
+pub fn avx512bf16_speedup() -> Option<f64> {
+    static RATIO: OnceLock<Option<f64>> = OnceLock::new();
+    *RATIO.get_or_init(|| {
+        if Bf16Kernel::Avx512Bf16.check().is_err() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked above).
+            Some(unsafe { avx512::throughput_ratio() })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    })
+}
+
+/// Whether the AVX512-BF16 kernel pays here: [`avx512bf16_speedup`] at least 1.5 (about 2 on
+/// Zen 4, about 1 on Intel cores).
+fn avx512bf16_pays() -> bool {
+    avx512bf16_speedup().is_some_and(|r| r >= 1.5)
 }
 
 /// Why [`best_bf16_kernel`] found nothing here (for the warning that bf16 runs as f32).
 pub fn bf16_fallback_reason() -> String {
     let amx = Bf16Kernel::Amx.check().err().unwrap_or_default();
-    if Bf16Kernel::Avx512Bf16.check().is_ok() {
+    if let Some(r) = avx512bf16_speedup() {
         format!(
-            "{amx}; the CPU has AVX512-BF16, but that kernel is slower than f32 \
+            "{amx}; the CPU has AVX512-BF16, but one VDPBF16PS does only {r:.1}× the work \
+             of one f32 FMA here, so that kernel is slower than f32 \
              (UNIV_BF16_KERNEL=avx512bf16 forces it)"
         )
     } else {
@@ -601,6 +631,51 @@ mod avx512 {
             // SAFETY: as above; the caller guarantees 64 writable bytes.
             unsafe { _mm512_storeu_ps(p, acc) }
         }
+    }
+
+    /// Products per second of `VDPBF16PS` (32 per instruction) over those of
+    /// `VFMADD231PS` (16), both on 12 independent 512-bit accumulators: the best of seven
+    /// interleaved rounds of each (about 0.5 ms a round), so that a round slowed by another
+    /// process on the core does not decide.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn throughput_ratio() -> f64 {
+        const ITERS: usize = 40_000;
+        let time = |f: &dyn Fn() -> f32| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(f());
+            t.elapsed().as_secs_f64()
+        };
+        let fma = || {
+            let mut acc = [_mm512_setzero_ps(); 12];
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            for _ in 0..ITERS {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, a, b);
+                }
+            }
+            acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+        };
+        // SAFETY: the features are enabled here; the casts only reinterpret bits.
+        let dot = || unsafe {
+            let mut acc = [_mm512_setzero_ps(); 12];
+            let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80));
+            let b = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3380_3380));
+            for _ in 0..ITERS {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbf16_ps(*x, a, b);
+                }
+            }
+            acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+        };
+        let (mut t_fma, mut t_dot) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..7 {
+            t_fma = t_fma.min(time(&fma));
+            t_dot = t_dot.min(time(&dot));
+        }
+        2.0 * t_fma / t_dot
     }
 
     /// The AVX512-BF16 kernel.
@@ -1092,7 +1167,7 @@ pub(crate) fn correlate_sample(
     assert!(xp.len() == w.c_pad / 2 * vp + SLACK);
     assert!(cstride >= n_out && out.len() >= (o - 1) * cstride + n_out);
     let dst = crate::cpu::OutPtr(out.as_mut_ptr());
-    crate::cpu::amx_cl::par_position_blocks(span, blen, w.o_pad * blen, |buf, q0, len| {
+    crate::cpu::channels_last::par_position_blocks(span, blen, w.o_pad * blen, |buf, q0, len| {
         let block = Block {
             x: xp,
             vp,

@@ -92,10 +92,10 @@ pub(crate) enum PadDst<'a> {
         c_pad: usize,
     },
     /// bf16 pairs blocked channels-last `(C'/32, np, H+2p, W+2p, 16)` for the AMX kernel
-    /// ([`crate::cpu::amx_cl::pad_pairs_cl`]); resized and every word written.
+    /// ([`crate::cpu::channels_last::pad_pairs_cl`]); resized and every word written.
     PairsCl {
         /// The pair buffer (reused between slabs).
-        dst: &'a mut crate::cpu::amx_cl::Lines,
+        dst: &'a mut crate::cpu::channels_last::Lines,
         /// The channel count rounded up to 32.
         c_pad: usize,
     },
@@ -118,7 +118,7 @@ pub(crate) fn pad_into<'a>(
             crate::cpu::bf16::pad_pairs(plane, c, dhw, pad, pz0, np, c_pad, dst)
         }
         PadDst::PairsCl { dst, c_pad } => {
-            crate::cpu::amx_cl::pad_pairs_cl(plane, c, dhw, pad, pz0, np, c_pad, dst)
+            crate::cpu::channels_last::pad_pairs_cl(plane, c, dhw, pad, pz0, np, c_pad, dst)
         }
     }
 }
@@ -437,7 +437,7 @@ pub(crate) fn correlate_chunked(
 
 /// A convolution's bf16 weights and input buffer, in the layout its kernel reads: channel
 /// pairs in planes ([`crate::cpu::bf16`]) or, for AMX, blocked channels-last
-/// ([`crate::cpu::amx_cl`]).
+/// ([`crate::cpu::channels_last`]).
 enum Bf16Conv {
     Planes {
         kernel: crate::cpu::bf16::Bf16Kernel,
@@ -446,8 +446,8 @@ enum Bf16Conv {
     },
     ChannelsLast {
         kernel: crate::cpu::bf16::Bf16Kernel,
-        w: crate::cpu::amx_cl::ClWeights,
-        lines: crate::cpu::amx_cl::Lines,
+        w: crate::cpu::channels_last::ClWeights,
+        lines: crate::cpu::channels_last::Lines,
     },
 }
 
@@ -460,11 +460,11 @@ impl Bf16Conv {
         o: usize,
         c: usize,
     ) -> Self {
-        use crate::cpu::amx_cl;
-        if amx_cl::uses_cl(crate::cpu::bf16::Runner::Kernel(kernel)) {
+        use crate::cpu::channels_last;
+        if channels_last::uses_cl(crate::cpu::bf16::Runner::Kernel(kernel)) {
             let w = match weights {
-                ConvWeights::Raw(w) => amx_cl::pack_raw_weights_cl(w, taps, o, c),
-                ConvWeights::Packed(wp) => amx_cl::pack_weights_cl(wp, taps, o, c),
+                ConvWeights::Raw(w) => channels_last::pack_raw_weights_cl(w, taps, o, c),
+                ConvWeights::Packed(wp) => channels_last::pack_weights_cl(wp, taps, o, c),
             };
             Bf16Conv::ChannelsLast {
                 kernel,
@@ -516,7 +516,7 @@ impl Bf16Conv {
                 dst,
                 cstride,
             ),
-            Bf16Conv::ChannelsLast { kernel, w, lines } => crate::cpu::amx_cl::correlate_sample(
+            Bf16Conv::ChannelsLast { kernel, w, lines } => crate::cpu::channels_last::correlate_sample(
                 Runner::Kernel(*kernel),
                 lines.words(),
                 np,

@@ -4,7 +4,7 @@
 //! operations of [`crate::ops`] call these kernels on the storage of their tensors; nothing
 //! here knows about devices or gradients. Work is spread over rayon's pool.
 
-pub(crate) mod amx_cl;
+pub(crate) mod channels_last;
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod bias;

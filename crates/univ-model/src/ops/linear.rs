@@ -54,8 +54,8 @@ impl CustomOp2 for LinearBf16 {
         let x = storage_f32(s1, l1, "linear input")?;
         let w = storage_f32(s2, l2, "linear weight")?;
         let runner = Runner::Kernel(self.kernel);
-        let out = if crate::cpu::amx_cl::uses_cl(runner) {
-            crate::cpu::amx_cl::linear(runner, x, t, c, w, o)
+        let out = if crate::cpu::channels_last::uses_cl(runner) {
+            crate::cpu::channels_last::linear(runner, x, t, c, w, o)
         } else {
             bf16::linear(runner, x, t, c, w, o)
         };

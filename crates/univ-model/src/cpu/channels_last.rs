@@ -11,6 +11,12 @@
 //! operand, the weights (packed as 16 pairs × 16 output channels, [`pack_weights_cl`]) the
 //! `B` operand, and the accumulators hold positions × output channels, transposed back to
 //! channel-first planes when they are written out ([`correlate_sample`]).
+//!
+//! The AVX512-BF16 kernel ([`Bf16Kernel::Avx512Bf16`](super::bf16::Bf16Kernel)) reads the
+//! same layout: one input pair broadcast from a position's line against the 16 output
+//! channels of a weight-tile row, 8 positions × 32 output channels in 16 vector accumulators
+//! (`VDPBF16PS` with a broadcast memory operand; the broadcast never straddles a line, unlike
+//! the plane layout's unaligned vector loads).
 
 use rayon::prelude::*;
 
@@ -207,6 +213,10 @@ fn padded_rows(
 fn plane(out: &mut [u32], chans: &[Option<&[f32]>; CB], hw: [usize; 2], pad: [usize; 2]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: the CPU has the features.
+            return unsafe { avx512::plane_native(out, chans, hw, pad) };
+        }
         // SAFETY: the CPU has the feature.
         return unsafe { avx512::plane(out, chans, hw, pad) };
     }
@@ -236,6 +246,48 @@ mod avx512 {
             let nan = _mm512_cmpgt_epi32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
             let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
             _mm512_mask_mov_epi32(r, nan, quiet)
+        }
+    }
+
+    /// [`super::scatter_run`] 16 positions × 16 channels at a time, transposed in registers
+    /// (the same sums: only moved, then the bias added).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; as [`super::scatter_run`], with `o <= o_pad`, `o_pad` a
+    /// multiple of 16 and `rows` holding `n·o_pad` floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scatter_run(
+        rows: &[f32],
+        o_pad: usize,
+        n: usize,
+        o: usize,
+        bias: Option<&[f32]>,
+        dst: *mut f32,
+        cstride: usize,
+    ) {
+        assert!(rows.len() >= n * o_pad && o <= o_pad && o_pad.is_multiple_of(16));
+        for i0 in (0..n).step_by(16) {
+            let m = 16.min(n - i0);
+            let mask: __mmask16 = if m == 16 { !0 } else { (1u16 << m) - 1 };
+            for oc0 in (0..o).step_by(16) {
+                // SAFETY: rows `i0..i0+m` hold channels `oc0..oc0+16` (`oc0 + 16 <= o_pad`);
+                // the stores write channels below `o`, positions `i0..i0+m` (the caller's).
+                unsafe {
+                    let r: [__m512i; 16] = std::array::from_fn(|j| {
+                        if j < m {
+                            _mm512_loadu_si512(rows.as_ptr().add((i0 + j) * o_pad + oc0).cast())
+                        } else {
+                            _mm512_setzero_si512()
+                        }
+                    });
+                    let t = transpose(r);
+                    for (k, v) in t.iter().enumerate().take(o - oc0) {
+                        let b = _mm512_set1_ps(bias.map_or(0.0, |b| b[oc0 + k]));
+                        let v = _mm512_add_ps(_mm512_castsi512_ps(*v), b);
+                        _mm512_mask_storeu_ps(dst.add((oc0 + k) * cstride + i0), mask, v);
+                    }
+                }
+            }
         }
     }
 
@@ -292,6 +344,37 @@ mod avx512 {
         hw: [usize; 2],
         pad: [usize; 2],
     ) {
+        // SAFETY: forwarded.
+        unsafe { plane_with::<false>(out, chans, hw, pad) }
+    }
+
+    /// [`plane`] rounding with `VCVTNEPS2BF16` (the same words: it rounds to nearest even,
+    /// flushes subnormals to signed zeros and quiets NaNs as `to_bf16_bits` does).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn plane_native(
+        out: &mut [u32],
+        chans: &[Option<&[f32]>; CB],
+        hw: [usize; 2],
+        pad: [usize; 2],
+    ) {
+        // SAFETY: forwarded.
+        unsafe { plane_with::<true>(out, chans, hw, pad) }
+    }
+
+    /// The body of [`plane`] and [`plane_native`].
+    ///
+    /// # Safety
+    /// Inlined only into those two (whose features it uses).
+    #[inline(always)]
+    unsafe fn plane_with<const NATIVE: bool>(
+        out: &mut [u32],
+        chans: &[Option<&[f32]>; CB],
+        hw: [usize; 2],
+        pad: [usize; 2],
+    ) {
         let w = hw[1];
         super::padded_rows(out, hw, pad, |mid, s| {
             for x0 in (0..w).step_by(16) {
@@ -303,7 +386,14 @@ mod avx512 {
                     let load = |ci: usize| match chans[ci] {
                         Some(p) => {
                             let v = &p[s + x0..s + x0 + n];
-                            bf16_bits(_mm512_maskz_loadu_epi32(mask, v.as_ptr().cast()))
+                            if NATIVE {
+                                let x = _mm512_maskz_loadu_ps(mask, v.as_ptr());
+                                _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                                    _mm512_cvtneps_pbh(x),
+                                ))
+                            } else {
+                                bf16_bits(_mm512_maskz_loadu_epi32(mask, v.as_ptr().cast()))
+                            }
                         }
                         None => _mm512_setzero_si512(),
                     };
@@ -471,9 +561,124 @@ unsafe fn micro<T: Tiles>(
     }
 }
 
+/// The AVX512-BF16 kernel on the channels-last layout.
+#[cfg(target_arch = "x86_64")]
+mod vector {
+    use super::{Block, KC_BLOCKS};
+    use std::arch::x86_64::*;
+
+    /// Positions per micro-kernel (each with 32 output channels in two registers): 24
+    /// accumulators, two weight registers and the broadcast of 32. Blocks of 32 positions
+    /// run as 12 + 12 + 8.
+    const P: usize = 12;
+
+    /// `acc + lo(a)·lo(b) + hi(a)·hi(b)` lane by lane, `a` one pair broadcast from memory.
+    #[inline(always)]
+    unsafe fn dot(acc: __m512, a: *const u32, b: __m512i) -> __m512 {
+        // SAFETY: only called from `run` (AVX-512F and AVX512-BF16 enabled) with `a`
+        // readable; the casts only reinterpret bits.
+        unsafe {
+            let a = _mm512_set1_epi32(a.read() as i32);
+            _mm512_dpbf16_ps(
+                acc,
+                std::mem::transmute::<__m512i, __m512bh>(a),
+                std::mem::transmute::<__m512i, __m512bh>(b),
+            )
+        }
+    }
+
+    /// Every micro-block of `block`: channel chunks of [`KC_BLOCKS`] blocks outermost (as the
+    /// AMX kernel), then blocks of 32 output channels, then up to `P` positions at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-BF16; `block` must pass [`Block::check`]
+    /// against `buf`'s `O'·len_pad` floats.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn run(block: &Block<'_>, buf: *mut f32) {
+        let w = block.w;
+        // SAFETY: every micro-block lies inside the extents checked by `Block::check`
+        // (`len_pad` is a multiple of 32, cut as 12 + 12 + 8).
+        unsafe {
+            for kc0 in (0..w.ncb).step_by(KC_BLOCKS) {
+                let kc = kc0..(kc0 + KC_BLOCKS).min(w.ncb);
+                for ob in 0..w.o_pad / 32 {
+                    for nb in (0..block.len_pad).step_by(32) {
+                        micro::<P>(block, buf, kc.clone(), nb, ob);
+                        micro::<P>(block, buf, kc.clone(), nb + P, ob);
+                        micro::<{ 32 - 2 * P }>(block, buf, kc.clone(), nb + 2 * P, ob);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Positions `nb..nb+N` × output channels `32·ob..32·ob+32` over the channel blocks
+    /// `kc` and every tap, the accumulators held in registers and resumed from `buf`
+    /// (position-major, `O'` floats per position) after the first chunk.
+    ///
+    /// # Safety
+    /// As [`run`], with `nb + N <= len_pad`, `ob < O'/32`, `kc` inside `0..C'/32`.
+    #[inline(always)]
+    unsafe fn micro<const N: usize>(
+        block: &Block<'_>,
+        buf: *mut f32,
+        kc: std::ops::Range<usize>,
+        nb: usize,
+        ob: usize,
+    ) {
+        let w = block.w;
+        let (taps, ncb, o_pad) = (block.taps.len(), w.ncb, w.o_pad);
+        // SAFETY: every address stays inside the extents checked by `Block::check`
+        // (positions below `q0 + max_off + len_pad`, channel blocks below `C'/32`, weight
+        // blocks below `O'/32`).
+        unsafe {
+            let x = block.x.as_ptr().add((block.q0 + nb) * 16);
+            let wdata = w.data.words().as_ptr();
+            let c = buf.add(nb * o_pad + ob * 32);
+            let mut acc = [[_mm512_setzero_ps(); 2]; N];
+            if kc.start > 0 {
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm512_load_ps(c.add(p * o_pad));
+                    acc[1] = _mm512_load_ps(c.add(p * o_pad + 16));
+                }
+            }
+            for (t, off) in block.taps.iter().enumerate() {
+                let wt = wdata.add((ob * taps + t) * ncb * 512);
+                let xt = x.add(off * 16);
+                for cb in kc.clone() {
+                    let a = xt.add(cb * block.vp * 16);
+                    let b = wt.add(cb * 512);
+                    for k in 0..16 {
+                        let w0 = _mm512_load_si512(b.add(k * 16).cast());
+                        let w1 = _mm512_load_si512(b.add(256 + k * 16).cast());
+                        for (p, acc) in acc.iter_mut().enumerate() {
+                            let ap = a.add(p * 16 + k);
+                            acc[0] = dot(acc[0], ap, w0);
+                            acc[1] = dot(acc[1], ap, w1);
+                        }
+                    }
+                }
+            }
+            for (p, acc) in acc.iter().enumerate() {
+                _mm512_store_ps(c.add(p * o_pad), acc[0]);
+                _mm512_store_ps(c.add(p * o_pad + 16), acc[1]);
+            }
+        }
+    }
+}
+
 fn run_block(runner: Runner, block: &Block<'_>, buf: &mut [f32]) {
     block.check(buf);
     match runner {
+        #[cfg(target_arch = "x86_64")]
+        Runner::Kernel(super::bf16::Bf16Kernel::Avx512Bf16) => {
+            assert!(
+                super::bf16::Bf16Kernel::Avx512Bf16.check().is_ok(),
+                "the AVX512-BF16 kernel needs AVX-512F and AVX512-BF16"
+            );
+            // SAFETY: the CPU has the features and the block was checked.
+            unsafe { vector::run(block, buf.as_mut_ptr()) }
+        }
         #[cfg(target_arch = "x86_64")]
         Runner::Kernel(super::bf16::Bf16Kernel::Amx) => {
             assert!(
@@ -488,20 +693,23 @@ fn run_block(runner: Runner, block: &Block<'_>, buf: &mut [f32]) {
         Runner::SoftAmx => unsafe {
             run_tiles(&mut super::bf16::soft_tiles(), block, buf.as_mut_ptr())
         },
-        other => unreachable!("the channels-last layout is the AMX kernel's, not {other:?}"),
+        other => unreachable!("the channels-last layout has no {other:?} kernel"),
     }
 }
 
 /// Whether `runner` reads the channels-last layout of this module.
 pub(crate) fn uses_cl(runner: Runner) -> bool {
     match runner {
-        Runner::Kernel(k) => k == super::bf16::Bf16Kernel::Amx,
+        Runner::Kernel(k) => matches!(
+            k,
+            super::bf16::Bf16Kernel::Amx | super::bf16::Bf16Kernel::Avx512Bf16
+        ),
         #[cfg(test)]
         Runner::SoftAmx => true,
     }
 }
 
-/// The stride-1 correlation of one padded block of planes in bf16 on the AMX kernel: `xp` is
+/// The stride-1 correlation of one padded block of planes in bf16 on a channels-last kernel (AMX or AVX512-BF16): `xp` is
 /// the block in the layout of [`pad_pairs_cl`], `p` its padded extent; output channel `o`
 /// starts at `out[o · cstride]` (plus the bias).
 #[allow(clippy::too_many_arguments)]
@@ -564,7 +772,7 @@ pub(crate) fn par_position_blocks(
     );
 }
 
-/// `x (T×C) · wᵀ` for `w (O×C)` (a `Linear` layer without its bias) in bf16 on the AMX
+/// `x (T×C) · wᵀ` for `w (O×C)` (a `Linear` layer without its bias) in bf16 on a channels-last
 /// kernel: tokens are positions, and both the input (each token's channels, 32 at a time, one
 /// line per token) and the kernel's position-major accumulators are already rows of the
 /// token-major layout, so nothing is transposed.
@@ -648,19 +856,44 @@ unsafe fn scatter(
     dst: OutPtr,
     cstride: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    let vector = std::arch::is_x86_feature_detected!("avx512f");
     crate::cpu::correlate::output_runs(q0, len, p, od, |r, n, base| {
         let rows = &buf[r * o_pad..][..n * o_pad];
-        for oc in 0..o {
-            let bo = bias.map_or(0.0, |b| b[oc]);
-            // SAFETY: (oc, base..base+n) is this block's (the caller guarantees it lies
-            // inside the output and that no other thread writes it).
-            let d =
-                unsafe { std::slice::from_raw_parts_mut(dst.get().add(oc * cstride + base), n) };
-            for (i, v) in d.iter_mut().enumerate() {
-                *v = rows[i * o_pad + oc] + bo;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            // SAFETY: the CPU has AVX-512F; the run's outputs are the caller's to write.
+            unsafe { avx512::scatter_run(rows, o_pad, n, o, bias, dst.get().add(base), cstride) };
+            return;
         }
+        // SAFETY: as above.
+        unsafe { scatter_run(rows, o_pad, n, o, bias, dst.get().add(base), cstride) };
     });
+}
+
+/// One run of [`scatter`]: `n` positions (`rows`, `o_pad` floats each) to output channels
+/// `0..o` at `dst + oc·cstride`.
+///
+/// # Safety
+/// `dst + oc·cstride + i` must be writable (by this thread alone) for `oc < o`, `i < n`.
+#[inline(always)]
+unsafe fn scatter_run(
+    rows: &[f32],
+    o_pad: usize,
+    n: usize,
+    o: usize,
+    bias: Option<&[f32]>,
+    dst: *mut f32,
+    cstride: usize,
+) {
+    for oc in 0..o {
+        let bo = bias.map_or(0.0, |b| b[oc]);
+        // SAFETY: forwarded from the caller.
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.add(oc * cstride), n) };
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = rows[i * o_pad + oc] + bo;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -780,6 +1013,14 @@ mod tests {
                     // SAFETY: the CPU has AVX-512F (checked above).
                     unsafe { avx512::plane(&mut b, &chans, [h, w], pad) };
                     assert_eq!(a, b, "{h}x{w}, {present} channels");
+                    if std::arch::is_x86_feature_detected!("avx512bf16") {
+                        let mut c = vec![5u32; n];
+                        // SAFETY: the CPU has AVX-512F and AVX512-BF16.
+                        unsafe { avx512::plane_native(&mut c, &chans, [h, w], pad) };
+                        assert_eq!(a, c, "VCVTNEPS2BF16: {h}x{w}, {present} channels");
+                    } else {
+                        eprintln!("skipping the VCVTNEPS2BF16 fill: no AVX512-BF16 here");
+                    }
                 }
             }
         }
@@ -794,8 +1035,10 @@ mod tests {
         let want = bf16::linear(Runner::Kernel(Bf16Kernel::Reference), &x, t, c, &w, o);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let mut runners = vec![Runner::SoftAmx];
-        if Bf16Kernel::Amx.check().is_ok() {
-            runners.push(Runner::Kernel(Bf16Kernel::Amx));
+        for k in [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16] {
+            if k.check().is_ok() {
+                runners.push(Runner::Kernel(k));
+            }
         }
         for runner in runners {
             let got = linear(runner, &x, t, c, &w, o);
@@ -810,6 +1053,16 @@ mod tests {
     #[test]
     fn channels_last_amx_logic_matches_the_reference_on_the_tile_model() {
         check(Runner::SoftAmx);
+    }
+
+    /// The AVX512-BF16 kernel on this layout: runs where the CPU has it, skipped (with the
+    /// reason) elsewhere.
+    #[test]
+    fn channels_last_avx512bf16_matches_the_reference_where_present() {
+        match Bf16Kernel::Avx512Bf16.check() {
+            Ok(()) => check(Runner::Kernel(Bf16Kernel::Avx512Bf16)),
+            Err(why) => eprintln!("skipping the AVX512-BF16 kernel: {why}"),
+        }
     }
 
     /// The hardware kernel: runs where the CPU has AMX, skipped (with the reason) elsewhere.
