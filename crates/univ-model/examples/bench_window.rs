@@ -145,8 +145,9 @@ fn cpu_description() -> String {
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let ratio = univ_model::runtime::avx512bf16_speedup()
-        .map_or(String::new(), |r| format!("; VDPBF16PS/FMA products: {r:.2}x"));
+    let ratio = univ_model::runtime::avx512bf16_speedup().map_or(String::new(), |r| {
+        format!("; VDPBF16PS/FMA products: {r:.2}x")
+    });
     format!("{model} ({isa}{ratio})")
 }
 

@@ -53,8 +53,7 @@ pub fn reset_peak_resident() -> bool {
 
 pub use crate::cpu::bf16::{
     Bf16Kernel, Precision, active_bf16_kernel, avx512bf16_speedup, best_bf16_kernel,
-    bf16_fallback_reason,
-    set_bf16_kernel, set_precision,
+    bf16_fallback_reason, set_bf16_kernel, set_precision,
 };
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
 pub use crate::cpu::winograd::set_winograd;

@@ -89,6 +89,22 @@ pub(crate) struct ClWeights {
     o: usize,
     o_pad: usize,
     ncb: usize,
+    /// The real input channels (the last block's pairs past them are zeros).
+    c: usize,
+}
+
+impl ClWeights {
+    /// Channel pairs of block `cb` that hold real channels (16 but in a last, partial block).
+    #[inline(always)]
+    fn pairs_in(&self, cb: usize) -> usize {
+        (self.c - cb * CB).div_ceil(2).min(16)
+    }
+
+    /// Whether output block `ob` (32 channels) has real channels in its second half.
+    #[inline(always)]
+    fn second_half(&self, ob: usize) -> bool {
+        self.o > 32 * ob + 16
+    }
 }
 
 impl ClWeights {
@@ -146,6 +162,7 @@ fn pack_with(
         o,
         o_pad,
         ncb,
+        c,
     }
 }
 
@@ -288,6 +305,28 @@ mod avx512 {
                     }
                 }
             }
+        }
+    }
+
+    /// [`super::line_body`] with `VCVTNE2PS2BF16` (the same words, as in [`plane_native`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-BF16; `line` must hold 16 words, `row` at most
+    /// 32 floats.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn line_native(line: &mut [u32], row: &[f32]) {
+        assert!(line.len() == 16 && row.len() <= 32);
+        let n = row.len();
+        let mask = |m: usize| -> __mmask16 { if m >= 16 { !0 } else { (1u16 << m) - 1 } };
+        // SAFETY: the masked loads read the row's `n` floats only; the store writes `line`.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask(n), row.as_ptr());
+            let hi = _mm512_maskz_loadu_ps(mask(n.saturating_sub(16)), row.as_ptr().add(16.min(n)));
+            let v = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(
+                line.as_mut_ptr().cast(),
+                std::mem::transmute::<__m512bh, __m512i>(v),
+            );
         }
     }
 
@@ -460,9 +499,36 @@ struct Block<'a> {
     len_pad: usize,
     taps: &'a [usize],
     w: &'a ClWeights,
+    /// For each 32 positions of the block, which are wanted (bit `i`: position `32j + i`):
+    /// the kernels skip micro-blocks of only padding positions, whose results nobody reads
+    /// (the rows and planes past the output's extent: a twelfth of the work at 24³).
+    valid: Vec<u32>,
+}
+
+/// [`Block::valid`] for positions `q0..q0+len_pad` of the padded grid `p` whose outputs
+/// are those with coordinates below `od`.
+fn valid_bits(q0: usize, len_pad: usize, p: [usize; 3], od: [usize; 3]) -> Vec<u32> {
+    let mut bits = vec![0u32; len_pad / 32];
+    crate::cpu::correlate::output_runs(q0, len_pad, p, od, |r, n, _| {
+        for i in r..r + n {
+            bits[i / 32] |= 1 << (i % 32);
+        }
+    });
+    bits
 }
 
 impl Block<'_> {
+    /// Whether any of positions `nb..nb+n` (inside one group of 32) is wanted.
+    #[inline(always)]
+    fn wanted(&self, nb: usize, n: usize) -> bool {
+        let mask = if n == 32 {
+            !0
+        } else {
+            ((1u32 << n) - 1) << (nb % 32)
+        };
+        self.valid[nb / 32] & mask != 0
+    }
+
     fn check(&self, buf: &[f32]) {
         let max_off = self.taps.iter().copied().max().unwrap_or(0);
         assert!(self.len_pad.is_multiple_of(32) && self.taps.len() == self.w.taps);
@@ -470,6 +536,7 @@ impl Block<'_> {
             ((self.w.ncb - 1) * self.vp + self.q0 + max_off + self.len_pad) * 16 <= self.x.len()
         );
         assert!(buf.len() >= self.w.o_pad * self.len_pad);
+        assert!(self.valid.len() == self.len_pad / 32);
     }
 }
 
@@ -492,7 +559,9 @@ unsafe fn run_tiles<T: Tiles>(tiles: &mut T, block: &Block<'_>, buf: *mut f32) {
             let kc = kc0..(kc0 + KC_BLOCKS).min(ncb);
             for ob in 0..w.o_pad / 32 {
                 for nb in (0..block.len_pad).step_by(32) {
-                    micro(tiles, block, buf, kc.clone(), nb, ob);
+                    if block.wanted(nb, 32) {
+                        micro(tiles, block, buf, kc.clone(), nb, ob);
+                    }
                 }
             }
         }
@@ -589,6 +658,9 @@ mod vector {
 
     /// Every micro-block of `block`: channel chunks of [`KC_BLOCKS`] blocks outermost (as the
     /// AMX kernel), then blocks of 32 output channels, then up to `P` positions at a time.
+    /// Unlike the AMX tiles, the vectors need not run over zeros: a last output block with
+    /// 16 real channels or fewer runs one half, and a last input block only its real pairs
+    /// (a layer of 48 channels does 48 × 48 products per tap, not 64 × 64).
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX512-BF16; `block` must pass [`Block::check`]
@@ -602,24 +674,51 @@ mod vector {
             for kc0 in (0..w.ncb).step_by(KC_BLOCKS) {
                 let kc = kc0..(kc0 + KC_BLOCKS).min(w.ncb);
                 for ob in 0..w.o_pad / 32 {
-                    for nb in (0..block.len_pad).step_by(32) {
-                        micro::<P>(block, buf, kc.clone(), nb, ob);
-                        micro::<P>(block, buf, kc.clone(), nb + P, ob);
-                        micro::<{ 32 - 2 * P }>(block, buf, kc.clone(), nb + 2 * P, ob);
+                    if w.second_half(ob) {
+                        positions::<2>(block, buf, kc.clone(), ob);
+                    } else {
+                        positions::<1>(block, buf, kc.clone(), ob);
                     }
                 }
             }
         }
     }
 
-    /// Positions `nb..nb+N` × output channels `32·ob..32·ob+32` over the channel blocks
+    /// The wanted micro-blocks of `H` halves of output block `ob` over the block's positions.
+    ///
+    /// # Safety
+    /// As [`run`].
+    #[inline(always)]
+    unsafe fn positions<const H: usize>(
+        block: &Block<'_>,
+        buf: *mut f32,
+        kc: std::ops::Range<usize>,
+        ob: usize,
+    ) {
+        // SAFETY: forwarded (`nb + 32 <= len_pad`).
+        unsafe {
+            for nb in (0..block.len_pad).step_by(32) {
+                if block.wanted(nb, P) {
+                    micro::<P, H>(block, buf, kc.clone(), nb, ob);
+                }
+                if block.wanted(nb + P, P) {
+                    micro::<P, H>(block, buf, kc.clone(), nb + P, ob);
+                }
+                if block.wanted(nb + 2 * P, 32 - 2 * P) {
+                    micro::<{ 32 - 2 * P }, H>(block, buf, kc.clone(), nb + 2 * P, ob);
+                }
+            }
+        }
+    }
+
+    /// Positions `nb..nb+N` × output channels `32·ob..32·ob+16·H` over the channel blocks
     /// `kc` and every tap, the accumulators held in registers and resumed from `buf`
     /// (position-major, `O'` floats per position) after the first chunk.
     ///
     /// # Safety
     /// As [`run`], with `nb + N <= len_pad`, `ob < O'/32`, `kc` inside `0..C'/32`.
     #[inline(always)]
-    unsafe fn micro<const N: usize>(
+    unsafe fn micro<const N: usize, const H: usize>(
         block: &Block<'_>,
         buf: *mut f32,
         kc: std::ops::Range<usize>,
@@ -635,11 +734,12 @@ mod vector {
             let x = block.x.as_ptr().add((block.q0 + nb) * 16);
             let wdata = w.data.words().as_ptr();
             let c = buf.add(nb * o_pad + ob * 32);
-            let mut acc = [[_mm512_setzero_ps(); 2]; N];
+            let mut acc = [[_mm512_setzero_ps(); H]; N];
             if kc.start > 0 {
                 for (p, acc) in acc.iter_mut().enumerate() {
-                    acc[0] = _mm512_load_ps(c.add(p * o_pad));
-                    acc[1] = _mm512_load_ps(c.add(p * o_pad + 16));
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_load_ps(c.add(p * o_pad + 16 * h));
+                    }
                 }
             }
             for (t, off) in block.taps.iter().enumerate() {
@@ -648,20 +748,23 @@ mod vector {
                 for cb in kc.clone() {
                     let a = xt.add(cb * block.vp * 16);
                     let b = wt.add(cb * 512);
-                    for k in 0..16 {
-                        let w0 = _mm512_load_si512(b.add(k * 16).cast());
-                        let w1 = _mm512_load_si512(b.add(256 + k * 16).cast());
+                    for k in 0..w.pairs_in(cb) {
+                        let wv: [__m512i; H] = std::array::from_fn(|h| {
+                            _mm512_load_si512(b.add(256 * h + k * 16).cast())
+                        });
                         for (p, acc) in acc.iter_mut().enumerate() {
                             let ap = a.add(p * 16 + k);
-                            acc[0] = dot(acc[0], ap, w0);
-                            acc[1] = dot(acc[1], ap, w1);
+                            for (acc, wv) in acc.iter_mut().zip(&wv) {
+                                *acc = dot(*acc, ap, *wv);
+                            }
                         }
                     }
                 }
             }
             for (p, acc) in acc.iter().enumerate() {
-                _mm512_store_ps(c.add(p * o_pad), acc[0]);
-                _mm512_store_ps(c.add(p * o_pad + 16), acc[1]);
+                for (h, acc) in acc.iter().enumerate() {
+                    _mm512_store_ps(c.add(p * o_pad + 16 * h), *acc);
+                }
             }
         }
     }
@@ -743,6 +846,7 @@ pub(crate) fn correlate_sample(
             len_pad: len.next_multiple_of(32),
             taps: &taps,
             w,
+            valid: valid_bits(q0, len.next_multiple_of(32), p, od),
         };
         run_block(runner, &block, buf);
         // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
@@ -793,17 +897,23 @@ pub(crate) fn linear(
         let words = xp.words_mut();
         let (body, slack) = words.split_at_mut(ncb * t * 16);
         slack.fill(0);
+        #[cfg(target_arch = "x86_64")]
+        let native = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
         body.par_chunks_mut(t * 16)
             .enumerate()
             .for_each(|(cb, dst)| {
                 for (ti, line) in dst.chunks_exact_mut(16).enumerate() {
-                    let row = &x[ti * c..][..c];
-                    for (k, word) in line.iter_mut().enumerate() {
-                        let ci = cb * CB + 2 * k;
-                        let lo = row.get(ci).map_or(0, |v| to_bf16_bits(*v));
-                        let hi = row.get(ci + 1).map_or(0, |v| to_bf16_bits(*v));
-                        *word = lo | (hi << 16);
+                    // A token's 32 channels of the block, as bf16 in order, are its 16 pairs.
+                    let row = &x[ti * c..][..c][cb * CB..];
+                    let row = &row[..row.len().min(CB)];
+                    #[cfg(target_arch = "x86_64")]
+                    if native {
+                        // SAFETY: the CPU has the features.
+                        unsafe { avx512::line_native(line, row) };
+                        continue;
                     }
+                    line_body(line, row);
                 }
             });
     }
@@ -825,6 +935,12 @@ pub(crate) fn linear(
                 len_pad: len.next_multiple_of(32),
                 taps: &[0],
                 w: &packed,
+                valid: (0..len.div_ceil(32))
+                    .map(|j| match len - 32 * j {
+                        n @ 0..32 => (1u32 << n) - 1,
+                        _ => !0,
+                    })
+                    .collect(),
             };
             let buf = buf.floats_mut();
             run_block(runner, &block, buf);
@@ -834,6 +950,16 @@ pub(crate) fn linear(
         },
     );
     out
+}
+
+/// One line of pairs from up to 32 consecutive channels (zeros past them).
+#[inline(always)]
+fn line_body(line: &mut [u32], row: &[f32]) {
+    for (k, word) in line.iter_mut().enumerate() {
+        let lo = row.get(2 * k).map_or(0, |v| to_bf16_bits(*v));
+        let hi = row.get(2 * k + 1).map_or(0, |v| to_bf16_bits(*v));
+        *word = lo | (hi << 16);
+    }
 }
 
 /// Writes the valid positions of one position-major block (`buf[(q - q0)·o_pad + oc]`) to
@@ -924,6 +1050,8 @@ mod tests {
             (48, 40, [5, 9, 11]),
             (17, 64, [4, 6, 5]),
             (96, 32, [3, 5, 7]),
+            // One half block of outputs, a partial last block of inputs.
+            (40, 16, [4, 5, 6]),
             // Several blocks per sample, rows of more than 16 positions.
             (32, 32, [10, 20, 24]),
         ] {
@@ -1022,6 +1150,32 @@ mod tests {
                         eprintln!("skipping the VCVTNEPS2BF16 fill: no AVX512-BF16 here");
                     }
                 }
+            }
+        }
+    }
+
+    /// The `VCVTNE2PS2BF16` line makes the same words as the portable one.
+    #[test]
+    fn vector_line_matches_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Bf16Kernel::Avx512Bf16.check().is_err() {
+                eprintln!("skipping: no AVX512-BF16 here");
+                return;
+            }
+            let mut row = rand_vec(32, 17);
+            row[1] = f32::NAN;
+            row[2] = 1e-40;
+            row[3] = -1e-40;
+            row[4] = f32::NEG_INFINITY;
+            row[5] = -0.0;
+            row[20] = f32::MAX;
+            for n in [32, 31, 17, 16, 15, 1, 0] {
+                let (mut a, mut b) = (vec![7u32; 16], vec![9u32; 16]);
+                line_body(&mut a, &row[..n]);
+                // SAFETY: the CPU has the features (checked above).
+                unsafe { avx512::line_native(&mut b, &row[..n]) };
+                assert_eq!(a, b, "{n} channels");
             }
         }
     }

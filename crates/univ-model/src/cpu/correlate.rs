@@ -516,16 +516,18 @@ impl Bf16Conv {
                 dst,
                 cstride,
             ),
-            Bf16Conv::ChannelsLast { kernel, w, lines } => crate::cpu::channels_last::correlate_sample(
-                Runner::Kernel(*kernel),
-                lines.words(),
-                np,
-                w,
-                k,
-                bias,
-                dst,
-                cstride,
-            ),
+            Bf16Conv::ChannelsLast { kernel, w, lines } => {
+                crate::cpu::channels_last::correlate_sample(
+                    Runner::Kernel(*kernel),
+                    lines.words(),
+                    np,
+                    w,
+                    k,
+                    bias,
+                    dst,
+                    cstride,
+                )
+            }
         }
     }
 }

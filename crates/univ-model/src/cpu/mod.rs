@@ -4,10 +4,10 @@
 //! operations of [`crate::ops`] call these kernels on the storage of their tensors; nothing
 //! here knows about devices or gradients. Work is spread over rayon's pool.
 
-pub(crate) mod channels_last;
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod bias;
+pub(crate) mod channels_last;
 pub(crate) mod conv_transpose;
 pub(crate) mod correlate;
 pub(crate) mod elementwise;
