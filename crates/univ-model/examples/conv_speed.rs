@@ -1,7 +1,11 @@
 //! Throughput of the 3×3×3 convolution kernels (direct implicit GEMM and Winograd F(2,3)) on
 //! shapes of the full-size networks.
 //!
-//! `cargo run --release -p univ-model --example conv_speed`
+//! `cargo run --release -p univ-model --example conv_speed [-- --precision bf16 [--reps N]]`
+//!
+//! With `--precision bf16` it times the bf16 kernel that `univ` picks (or the one
+//! `UNIV_BF16_KERNEL` names) instead, against the machine's bf16 dot-product peak where it
+//! has AVX512-BF16 (the measured FMA peak times the `VDPBF16PS`/FMA ratio).
 
 use std::time::Instant;
 
@@ -9,6 +13,28 @@ use candle_core::{DType, Device, Tensor};
 use univ_model::ops::conv3d;
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let reps: usize = get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(2);
+    let bf16 = match get("--precision") {
+        Some(p) => {
+            let precision: univ_model::runtime::Precision = p.parse()?;
+            let kernel = univ_model::runtime::set_precision(precision)?;
+            if precision == univ_model::runtime::Precision::Bf16 && kernel.is_none() {
+                anyhow::bail!(
+                    "no bf16 kernel is chosen here ({}); UNIV_BF16_KERNEL forces one",
+                    univ_model::runtime::bf16_fallback_reason()
+                );
+            }
+            kernel
+        }
+        None => None,
+    };
     let dev = Device::Cpu;
     for (c, o, s) in [
         (64usize, 64usize, 96usize),
@@ -24,11 +50,16 @@ fn main() -> anyhow::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (1, c, s, s, s), &dev)?;
         let w = (Tensor::randn(0f32, 1.0, (o, c, 3, 3, 3), &dev)? * 0.05)?;
         let gflop = 2.0 * (o * c * 27 * s * s * s) as f64 / 1e9;
-        // The direct implicit GEMM, then Winograd F(2,3), each after a warm-up run.
-        for (name, winograd) in [("direct", false), ("winograd", true)] {
+        // The direct implicit GEMM, then Winograd F(2,3), each after a warm-up run (in bf16:
+        // the bf16 kernel alone).
+        let modes: &[(&str, bool)] = if bf16.is_some() {
+            &[("bf16", false)]
+        } else {
+            &[("direct", false), ("winograd", true)]
+        };
+        for &(name, winograd) in modes {
             univ_model::runtime::set_winograd(winograd);
             let _ = conv3d(&x, &w, [1; 3])?;
-            let reps = 2;
             let t = Instant::now();
             for _ in 0..reps {
                 let y = conv3d(&x, &w, [1; 3])?;
