@@ -20,7 +20,11 @@
 //!   [`crate::cpu::channels_last`], whose input tiles are contiguous (1.3–3.3× faster on the U-Net's layer shapes, measured on
 //!   an AMX Xeon).
 //! - [`Bf16Kernel::Avx512Bf16`]: `VDPBF16PS` on 512-bit vectors, 8 output channels × 32
-//!   positions per micro-kernel, the weight pair broadcast.
+//!   positions per micro-kernel, the weight pair broadcast, for the 1×1×1 products; the
+//!   3×3×3 convolutions and `Linear` layers run it in the channels-last layout too (12
+//!   positions × 32 output channels, the input pair broadcast). It is chosen by itself only
+//!   where a probe finds `VDPBF16PS` twice as productive as the f32 FMA (AMD Zen 4), see
+//!   [`best_bf16_kernel`].
 //! - [`Bf16Kernel::Reference`]: the same arithmetic in portable code (slow; it checks the
 //!   others and lets any machine reproduce bf16 results).
 //!

@@ -1,4 +1,4 @@
-//! The AMX convolution in a channels-last pair layout.
+//! The bf16 convolution (AMX and AVX512-BF16) in a channels-last pair layout.
 //!
 //! [`crate::cpu::bf16`]'s kernels read the input as planes of channel pairs, so one tile of
 //! input is 16 pair rows that lie a whole padded volume apart and, for two of every three
@@ -14,9 +14,9 @@
 //!
 //! The AVX512-BF16 kernel ([`Bf16Kernel::Avx512Bf16`](super::bf16::Bf16Kernel)) reads the
 //! same layout: one input pair broadcast from a position's line against the 16 output
-//! channels of a weight-tile row, 8 positions × 32 output channels in 16 vector accumulators
-//! (`VDPBF16PS` with a broadcast memory operand; the broadcast never straddles a line, unlike
-//! the plane layout's unaligned vector loads).
+//! channels of a weight-tile row, 12 positions × 32 output channels in 24 vector accumulators
+//! (8 × 48 where the channel count asks), `VDPBF16PS` after a broadcast that never straddles
+//! a line, unlike the plane layout's unaligned vector loads.
 
 use rayon::prelude::*;
 
@@ -39,38 +39,72 @@ struct Line([u32; 16]);
 /// A buffer of words that starts on a cache line (the kernel's tile rows are 64-byte lines:
 /// unaligned, every row would straddle two).
 #[derive(Default)]
-pub(crate) struct Lines(Vec<Line>);
+pub(crate) struct Lines {
+    /// Every line ever grown into (initialised: zeros at first).
+    buf: Vec<Line>,
+    /// The lines in use.
+    len: usize,
+}
 
 impl Lines {
-    /// `n` words (`n` a multiple of 16), zeros where the buffer grows (a buffer too small is
-    /// replaced, not copied).
+    /// `n` words in use (`n` a multiple of 16). A buffer too small is replaced by zeros (not
+    /// copied); otherwise the words keep whatever they held, so callers that need zeros
+    /// write them (every caller here writes every word it reads, but for [`pack_with`]'s
+    /// fresh buffer).
     fn resize(&mut self, n: usize) {
         debug_assert!(n.is_multiple_of(16));
         let lines = n / 16;
-        if lines > self.0.capacity() {
-            self.0 = Vec::with_capacity(lines);
+        if lines > self.buf.len() {
+            self.buf = Vec::new();
+            self.buf.resize(lines, Line([0; 16]));
         }
-        self.0.resize(lines, Line([0; 16]));
+        self.len = lines;
     }
 
     /// The words.
     pub(crate) fn words(&self) -> &[u32] {
+        let lines = &self.buf[..self.len];
         // SAFETY: `Line` is 16 `u32` without padding (`repr(C)`, 64 bytes).
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * 16) }
     }
 
     /// The words, mutably.
     fn words_mut(&mut self) -> &mut [u32] {
+        let lines = &mut self.buf[..self.len];
         // SAFETY: as in `words`.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+        unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * 16) }
     }
 
     /// The words as `f32` (the kernel's accumulators), mutably.
     fn floats_mut(&mut self) -> &mut [f32] {
+        let lines = &mut self.buf[..self.len];
         // SAFETY: as in `words`; every bit pattern is a valid `f32`.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+        unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * 16) }
+    }
+
+    /// The input buffer left by the last convolution (or a new one): reusing it spares
+    /// clearing (and on a fresh allocation, faulting in) a buffer of up to a slab's size for
+    /// every convolution.
+    pub(crate) fn take_spare() -> Lines {
+        SPARE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Keeps `self` for [`Lines::take_spare`] if it is the largest buffer seen since the
+    /// spare was last taken (one is kept: at inference one convolution runs at a time).
+    pub(crate) fn give_back(self) {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.as_ref().is_none_or(|s| s.buf.len() < self.buf.len()) {
+            *spare = Some(self);
+        }
     }
 }
+
+/// See [`Lines::take_spare`].
+static SPARE: std::sync::Mutex<Option<Lines>> = std::sync::Mutex::new(None);
 
 /// Blocks of 32 channels per chunk of the kernel's reduction. Within a chunk, output channels
 /// outside positions: one block of 32 output channels' weights for a chunk (27 taps × 4 KB)
@@ -98,12 +132,6 @@ impl ClWeights {
     #[inline(always)]
     fn pairs_in(&self, cb: usize) -> usize {
         (self.c - cb * CB).div_ceil(2).min(16)
-    }
-
-    /// Whether output block `ob` (32 channels) has real channels in its second half.
-    #[inline(always)]
-    fn second_half(&self, ob: usize) -> bool {
-        self.o > 32 * ob + 16
     }
 }
 
@@ -636,11 +664,6 @@ mod vector {
     use super::{Block, KC_BLOCKS};
     use std::arch::x86_64::*;
 
-    /// Positions per micro-kernel (each with 32 output channels in two registers): 24
-    /// accumulators, two weight registers and the broadcast of 32. Blocks of 32 positions
-    /// run as 12 + 12 + 8.
-    const P: usize = 12;
-
     /// `acc + lo(a)·lo(b) + hi(a)·hi(b)` lane by lane, `a` one pair broadcast from memory.
     #[inline(always)]
     unsafe fn dot(acc: __m512, a: *const u32, b: __m512i) -> __m512 {
@@ -657,10 +680,14 @@ mod vector {
     }
 
     /// Every micro-block of `block`: channel chunks of [`KC_BLOCKS`] blocks outermost (as the
-    /// AMX kernel), then blocks of 32 output channels, then up to `P` positions at a time.
-    /// Unlike the AMX tiles, the vectors need not run over zeros: a last output block with
-    /// 16 real channels or fewer runs one half, and a last input block only its real pairs
-    /// (a layer of 48 channels does 48 × 48 products per tap, not 64 × 64).
+    /// AMX kernel), then groups of output channels, then a few positions at a time, the
+    /// accumulators in registers over every tap and the chunk's channels. Output channels go
+    /// 16 at a time ("halves" of the weights' 32-channel blocks), two per group (12 positions
+    /// × 2 = 24 accumulators), but where their count is odd the last three form one group
+    /// (8 positions × 3: a 48-channel layer loads 3 weight vectors and 8 inputs per 24
+    /// products, not 2 + 12 per 24 and 1 + 12 per 12) and a single one runs alone (16 × 1).
+    /// Unlike the AMX tiles, the vectors need not run over zeros: a last input block only
+    /// runs its real pairs (a 48-channel layer does 48 × 48 products per tap, not 64 × 64).
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX512-BF16; `block` must pass [`Block::check`]
@@ -668,72 +695,88 @@ mod vector {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn run(block: &Block<'_>, buf: *mut f32) {
         let w = block.w;
+        let halves = w.o.div_ceil(16);
+        let pairs_end = if halves % 2 == 1 && halves >= 3 {
+            halves - 3
+        } else {
+            halves - halves % 2
+        };
         // SAFETY: every micro-block lies inside the extents checked by `Block::check`
-        // (`len_pad` is a multiple of 32, cut as 12 + 12 + 8).
+        // (`len_pad` is a multiple of 32, cut as 12 + 12 + 8, 8 × 4 or 16 × 2; every half
+        // below `O'/16`).
         unsafe {
             for kc0 in (0..w.ncb).step_by(KC_BLOCKS) {
                 let kc = kc0..(kc0 + KC_BLOCKS).min(w.ncb);
-                for ob in 0..w.o_pad / 32 {
-                    if w.second_half(ob) {
-                        positions::<2>(block, buf, kc.clone(), ob);
-                    } else {
-                        positions::<1>(block, buf, kc.clone(), ob);
+                for g in (0..pairs_end).step_by(2) {
+                    for nb in (0..block.len_pad).step_by(32) {
+                        micro_if::<12, 2>(block, buf, &kc, nb, g);
+                        micro_if::<12, 2>(block, buf, &kc, nb + 12, g);
+                        micro_if::<8, 2>(block, buf, &kc, nb + 24, g);
                     }
                 }
+                match halves - pairs_end {
+                    3 => {
+                        for nb in (0..block.len_pad).step_by(8) {
+                            micro_if::<8, 3>(block, buf, &kc, nb, pairs_end);
+                        }
+                    }
+                    1 => {
+                        for nb in (0..block.len_pad).step_by(16) {
+                            micro_if::<16, 1>(block, buf, &kc, nb, pairs_end);
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
     }
 
-    /// The wanted micro-blocks of `H` halves of output block `ob` over the block's positions.
+    /// [`micro`] where any of its positions is wanted.
     ///
     /// # Safety
-    /// As [`run`].
+    /// As [`micro`].
     #[inline(always)]
-    unsafe fn positions<const H: usize>(
+    unsafe fn micro_if<const N: usize, const H: usize>(
         block: &Block<'_>,
         buf: *mut f32,
-        kc: std::ops::Range<usize>,
-        ob: usize,
+        kc: &std::ops::Range<usize>,
+        nb: usize,
+        g: usize,
     ) {
-        // SAFETY: forwarded (`nb + 32 <= len_pad`).
-        unsafe {
-            for nb in (0..block.len_pad).step_by(32) {
-                if block.wanted(nb, P) {
-                    micro::<P, H>(block, buf, kc.clone(), nb, ob);
-                }
-                if block.wanted(nb + P, P) {
-                    micro::<P, H>(block, buf, kc.clone(), nb + P, ob);
-                }
-                if block.wanted(nb + 2 * P, 32 - 2 * P) {
-                    micro::<{ 32 - 2 * P }, H>(block, buf, kc.clone(), nb + 2 * P, ob);
-                }
-            }
+        if block.wanted(nb, N) {
+            // SAFETY: forwarded.
+            unsafe { micro::<N, H>(block, buf, kc.clone(), nb, g) }
         }
     }
 
-    /// Positions `nb..nb+N` × output channels `32·ob..32·ob+16·H` over the channel blocks
-    /// `kc` and every tap, the accumulators held in registers and resumed from `buf`
+    /// Positions `nb..nb+N` × output channels `16·g..16·(g+H)` over the channel blocks `kc`
+    /// and every tap, the accumulators held in registers and resumed from `buf`
     /// (position-major, `O'` floats per position) after the first chunk.
     ///
     /// # Safety
-    /// As [`run`], with `nb + N <= len_pad`, `ob < O'/32`, `kc` inside `0..C'/32`.
+    /// As [`run`], with `nb + N <= len_pad`, `g + H <= O'/16`, `kc` inside `0..C'/32`.
     #[inline(always)]
     unsafe fn micro<const N: usize, const H: usize>(
         block: &Block<'_>,
         buf: *mut f32,
         kc: std::ops::Range<usize>,
         nb: usize,
-        ob: usize,
+        g: usize,
     ) {
         let w = block.w;
         let (taps, ncb, o_pad) = (block.taps.len(), w.ncb, w.o_pad);
+        // Half `g + h` is half `(g + h) % 2` of output block `(g + h) / 2`.
+        let half_off: [usize; H] = std::array::from_fn(|h| {
+            let (ob, hh) = ((g + h) / 2, (g + h) % 2);
+            ob * taps * ncb * 512 + hh * 256
+        });
         // SAFETY: every address stays inside the extents checked by `Block::check`
         // (positions below `q0 + max_off + len_pad`, channel blocks below `C'/32`, weight
         // blocks below `O'/32`).
         unsafe {
             let x = block.x.as_ptr().add((block.q0 + nb) * 16);
             let wdata = w.data.words().as_ptr();
-            let c = buf.add(nb * o_pad + ob * 32);
+            let c = buf.add(nb * o_pad + g * 16);
             let mut acc = [[_mm512_setzero_ps(); H]; N];
             if kc.start > 0 {
                 for (p, acc) in acc.iter_mut().enumerate() {
@@ -743,14 +786,13 @@ mod vector {
                 }
             }
             for (t, off) in block.taps.iter().enumerate() {
-                let wt = wdata.add((ob * taps + t) * ncb * 512);
                 let xt = x.add(off * 16);
                 for cb in kc.clone() {
                     let a = xt.add(cb * block.vp * 16);
-                    let b = wt.add(cb * 512);
+                    let b = wdata.add((t * ncb + cb) * 512);
                     for k in 0..w.pairs_in(cb) {
                         let wv: [__m512i; H] = std::array::from_fn(|h| {
-                            _mm512_load_si512(b.add(256 * h + k * 16).cast())
+                            _mm512_load_si512(b.add(half_off[h] + k * 16).cast())
                         });
                         for (p, acc) in acc.iter_mut().enumerate() {
                             let ap = a.add(p * 16 + k);
@@ -1052,6 +1094,9 @@ mod tests {
             (96, 32, [3, 5, 7]),
             // One half block of outputs, a partial last block of inputs.
             (40, 16, [4, 5, 6]),
+            // Three halves of outputs in one group (the Swin UNETR's 48 channels).
+            (48, 48, [5, 6, 7]),
+            (80, 80, [3, 4, 5]),
             // Several blocks per sample, rows of more than 16 positions.
             (32, 32, [10, 20, 24]),
         ] {

@@ -451,6 +451,14 @@ enum Bf16Conv {
     },
 }
 
+impl Drop for Bf16Conv {
+    fn drop(&mut self) {
+        if let Bf16Conv::ChannelsLast { lines, .. } = self {
+            std::mem::take(lines).give_back();
+        }
+    }
+}
+
 impl Bf16Conv {
     /// Packs `weights` for `kernel`.
     fn new(
@@ -469,7 +477,7 @@ impl Bf16Conv {
             Bf16Conv::ChannelsLast {
                 kernel,
                 w,
-                lines: Default::default(),
+                lines: channels_last::Lines::take_spare(),
             }
         } else {
             let w = crate::cpu::bf16::pack_weights(&weights.packed(o, c, taps), taps, o, c);
