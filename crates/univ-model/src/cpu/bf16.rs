@@ -198,8 +198,8 @@ fn amx_state() -> &'static std::result::Result<(), String> {
 
 /// The bf16 kernel that `--precision bf16` uses on this machine, if one runs faster than the
 /// f32 convolutions: AMX where the CPU has it and Linux grants it; else AVX512-BF16 where
-/// one `VDPBF16PS` costs no more than one f32 FMA ([`avx512bf16_pays`]). That holds on AMD
-/// Zen 4 (an EPYC with AVX512-BF16 ran the U-Net window 1.4× faster in bf16 than in f32) but
+/// one `VDPBF16PS` costs no more than one f32 FMA ([`avx512bf16_speedup`] at least 1.5).
+/// That holds on AMD Zen 4 (an EPYC with AVX512-BF16 ran the U-Net window 1.4× faster in bf16 than in f32) but
 /// not on Intel cores, whose one `VDPBF16PS` port does the work of their two FMA ports (a
 /// 2-core AMX Xeon took 11.4 s in bf16 on the vector kernel against 4.9 s in f32, whose
 /// Winograd transform beats it there).

@@ -854,9 +854,9 @@ pub(crate) fn uses_cl(runner: Runner) -> bool {
     }
 }
 
-/// The stride-1 correlation of one padded block of planes in bf16 on a channels-last kernel (AMX or AVX512-BF16): `xp` is
-/// the block in the layout of [`pad_pairs_cl`], `p` its padded extent; output channel `o`
-/// starts at `out[o · cstride]` (plus the bias).
+/// The stride-1 correlation of one padded block of planes in bf16 on a channels-last kernel
+/// (AMX or AVX512-BF16): `xp` is the block in the layout of [`pad_pairs_cl`], `p` its padded
+/// extent; output channel `o` starts at `out[o · cstride]` (plus the bias).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn correlate_sample(
     runner: Runner,
