@@ -3,10 +3,12 @@
 //! architecture), achieved GFLOP/s, and the machine's measured FMA peak for comparison.
 //!
 //! `cargo run --release -p univ-model --example bench_window [-- --size 96 --reps 2 --only unet
-//! --slab-mb 96 --winograd off --precision bf16 --profile]`
+//! --slab-mb 96 --winograd off --precision bf16 --profile --weights DIR]`
 //!
 //! With `UNIV_SAVE_RANDOM_MODELS=DIR` the random weights, the input and the f32 logits are saved
-//! in `DIR` (for `docs/benchmarks/cpu_anchors.py`, which runs PyTorch and OpenVINO on them).
+//! in `DIR` (for `docs/benchmarks/cpu_anchors.py`, which runs PyTorch and OpenVINO on them);
+//! `--weights DIR` times those weights on that input again (so that accuracy figures compare
+//! with the anchors' on the same model).
 //!
 //! With `--precision bf16` (the kernel chosen as `univ` chooses it; `UNIV_BF16_KERNEL` forces
 //! one) the window is also run once in f32 on the same weights and input, and the largest
@@ -223,6 +225,7 @@ fn fma_peak() -> f64 {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench(
     name: &str,
     cfg: UniversalConfig,
@@ -231,7 +234,30 @@ fn bench(
     reps: usize,
     peak: f64,
     profiling: bool,
+    weights: Option<&str>,
 ) -> anyhow::Result<()> {
+    if let Some(dir) = weights {
+        // The weights and input saved by an earlier run (the ones `cpu_anchors.py` runs).
+        let key = cfg.backbone.name();
+        let dir = std::path::Path::new(dir);
+        let tensors = candle_core::safetensors::load(
+            dir.join(format!("random_{key}.safetensors")),
+            &Device::Cpu,
+        )?;
+        let input = candle_core::safetensors::load(
+            dir.join(format!("input_{key}_{size}.safetensors")),
+            &Device::Cpu,
+        )?;
+        let x = input
+            .get("input")
+            .ok_or_else(|| anyhow::anyhow!("no tensor `input` in {}", dir.display()))?
+            .clone();
+        let model = UniversalModel::new(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            cfg,
+        )?;
+        return time_model(name, &model, &x, macs, reps, peak, profiling);
+    }
     // Random weights, then plain tensors (as from a checkpoint: no autograd tracking).
     let varmap = VarMap::new();
     UniversalModel::new(
@@ -273,6 +299,21 @@ fn bench(
         candle_core::safetensors::save(&[("logits", logits)].into_iter().collect(), &out)?;
         println!("saved {} and {}", input.display(), out.display());
     }
+    time_model(name, &model, &x, macs, reps, peak, profiling)
+}
+
+/// Times `model` on `x` and prints the figures (see the module's documentation).
+fn time_model(
+    name: &str,
+    model: &UniversalModel,
+    x: &Tensor,
+    macs: u64,
+    reps: usize,
+    peak: f64,
+    profiling: bool,
+) -> anyhow::Result<()> {
+    let x = x.clone();
+    let size = x.dim(4)?;
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let mut times = Vec::new();
@@ -353,6 +394,8 @@ fn main() -> anyhow::Result<()> {
     let size: usize = get("--size").map(|v| v.parse()).transpose()?.unwrap_or(96);
     let reps: usize = get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(2);
     let only = get("--only");
+    // `--weights DIR`: the weights and input an earlier run saved (UNIV_SAVE_RANDOM_MODELS).
+    let weights = get("--weights");
     // `--profile` times one more window stage by stage.
     let profiling = args.iter().any(|a| a == "--profile");
     univ_model::runtime::set_profiling(profiling);
@@ -395,6 +438,7 @@ fn main() -> anyhow::Result<()> {
             reps,
             peak,
             profiling,
+            weights.as_deref(),
         )?;
     }
     if only.as_deref().is_none_or(|o| o == "swin") {
@@ -410,6 +454,7 @@ fn main() -> anyhow::Result<()> {
             reps,
             peak,
             profiling,
+            weights.as_deref(),
         )?;
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! Throughput of the 3×3×3 convolution kernels (direct implicit GEMM and Winograd F(2,3)) on
 //! shapes of the full-size networks.
 //!
-//! `cargo run --release -p univ-model --example conv_speed [-- --precision bf16 [--reps N]]`
+//! `cargo run --release -p univ-model --example conv_speed [-- --precision bf16] [--reps N]
+//! [--shape I] [--profile]`: `--shape` runs the I-th shape of the list alone, `--profile`
+//! prints the time of each stage (stages inside parallel work count thread-seconds).
 //!
 //! With `--precision bf16` it times the bf16 kernel that `univ` picks (or the one
 //! `UNIV_BF16_KERNEL` names) instead, against the machine's bf16 dot-product peak where it
@@ -35,6 +37,9 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let profile = args.iter().any(|a| a == "--profile");
+    univ_model::runtime::set_profiling(profile);
+    let only: Option<usize> = get("--shape").map(|v| v.parse()).transpose()?;
     let dev = Device::Cpu;
     for (c, o, s) in [
         (64usize, 64usize, 96usize),
@@ -46,20 +51,26 @@ fn main() -> anyhow::Result<()> {
         (768, 256, 24),
         (256, 512, 12),
         (512, 512, 12),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    .filter(|(i, _)| only.is_none_or(|o| o == *i))
+    .map(|(_, shape)| shape)
+    {
         let x = Tensor::randn(0f32, 1.0, (1, c, s, s, s), &dev)?;
         let w = (Tensor::randn(0f32, 1.0, (o, c, 3, 3, 3), &dev)? * 0.05)?;
         let gflop = 2.0 * (o * c * 27 * s * s * s) as f64 / 1e9;
-        // The direct implicit GEMM, then Winograd F(2,3), each after a warm-up run (in bf16:
-        // the bf16 kernel alone).
+        // The direct implicit GEMM, then Winograd F(2,3) where it applies, each after a
+        // warm-up run (in bf16: the bf16 kernel's direct and Winograd paths).
         let modes: &[(&str, bool)] = if bf16.is_some() {
-            &[("bf16", false)]
+            &[("bf16", false), ("bf16 win", true)]
         } else {
             &[("direct", false), ("winograd", true)]
         };
         for &(name, winograd) in modes {
             univ_model::runtime::set_winograd(winograd);
             let _ = conv3d(&x, &w, [1; 3])?;
+            univ_model::runtime::reset_profile();
             let t = Instant::now();
             for _ in 0..reps {
                 let y = conv3d(&x, &w, [1; 3])?;
@@ -71,6 +82,14 @@ fn main() -> anyhow::Result<()> {
                  (direct count), {:6.1} GFLOP/s equivalent",
                 gflop / secs
             );
+            if profile {
+                for (stage, s, n) in univ_model::runtime::profile() {
+                    println!(
+                        "    {stage:<40} {:8.3} s per run ({n} calls)",
+                        s / reps as f64
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -20,6 +20,8 @@
 
 use rayon::prelude::*;
 
+pub(crate) mod winograd;
+
 use super::bf16::{Runner, TileConfig, Tiles, to_bf16_bits};
 use crate::cpu::OutPtr;
 use crate::cpu::correlate::Geometry;
@@ -531,6 +533,11 @@ struct Block<'a> {
     /// the kernels skip micro-blocks of only padding positions, whose results nobody reads
     /// (the rows and planes past the output's extent: a twelfth of the work at 24³).
     valid: Vec<u32>,
+    /// Channel blocks per chunk of the AVX512-BF16 kernel's reduction ([`KC_BLOCKS`] for
+    /// the 27-tap correlation; every block for a 1-tap product, whose accumulators would
+    /// otherwise go to memory and back after every 32 pairs). The AMX kernel keeps
+    /// [`KC_BLOCKS`].
+    kc_blocks: usize,
 }
 
 /// [`Block::valid`] for positions `q0..q0+len_pad` of the padded grid `p` whose outputs
@@ -661,7 +668,7 @@ unsafe fn micro<T: Tiles>(
 /// The AVX512-BF16 kernel on the channels-last layout.
 #[cfg(target_arch = "x86_64")]
 mod vector {
-    use super::{Block, KC_BLOCKS};
+    use super::Block;
     use std::arch::x86_64::*;
 
     /// `acc + lo(a)·lo(b) + hi(a)·hi(b)` lane by lane, `a` one pair broadcast from memory.
@@ -679,7 +686,7 @@ mod vector {
         }
     }
 
-    /// Every micro-block of `block`: channel chunks of [`KC_BLOCKS`] blocks outermost (as the
+    /// Every micro-block of `block`: channel chunks of [`Block::kc_blocks`] blocks outermost (as the
     /// AMX kernel), then groups of output channels, then a few positions at a time, the
     /// accumulators in registers over every tap and the chunk's channels. Output channels go
     /// 16 at a time ("halves" of the weights' 32-channel blocks), two per group (12 positions
@@ -705,8 +712,9 @@ mod vector {
         // (`len_pad` is a multiple of 32, cut as 12 + 12 + 8, 8 × 4 or 16 × 2; every half
         // below `O'/16`).
         unsafe {
-            for kc0 in (0..w.ncb).step_by(KC_BLOCKS) {
-                let kc = kc0..(kc0 + KC_BLOCKS).min(w.ncb);
+            let step = block.kc_blocks.max(1);
+            for kc0 in (0..w.ncb).step_by(step) {
+                let kc = kc0..(kc0 + step).min(w.ncb);
                 for g in (0..pairs_end).step_by(2) {
                     for nb in (0..block.len_pad).step_by(32) {
                         micro_if::<12, 2>(block, buf, &kc, nb, g);
@@ -889,6 +897,7 @@ pub(crate) fn correlate_sample(
             taps: &taps,
             w,
             valid: valid_bits(q0, len.next_multiple_of(32), p, od),
+            kc_blocks: KC_BLOCKS,
         };
         run_block(runner, &block, buf);
         // SAFETY: blocks cover disjoint output positions, all inside `out` (checked).
@@ -983,6 +992,7 @@ pub(crate) fn linear(
                         _ => !0,
                     })
                     .collect(),
+                kc_blocks: ncb,
             };
             let buf = buf.floats_mut();
             run_block(runner, &block, buf);
@@ -1039,6 +1049,31 @@ unsafe fn scatter(
     });
 }
 
+/// One run of output positions (`rows`, `o_pad` floats each) to output channels `0..o` at
+/// `dst + oc·cstride`, plus the bias: [`scatter_run`] on AVX-512 where the CPU has it.
+///
+/// # Safety
+/// As [`scatter_run`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn scatter_rows(
+    rows: &[f32],
+    o_pad: usize,
+    n: usize,
+    o: usize,
+    bias: Option<&[f32]>,
+    dst: *mut f32,
+    cstride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the rest is the caller's.
+        unsafe { avx512::scatter_run(rows, o_pad, n, o, bias, dst, cstride) };
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe { scatter_run(rows, o_pad, n, o, bias, dst, cstride) };
+}
+
 /// One run of [`scatter`]: `n` positions (`rows`, `o_pad` floats each) to output channels
 /// `0..o` at `dst + oc·cstride`.
 ///
@@ -1070,7 +1105,7 @@ mod tests {
     use crate::cpu::bf16::{self, Bf16Kernel};
     use crate::cpu::correlate::{pack_weights as pack_f32, pad_sample};
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

@@ -376,14 +376,14 @@ pub(crate) fn correlate_chunked(
     let per_plane = (c * p[1] * p[2] * 4).max(1);
     let budget = SLAB_BYTES.load(Ordering::Relaxed);
     let planes = (budget / per_plane).max(k[0] + 1);
-    let step = (planes + 1 - k[0]).clamp(1, od[0]);
+    let mut step = (planes + 1 - k[0]).clamp(1, od[0]);
     let mut slab = Vec::new();
     // The bf16 kernel's packed weights, or Winograd's transformed ones, made once for all
     // slabs.
     let taps = k[0] * k[1] * k[2];
     let timer = crate::runtime::stage("conv/pack weights");
     let active = crate::cpu::bf16::active_bf16_kernel().filter(|_| crate::cpu::bf16::applies(c, o));
-    let mut bf16 = active.map(|kernel| Bf16Conv::new(kernel, weights, taps, o, c));
+    let mut bf16 = active.map(|kernel| Bf16Conv::new(kernel, weights, k, o, c, od));
     // The f32 packing, unless a bf16 kernel runs.
     let wp = match bf16 {
         Some(_) => std::borrow::Cow::Borrowed(&[][..]),
@@ -393,6 +393,10 @@ pub(crate) fn correlate_chunked(
     let winograd = (bf16.is_none() && crate::cpu::winograd::applies(k, c, o, od))
         .then(|| crate::cpu::winograd::transform_weights(wp, o, c));
     drop(timer);
+    if matches!(bf16, Some(Bf16Conv::Winograd { .. })) && step > 1 {
+        // Whole tiles of 2 planes in every slab but the last.
+        step -= step % 2;
+    }
     for oz0 in (0..od[0]).step_by(step) {
         let t = step.min(od[0] - oz0);
         let np = t + k[0] - 1;
@@ -449,11 +453,17 @@ enum Bf16Conv {
         w: crate::cpu::channels_last::ClWeights,
         lines: crate::cpu::channels_last::Lines,
     },
+    /// Winograd F(2,3) on the channels-last kernel (same input layout).
+    Winograd {
+        kernel: crate::cpu::bf16::Bf16Kernel,
+        w: crate::cpu::channels_last::winograd::WinoWeights,
+        lines: crate::cpu::channels_last::Lines,
+    },
 }
 
 impl Drop for Bf16Conv {
     fn drop(&mut self) {
-        if let Bf16Conv::ChannelsLast { lines, .. } = self {
+        if let Bf16Conv::ChannelsLast { lines, .. } | Bf16Conv::Winograd { lines, .. } = self {
             std::mem::take(lines).give_back();
         }
     }
@@ -464,11 +474,20 @@ impl Bf16Conv {
     fn new(
         kernel: crate::cpu::bf16::Bf16Kernel,
         weights: ConvWeights<'_>,
-        taps: usize,
+        k: [usize; 3],
         o: usize,
         c: usize,
+        od: [usize; 3],
     ) -> Self {
         use crate::cpu::channels_last;
+        let taps = k[0] * k[1] * k[2];
+        if channels_last::winograd::applies(kernel, k, c, o, od) {
+            return Bf16Conv::Winograd {
+                kernel,
+                w: channels_last::winograd::pack_weights(weights, o, c),
+                lines: channels_last::Lines::take_spare(),
+            };
+        }
         if channels_last::uses_cl(crate::cpu::bf16::Runner::Kernel(kernel)) {
             let w = match weights {
                 ConvWeights::Raw(w) => channels_last::pack_raw_weights_cl(w, taps, o, c),
@@ -497,6 +516,10 @@ impl Bf16Conv {
                 c_pad: w.c_pad(),
             },
             Bf16Conv::ChannelsLast { w, lines, .. } => PadDst::PairsCl {
+                dst: lines,
+                c_pad: w.c_pad(),
+            },
+            Bf16Conv::Winograd { w, lines, .. } => PadDst::PairsCl {
                 dst: lines,
                 c_pad: w.c_pad(),
             },
@@ -531,6 +554,17 @@ impl Bf16Conv {
                     np,
                     w,
                     k,
+                    bias,
+                    dst,
+                    cstride,
+                )
+            }
+            Bf16Conv::Winograd { kernel, w, lines } => {
+                crate::cpu::channels_last::winograd::correlate_sample(
+                    Runner::Kernel(*kernel),
+                    lines.words(),
+                    np,
+                    w,
                     bias,
                     dst,
                     cstride,

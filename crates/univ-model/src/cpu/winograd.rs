@@ -19,10 +19,16 @@ use crate::cpu::{OutPtr, matmul};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Turns the Winograd path of 3×3×3 convolutions on or off (on by default; process-wide), for
-/// benchmarks and parity tests that compare it with the direct implicit GEMM.
+/// Turns the Winograd paths of 3×3×3 convolutions (f32, and bf16 on AVX512-BF16) on or off
+/// (on by default; process-wide), for benchmarks and parity tests that compare them with the
+/// direct implicit GEMM.
 pub fn set_winograd(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_winograd`] left the Winograd paths on.
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
 }
 
 /// Whether a stride-1 correlation with kernel `k`, `c` input and `o` output channels and an
