@@ -1034,18 +1034,10 @@ unsafe fn scatter(
     dst: OutPtr,
     cstride: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    let vector = std::arch::is_x86_feature_detected!("avx512f");
     crate::cpu::correlate::output_runs(q0, len, p, od, |r, n, base| {
         let rows = &buf[r * o_pad..][..n * o_pad];
-        #[cfg(target_arch = "x86_64")]
-        if vector {
-            // SAFETY: the CPU has AVX-512F; the run's outputs are the caller's to write.
-            unsafe { avx512::scatter_run(rows, o_pad, n, o, bias, dst.get().add(base), cstride) };
-            return;
-        }
-        // SAFETY: as above.
-        unsafe { scatter_run(rows, o_pad, n, o, bias, dst.get().add(base), cstride) };
+        // SAFETY: the run's outputs are the caller's to write.
+        unsafe { scatter_rows(rows, o_pad, n, o, bias, dst.get().add(base), cstride) };
     });
 }
 
