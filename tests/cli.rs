@@ -376,6 +376,19 @@ fn bf16_stays_near_f32_falls_back_with_a_warning_and_fast_is_a_preset() {
     let report = read_json(seg.join("report.json"));
     assert_eq!(report["settings"]["precision"], "bf16", "{report}");
     assert_eq!(report["settings"]["bf16_kernel"], "reference", "{report}");
+    assert_eq!(report["settings"]["winograd"], true, "{report}");
+
+    // `--winograd off` is recorded too, and a bad value is refused by name.
+    let direct = dir.path().join("direct");
+    let o = segment_small(&ct, &direct, &["--precision", "bf16", "--winograd", "off"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        read_json(direct.join("report.json"))["settings"]["winograd"],
+        false
+    );
+    let o = segment_small(&ct, &direct, &["--winograd", "maybe", "--overwrite"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("--winograd"), "{}", text(&o).1);
 
     // `--fast`: overlap 0.25 and bf16 where the CPU has it (f32 with a warning elsewhere);
     // `--overlap` still wins.

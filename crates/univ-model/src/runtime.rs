@@ -56,7 +56,7 @@ pub use crate::cpu::bf16::{
     bf16_fallback_reason, set_bf16_kernel, set_precision,
 };
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
-pub use crate::cpu::winograd::set_winograd;
+pub use crate::cpu::winograd::{set_winograd, winograd_enabled};
 
 /// mimalloc, the allocator the univ binaries and benchmarks install as the global allocator
 /// (`#[global_allocator] static A: MiMalloc = MiMalloc;`), with [`keep_freed_memory`].

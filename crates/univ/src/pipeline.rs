@@ -213,6 +213,7 @@ fn run_entries(
             "bf16_kernel": univ_model::runtime::active_bf16_kernel()
                 .filter(|_| s.device.is_cpu())
                 .map(|k| k.name()),
+            "winograd": s.device.is_cpu() && univ_model::runtime::winograd_enabled(),
         }),
     );
     extra

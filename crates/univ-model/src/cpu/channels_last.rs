@@ -1109,6 +1109,53 @@ mod tests {
             .collect()
     }
 
+    /// The channels-last lines of the channel-first sample `x` on `dhw` (its channels as
+    /// many as `x` holds), padded by one on each side to `p`, and the direct 3×3×3 kernel's
+    /// output on them with `cl` (`o` outputs) and `bias`.
+    pub(super) fn direct_on_lines(
+        runner: Runner,
+        x: &[f32],
+        dhw: [usize; 3],
+        p: [usize; 3],
+        cl: &ClWeights,
+        o: usize,
+        bias: &[f32],
+    ) -> (Lines, Vec<f32>) {
+        let (vol, hw) = (dhw.iter().product::<usize>(), dhw[1] * dhw[2]);
+        let mut xcl = Lines::default();
+        pad_pairs_cl(
+            |ci, z| &x[ci * vol + z * hw..][..hw],
+            x.len() / vol,
+            dhw,
+            [1, 1, 1],
+            0,
+            p[0],
+            cl.c_pad(),
+            &mut xcl,
+        );
+        let mut out = vec![f32::NAN; o * vol];
+        correlate_sample(
+            runner,
+            xcl.words(),
+            p,
+            cl,
+            [3; 3],
+            Some(bias),
+            &mut out,
+            vol,
+        );
+        (xcl, out)
+    }
+
+    /// The largest difference between `got` and `want`, over the largest |`want`|.
+    pub(super) fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        got.iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    }
+
     /// The channels-last kernel (`runner`) against the plane-layout reference kernel on the
     /// same bf16 operands (itself tested against f32): only the order of the f32 sums
     /// differs. The input is padded here by the layout's own padding (the f32 sample's
@@ -1158,26 +1205,8 @@ mod tests {
                 vol,
             );
             let cl = pack_weights_cl(&wp, 27, o, c);
-            let hw = dhw[1] * dhw[2];
-            let mut xcl = Lines::default();
-            pad_pairs_cl(
-                |ci, z| &x[ci * vol + z * hw..][..hw],
-                c,
-                dhw,
-                pad,
-                0,
-                p[0],
-                cl.c_pad(),
-                &mut xcl,
-            );
-            let mut got = vec![f32::NAN; o * vol];
-            correlate_sample(runner, xcl.words(), p, &cl, k, Some(&bias), &mut got, vol);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                / scale;
+            let (_, got) = direct_on_lines(runner, &x, dhw, p, &cl, o, &bias);
+            let err = rel_err(&got, &want);
             assert!(got.iter().all(|v| v.is_finite()), "{runner:?}: all written");
             eprintln!("{runner:?} c={c} o={o} {dhw:?}: {err:.2e} against the reference kernel");
             assert!(err < 1e-5, "{runner:?} c={c} o={o} {dhw:?}: {err}");

@@ -538,7 +538,7 @@ mod tests {
     /// the same input: odd and even grids, channel counts that are not multiples of 32 (the
     /// slot order's zeros), one block and several blocks of tiles, with a bias.
     fn check(runner: Runner) {
-        use crate::cpu::channels_last::tests::rand_vec;
+        use crate::cpu::channels_last::tests::{direct_on_lines, rand_vec, rel_err};
         use crate::cpu::correlate::{self, pack_weights as pack_f32, pad_sample};
         for (c, o, dhw) in [
             (32, 32, [6, 6, 6]),
@@ -568,39 +568,11 @@ mod tests {
             let cl = super::super::pack_weights_cl(&wp, 27, o, c);
             let wino = pack_weights(ConvWeights::Packed(&wp), o, c);
             assert_eq!(cl.c_pad(), wino.c_pad());
-            let mut xcl = Lines::default();
-            super::super::pad_pairs_cl(
-                |ci, z| &x[ci * vol + z * hw..][..hw],
-                c,
-                dhw,
-                pad,
-                0,
-                p[0],
-                cl.c_pad(),
-                &mut xcl,
-            );
-            let mut direct = vec![f32::NAN; o * vol];
-            super::super::correlate_sample(
-                runner,
-                xcl.words(),
-                p,
-                &cl,
-                k,
-                Some(&bias),
-                &mut direct,
-                vol,
-            );
+            let (xcl, direct) = direct_on_lines(runner, &x, dhw, p, &cl, o, &bias);
             let mut got = vec![f32::NAN; o * vol];
             correlate_sample(runner, xcl.words(), p, &wino, Some(&bias), &mut got, vol);
             assert!(got.iter().all(|v| v.is_finite()), "{runner:?}: all written");
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = |a: &[f32]| {
-                a.iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                    / scale
-            };
-            let (e_wino, e_direct) = (err(&got), err(&direct));
+            let (e_wino, e_direct) = (rel_err(&got, &want), rel_err(&direct, &want));
             eprintln!(
                 "{runner:?} c={c} o={o} {dhw:?}: Winograd {e_wino:.2e}, direct {e_direct:.2e} \
                  of the output scale against f32"

@@ -14,11 +14,27 @@ pub struct RuntimeArgs {
     pub device: DeviceArg,
     /// Arithmetic of the CPU convolutions: f32 (the default, within the parity tolerances
     /// of the official code) or bf16 (operands rounded to bfloat16, sums in f32: on CPUs with
-    /// AMX-BF16; elsewhere f32 is used and a warning printed, `UNIV_BF16_KERNEL=avx512bf16`
-    /// forcing the slower AVX512-BF16 kernel).
+    /// AMX-BF16, or AVX512-BF16 where it is faster than f32, as on AMD Zen 4 and 5; elsewhere
+    /// f32 is used and a warning printed, `UNIV_BF16_KERNEL=avx512bf16` forcing the
+    /// AVX512-BF16 kernel).
     /// [default: f32; bf16 with `segment --fast`]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
+    /// 3×3×3 convolutions by Winograd's F(2,3) where it pays off (`on`, the default) or by
+    /// the direct kernel everywhere (`off`). In bf16 on AVX512-BF16, `off` halves the
+    /// rounding error against f32 and takes about 1.4× the time (see the README); in f32 both
+    /// are within the parity tolerances.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub winograd: Switch,
+}
+
+/// On or off.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// A precision choice.
@@ -89,7 +105,8 @@ impl RuntimeArgs {
         Ok(Some(n))
     }
 
-    /// Sets the precision of the CPU convolutions (`--precision`, else `default`), warning on
+    /// Sets the precision of the CPU convolutions (`--precision`, else `default`) and their
+    /// algorithm (`--winograd`), warning on
     /// stderr when bf16 was asked for and this CPU has no bf16 instructions (f32 is used then).
     pub fn apply_precision(&self, default: PrecisionArg) -> Result<()> {
         use univ::model::runtime::{Precision, set_precision};
@@ -97,6 +114,7 @@ impl RuntimeArgs {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         };
+        univ::model::runtime::set_winograd(self.winograd == Switch::On);
         let kernel = set_precision(precision)?;
         if precision == Precision::Bf16 && kernel.is_none() {
             eprintln!(
