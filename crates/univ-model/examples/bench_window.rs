@@ -316,9 +316,6 @@ fn time_model(
     let size = x.dim(4)?;
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
-    // As the sliding window does: the bf16 packed weights are made in the first window and
-    // kept (their bytes count in the window's peak below).
-    let _packed = univ_model::runtime::keep_packed_weights();
     let mut times = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();

@@ -148,8 +148,6 @@ pub fn sliding_window_inference(
             format!("{} voxels for dims {dims:?}", input.len()),
         ));
     }
-    // Every window runs the same layers: their bf16 packed weights are made once.
-    let _packed = crate::runtime::keep_packed_weights();
     let padded = [0, 1, 2].map(|a| dims[a].max(roi[a]));
     let before = [0, 1, 2].map(|a| (padded[a] - dims[a]) / 2);
     let starts: Vec<Vec<usize>> = (0..3)

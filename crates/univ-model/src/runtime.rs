@@ -56,17 +56,7 @@ pub use crate::cpu::bf16::{
     bf16_fallback_reason, set_bf16_kernel, set_precision,
 };
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
-pub use crate::cpu::pack_cache::PackScope;
 pub use crate::cpu::winograd::{set_winograd, winograd_enabled};
-
-/// Keeps the bf16 kernels' packed convolution weights from one call to the next until the
-/// returned scope is dropped (scopes nest): for work that runs the same network many times,
-/// as the sliding window does (it opens one itself). Packings are found by the weights'
-/// content, so weights that change in between are packed again; f32 convolutions pack per
-/// call as before (their Winograd weights are 2.4× the checkpoint's size).
-pub fn keep_packed_weights() -> PackScope {
-    PackScope::open()
-}
 
 /// mimalloc, the allocator the univ binaries and benchmarks install as the global allocator
 /// (`#[global_allocator] static A: MiMalloc = MiMalloc;`), with [`keep_freed_memory`].

@@ -445,18 +445,18 @@ pub(crate) fn correlate_chunked(
 enum Bf16Conv {
     Planes {
         kernel: crate::cpu::bf16::Bf16Kernel,
-        w: std::sync::Arc<crate::cpu::bf16::Bf16Weights>,
+        w: crate::cpu::bf16::Bf16Weights,
         pairs: Vec<u32>,
     },
     ChannelsLast {
         kernel: crate::cpu::bf16::Bf16Kernel,
-        w: std::sync::Arc<crate::cpu::channels_last::ClWeights>,
+        w: crate::cpu::channels_last::ClWeights,
         lines: crate::cpu::channels_last::Lines,
     },
     /// Winograd F(2,3) on the channels-last kernel (same input layout).
     Winograd {
         kernel: crate::cpu::bf16::Bf16Kernel,
-        w: std::sync::Arc<crate::cpu::channels_last::winograd::WinoWeights>,
+        w: crate::cpu::channels_last::winograd::WinoWeights,
         lines: crate::cpu::channels_last::Lines,
     },
 }
@@ -470,8 +470,7 @@ impl Drop for Bf16Conv {
 }
 
 impl Bf16Conv {
-    /// Packs `weights` for `kernel` (or takes the packing a [`crate::cpu::pack_cache`] scope
-    /// kept from an earlier call).
+    /// Packs `weights` for `kernel`.
     fn new(
         kernel: crate::cpu::bf16::Bf16Kernel,
         weights: ConvWeights<'_>,
@@ -481,51 +480,26 @@ impl Bf16Conv {
         od: [usize; 3],
     ) -> Self {
         use crate::cpu::channels_last;
-        use crate::cpu::pack_cache::{PackKey, get_or_make};
         let taps = k[0] * k[1] * k[2];
-        let key = |variant: usize| {
-            move || {
-                let (values, layout) = match weights {
-                    ConvWeights::Raw(w) => (w, 0),
-                    ConvWeights::Packed(wp) => (wp, 1),
-                };
-                PackKey::new(
-                    values,
-                    [
-                        variant,
-                        layout,
-                        kernel as usize,
-                        o,
-                        c,
-                        k[0],
-                        k[1] * 8 + k[2],
-                    ],
-                )
-            }
-        };
         if channels_last::winograd::applies(kernel, k, c, o, od) {
             return Bf16Conv::Winograd {
                 kernel,
-                w: get_or_make(key(0), || {
-                    channels_last::winograd::pack_weights(weights, o, c)
-                }),
+                w: channels_last::winograd::pack_weights(weights, o, c),
                 lines: channels_last::Lines::take_spare(),
             };
         }
         if channels_last::uses_cl(crate::cpu::bf16::Runner::Kernel(kernel)) {
-            let w = get_or_make(key(1), || match weights {
+            let w = match weights {
                 ConvWeights::Raw(w) => channels_last::pack_raw_weights_cl(w, taps, o, c),
                 ConvWeights::Packed(wp) => channels_last::pack_weights_cl(wp, taps, o, c),
-            });
+            };
             Bf16Conv::ChannelsLast {
                 kernel,
                 w,
                 lines: channels_last::Lines::take_spare(),
             }
         } else {
-            let w = get_or_make(key(2), || {
-                crate::cpu::bf16::pack_weights(&weights.packed(o, c, taps), taps, o, c)
-            });
+            let w = crate::cpu::bf16::pack_weights(&weights.packed(o, c, taps), taps, o, c);
             Bf16Conv::Planes {
                 kernel,
                 w,

@@ -13,7 +13,6 @@ pub(crate) mod correlate;
 pub(crate) mod elementwise;
 pub(crate) mod head;
 pub(crate) mod norm;
-pub(crate) mod pack_cache;
 pub(crate) mod pool;
 pub(crate) mod weight_grad;
 pub(crate) mod winograd;
