@@ -28,11 +28,6 @@ pub fn set_winograd(on: bool) {
 
 /// Whether [`set_winograd`] left the Winograd paths on (they are on unless turned off).
 pub fn winograd_enabled() -> bool {
-    enabled()
-}
-
-/// Whether [`set_winograd`] left the Winograd paths on.
-pub(crate) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 

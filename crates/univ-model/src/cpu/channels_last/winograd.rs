@@ -54,7 +54,7 @@ pub(crate) fn applies(
         && c >= 32
         && o >= 32
         && tiles >= 512
-        && crate::cpu::winograd::enabled()
+        && crate::cpu::winograd::winograd_enabled()
 }
 
 /// The transformed weights: one 1-tap [`ClWeights`] per transform point.

@@ -106,8 +106,8 @@ impl RuntimeArgs {
     }
 
     /// Sets the precision of the CPU convolutions (`--precision`, else `default`) and their
-    /// algorithm (`--winograd`), warning on
-    /// stderr when bf16 was asked for and this CPU has no bf16 instructions (f32 is used then).
+    /// algorithm (`--winograd`), warning on stderr when bf16 was asked for and this CPU has no
+    /// bf16 instructions (f32 is used then).
     pub fn apply_precision(&self, default: PrecisionArg) -> Result<()> {
         use univ::model::runtime::{Precision, set_precision};
         let precision = match self.precision.unwrap_or(default) {
