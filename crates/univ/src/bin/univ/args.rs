@@ -20,10 +20,10 @@ pub struct RuntimeArgs {
     /// [default: f32; bf16 with `segment --fast`]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// 3×3×3 convolutions by Winograd's F(2,3) where it pays off (`on`, the default) or by
-    /// the direct kernel everywhere (`off`). In bf16 on AVX512-BF16, `off` halves the
-    /// rounding error against f32 and takes about 1.4× the time (see the README); in f32 both
-    /// are within the parity tolerances.
+    /// 3×3×3 convolutions by Winograd's F(2,3) where it pays off (`on`, the default; in bf16
+    /// only the largest layers) or by the direct kernel everywhere (`off`). In bf16 on
+    /// AVX512-BF16, `off` takes about three quarters of the rounding error against f32 and
+    /// about 1.45× the time (see the README); in f32 both are within the parity tolerances.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub winograd: Switch,
 }
