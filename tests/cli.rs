@@ -220,8 +220,44 @@ fn inspect_convert_and_forward_a_checkpoint() {
         input.to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
+        "--reps",
+        "2",
+        "--timings",
+        dir.path().join("timings.json").to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o).1);
+    let t = read_json(dir.path().join("timings.json"));
+    assert_eq!(t["device"], "cpu", "{t}");
+    assert_eq!(t["precision"], "f32", "{t}");
+    assert_eq!(t["all_s"].as_array().unwrap().len(), 2, "{t}");
+    let best = t["best_s"].as_f64().unwrap();
+    assert!(
+        t["all_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64().unwrap() >= best && best > 0.0),
+        "{t}"
+    );
+    // Device and precision choices that cannot run here are clear errors.
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "forward",
+            "--checkpoint",
+            st.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        univ(&a)
+    };
+    assert_clean_failure(&args(&["--precision", "f16"]), "GPU only");
+    assert_clean_failure(&args(&["--device", "cuda:x"]), "cpu, cuda or cuda:N");
+    if !cfg!(feature = "cuda") {
+        assert_clean_failure(&args(&["--device", "cuda:1"]), "no CUDA device 1");
+    }
     let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
     let want =
         candle_core::safetensors::load(fx.join("expected.safetensors"), &candle_core::Device::Cpu)

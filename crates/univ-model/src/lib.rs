@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod classes;
 pub(crate) mod cpu;
+pub(crate) mod cuda;
 pub mod error;
 pub mod hub;
 pub mod inferers;

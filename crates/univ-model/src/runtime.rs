@@ -56,6 +56,41 @@ pub use crate::cpu::bf16::{
     bf16_fallback_reason, set_bf16_kernel, set_precision,
 };
 pub use crate::cpu::correlate::{DEFAULT_SLAB_BYTES, set_slab_bytes};
+
+/// The dtype of convolution operands on a GPU: 0 f32, 1 bf16, 2 f16.
+static GPU_CONV_DTYPE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the dtype in which convolutions on a CUDA device take their operands (process-wide),
+/// autocast-style: the tensors stay in their own dtype (f32 weights and activations) and each
+/// convolution casts its input and weight, runs in `dtype` with f32 accumulation, and casts
+/// its result back. `F32` (the default) keeps true f32 products (no TF32).
+///
+/// # Errors
+/// A dtype other than f32, bf16 or f16.
+pub fn set_gpu_conv_dtype(dtype: candle_core::DType) -> crate::Result<()> {
+    use candle_core::DType;
+    let code = match dtype {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        other => {
+            return Err(crate::Error::Config(format!(
+                "GPU convolutions run in f32, bf16 or f16, not {other:?}"
+            )));
+        }
+    };
+    GPU_CONV_DTYPE.store(code, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The dtype set by [`set_gpu_conv_dtype`].
+pub fn gpu_conv_dtype() -> candle_core::DType {
+    match GPU_CONV_DTYPE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => candle_core::DType::BF16,
+        2 => candle_core::DType::F16,
+        _ => candle_core::DType::F32,
+    }
+}
 pub use crate::cpu::winograd::{set_winograd, winograd_enabled};
 
 /// mimalloc, the allocator the univ binaries and benchmarks install as the global allocator

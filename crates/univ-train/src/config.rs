@@ -180,6 +180,10 @@ pub struct TrainSection {
     /// e.g. `["organ_embedding"]` to teach new classes through their encodings alone.
     #[serde(default)]
     pub trainable: Vec<String>,
+    /// Where to train: `"cpu"` (the default), `"cuda"` or `"cuda:N"` (a build with the `cuda`
+    /// feature); `univ train --device` overrides it.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 fn default_backbone() -> String {

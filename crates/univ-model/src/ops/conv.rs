@@ -3,11 +3,17 @@
 //! a channel concatenation that is never materialised, kernel = stride patch projections, and a
 //! per-channel bias with a parallel gradient.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::cpu::bias::{add_bias_slice, channel_sums};
 use crate::cpu::correlate::{ConvWeights, correlate, correlate_concat_sample, pack_weights};
 use crate::cpu::weight_grad::{weight_grad, weight_grad_with};
+#[cfg(feature = "cuda")]
+use crate::cuda::conv::{Pass, run as cudnn_conv};
+#[cfg(feature = "cuda")]
+use crate::cuda::geometry::Geometry;
 use crate::error::{Error, Result};
 use crate::ops::{ExecPath, dims5, storage_f32, to_f32_vec, with_f32_slices};
 
@@ -56,6 +62,22 @@ impl CustomOp2 for Conv3dS1 {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         correlate_op(s1, l1, s2, l2, self.pad, false, None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let g = Geometry {
+            x: dims5(l1, "conv3d input")?,
+            w: dims5(l2, "conv3d weight")?,
+            pad: self.pad,
+        };
+        cudnn_conv(Pass::Forward, &g, (s1, l1), (s2, l2))
     }
 
     fn bwd(
@@ -304,6 +326,23 @@ impl CustomOp2 for Conv3dInputGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         correlate_op(s1, l1, s2, l2, self.pad, true, None)
     }
+
+    /// cuDNN's backward-data pass on `(output gradient, weight)`.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let g = Geometry::of_input_grad(
+            dims5(l1, "conv3d grad")?,
+            dims5(l2, "conv3d weight")?,
+            self.pad,
+        );
+        cudnn_conv(Pass::BackwardData, &g, (s1, l1), (s2, l2))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -334,10 +373,31 @@ impl CustomOp2 for Conv3dWeightGrad {
             Shape::from(vec![gs[1], xs[1], self.k[0], self.k[1], self.k[2]]),
         ))
     }
+
+    /// cuDNN's backward-filter pass on `(input, output gradient)`.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let xs = dims5(l1, "conv3d input")?;
+        let gs = dims5(l2, "conv3d grad")?;
+        let g = Geometry {
+            x: xs,
+            w: [gs[1], xs[1], self.k[0], self.k[1], self.k[2]],
+            pad: self.pad,
+        };
+        cudnn_conv(Pass::BackwardFilter, &g, (s1, l1), (s2, l2))
+    }
 }
 
 /// Stride-1 3-D convolution (cross-correlation, as PyTorch) with zero padding `pad` on both
-/// sides of each axis, without bias.
+/// sides of each axis, without bias. On a CUDA device it runs through cuDNN with operands in
+/// [`runtime::gpu_conv_dtype`](crate::runtime::gpu_conv_dtype) (f32 by default; bf16 or f16
+/// with f32 accumulation) and returns the input's dtype; its gradients are cuDNN's too.
 ///
 /// # Shapes
 /// `x`: `(N, C, D, H, W)`, `w`: `(O, C, kd, kh, kw)` → `(N, O, D+2p−kd+1, …)`.
@@ -346,6 +406,12 @@ impl CustomOp2 for Conv3dWeightGrad {
 /// Shape mismatches, or a padding of `k` or more.
 pub fn conv3d(x: &Tensor, w: &Tensor, pad: [usize; 3]) -> Result<Tensor> {
     check_conv3d(x, w, pad)?;
+    if x.device().is_cuda() {
+        let dtype = crate::runtime::gpu_conv_dtype();
+        let xc = x.to_dtype(dtype)?.contiguous()?;
+        let wc = w.to_dtype(dtype)?.contiguous()?;
+        return Ok(xc.apply_op2(&wc, Conv3dS1 { pad })?.to_dtype(x.dtype())?);
+    }
     // On the CPU every dtype runs through the f32 kernel.
     let (x, w) = match x.device() {
         Device::Cpu => (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?),

@@ -9,14 +9,18 @@ pub struct RuntimeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// The device the network runs on.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-    /// Arithmetic of the CPU convolutions: f32 (the default, within the parity tolerances
-    /// of the official code) or bf16 (operands rounded to bfloat16, sums in f32: on CPUs with
+    /// The device the network runs on: `cpu`, `cuda` (the first GPU) or `cuda:N` (a build
+    /// with `--features cuda`).
+    /// [default: cpu; for `train`, the configuration's `train.device`]
+    #[arg(long)]
+    pub device: Option<DeviceArg>,
+    /// Arithmetic of the convolutions: f32 (the default, within the parity tolerances of the
+    /// official code) or bf16 (operands rounded to bfloat16, sums in f32: on CPUs with
     /// AMX-BF16, or AVX512-BF16 where it is faster than f32, as on AMD Zen 4 and 5; elsewhere
     /// f32 is used and a warning printed, `UNIV_BF16_KERNEL=avx512bf16` forcing the
-    /// AVX512-BF16 kernel).
+    /// AVX512-BF16 kernel). On a GPU: f32, bf16 or f16, cuDNN's convolutions taking their
+    /// operands in that type with f32 sums (norms, activations, the head and the logits stay
+    /// f32).
     /// [default: f32; bf16 with `segment --fast`]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
@@ -42,17 +46,35 @@ pub enum Switch {
 pub enum PrecisionArg {
     /// f32 throughout.
     F32,
-    /// bf16 convolutions between layers of 16 channels or more.
+    /// bf16 convolutions (on a CPU: between layers of 16 channels or more).
     Bf16,
+    /// f16 convolutions (a GPU only).
+    F16,
 }
 
-/// A device choice.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+/// A device choice: `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
     /// The CPU.
     Cpu,
-    /// The first CUDA GPU (a build with `--features cuda`).
-    Cuda,
+    /// The CUDA GPU of this ordinal (a build with `--features cuda`).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceArg::Cuda(n)),
+                _ => Err(format!(
+                    "{s:?}: expected cpu, cuda or cuda:N (N the GPU's ordinal)"
+                )),
+            },
+        }
+    }
 }
 
 /// An error with the exit code it must end the program with.
@@ -108,11 +130,27 @@ impl RuntimeArgs {
     /// Sets the precision of the CPU convolutions (`--precision`, else `default`) and their
     /// algorithm (`--winograd`), warning on stderr when bf16 was asked for and this CPU has no
     /// bf16 instructions (f32 is used then).
+    /// On a GPU it sets the dtype of cuDNN's convolution operands instead, and the CPU stays
+    /// in f32.
     pub fn apply_precision(&self, default: PrecisionArg) -> Result<()> {
-        use univ::model::runtime::{Precision, set_precision};
-        let precision = match self.precision.unwrap_or(default) {
+        use univ::model::runtime::{Precision, set_gpu_conv_dtype, set_precision};
+        let arg = self.precision.unwrap_or(default);
+        if let Some(DeviceArg::Cuda(_)) = self.device {
+            set_gpu_conv_dtype(match arg {
+                PrecisionArg::F32 => candle_core::DType::F32,
+                PrecisionArg::Bf16 => candle_core::DType::BF16,
+                PrecisionArg::F16 => candle_core::DType::F16,
+            })?;
+            univ::model::runtime::set_winograd(self.winograd == Switch::On);
+            set_precision(Precision::F32)?;
+            return Ok(());
+        }
+        let precision = match arg {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => anyhow::bail!(
+                "--precision f16 runs on a GPU only (--device cuda); on a CPU use bf16"
+            ),
         };
         univ::model::runtime::set_winograd(self.winograd == Switch::On);
         let kernel = set_precision(precision)?;
@@ -129,10 +167,15 @@ impl RuntimeArgs {
 
     /// The candle device.
     pub fn device(&self) -> Result<Device> {
-        match self.device {
+        match self.device.unwrap_or(DeviceArg::Cpu) {
             DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => Device::new_cuda(0)
-                .context("no CUDA device: this build needs `--features cuda` and a GPU"),
+            DeviceArg::Cuda(n) => Device::new_cuda(n).with_context(|| {
+                format!(
+                    "no CUDA device {n}: this build needs `--features cuda`, a GPU and its \
+                     driver (libcuda.so.1) and libraries (cuBLAS, cuRAND, cuDNN 9) on the \
+                     library path"
+                )
+            }),
         }
     }
 }

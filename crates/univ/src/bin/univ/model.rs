@@ -42,6 +42,13 @@ pub struct ForwardArgs {
     /// Safetensors file to write `logits` to.
     #[arg(long)]
     output: PathBuf,
+    /// Run the network this many times (the logits of the last run are written) and report
+    /// each run's time and the best; on a GPU each run ends with a device synchronisation.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    reps: u32,
+    /// Also write the timings as JSON: `{"device", "precision", "input", "all_s", "best_s"}`.
+    #[arg(long)]
+    timings: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -190,17 +197,43 @@ pub fn forward(a: ForwardArgs) -> Result<()> {
             x.dims()
         );
     }
-    let start = std::time::Instant::now();
-    let logits = model.forward(&x)?.to_device(&Device::Cpu)?;
+    let precision = if dev.is_cpu() {
+        univ::model::runtime::active_bf16_kernel()
+            .map_or("f32".to_string(), |k| format!("bf16, {k} kernel"))
+    } else {
+        format!("{:?}, cuDNN", univ::model::runtime::gpu_conv_dtype()).to_lowercase()
+    };
+    let mut times = Vec::new();
+    let mut logits = None;
+    for _ in 0..a.reps {
+        let start = std::time::Instant::now();
+        let y = model.forward(&x)?;
+        dev.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+        logits = Some(y);
+    }
+    let logits = logits
+        .expect("reps is at least 1")
+        .to_device(&Device::Cpu)?;
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
     eprintln!(
-        "forward: {:?} -> {:?} in {:.2} s (convolutions: {})",
+        "forward: {:?} -> {:?} in {best:.4} s, best of {} (all: {times:.4?}; convolutions: \
+         {precision})",
         x.dims(),
         logits.dims(),
-        start.elapsed().as_secs_f64(),
-        univ::model::runtime::active_bf16_kernel()
-            .filter(|_| dev.is_cpu())
-            .map_or("f32".to_string(), |k| format!("bf16, {k} kernel"))
+        times.len(),
     );
+    if let Some(path) = &a.timings {
+        let json = serde_json::json!({
+            "device": if dev.is_cpu() { "cpu".to_string() } else { format!("{:?}", dev.location()) },
+            "precision": precision,
+            "input": x.dims(),
+            "all_s": times,
+            "best_s": best,
+        });
+        univ::io::atomic::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     let mut out = HashMap::new();
     out.insert("logits".to_string(), logits);
     write_safetensors(output, &out)

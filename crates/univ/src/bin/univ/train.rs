@@ -72,7 +72,18 @@ pub fn run(a: Args) -> Result<()> {
             out.display()
         );
     }
-    let device = a.runtime.device()?;
+    let mut runtime = a.runtime.clone();
+    if runtime.device.is_none()
+        && let Some(d) = &cfg.train.device
+    {
+        runtime.device = Some(
+            d.parse()
+                .map_err(|e| anyhow::anyhow!("{}: train.device {e}", cfg.path.display()))?,
+        );
+        // The precision applies to the device the configuration chose.
+        runtime.apply_precision(crate::args::PrecisionArg::F32)?;
+    }
+    let device = runtime.device()?;
     let quiet = a.quiet;
     let mut trainer = Trainer::new(cfg, device, |m| {
         if !quiet {
