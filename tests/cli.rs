@@ -240,19 +240,7 @@ fn inspect_convert_and_forward_a_checkpoint() {
         "{t}"
     );
     // Device and precision choices that cannot run here are clear errors.
-    let args = |extra: &[&str]| {
-        let mut a = vec![
-            "forward",
-            "--checkpoint",
-            st.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ];
-        a.extend_from_slice(extra);
-        univ(&a)
-    };
+    let args = |extra: &[&str]| forward_fixture(&fx, &out, &[], extra).0;
     assert_clean_failure(&args(&["--precision", "f16"]), "GPU only");
     assert_clean_failure(&args(&["--device", "cuda:x"]), "cpu, cuda or cuda:N");
     if !cfg!(feature = "cuda") {

@@ -36,6 +36,17 @@ pub(crate) enum Pass {
     BackwardFilter,
 }
 
+impl Pass {
+    /// The dimensions of what this pass writes.
+    fn out_dims(self, g: &Geometry) -> [usize; 5] {
+        match self {
+            Pass::Forward => g.y(),
+            Pass::BackwardData => g.x,
+            Pass::BackwardFilter => g.w,
+        }
+    }
+}
+
 thread_local! {
     /// cuDNN handles, one per device and thread (a handle is neither `Send` nor `Sync`).
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
@@ -149,11 +160,7 @@ where
     let a = view::<T>(s1, l1, "conv3d")?;
     let b = view::<T>(s2, l2, "conv3d")?;
     let one = (T::from_f64(1.0), T::from_f64(0.0));
-    let out_dims = match pass {
-        Pass::Forward => g.y(),
-        Pass::BackwardData => g.x,
-        Pass::BackwardFilter => g.w,
-    };
+    let out_dims = pass.out_dims(g);
     let mut out: CudaSlice<T> = dev.alloc_zeros::<T>(out_dims.iter().product())?;
     let e = cudnn_err(match pass {
         Pass::Forward => "convolution forward",
@@ -224,10 +231,6 @@ pub(crate) fn run(
         DType::F16 => run_typed::<half::f16>(pass, g, a, b, dtype)?,
         other => candle_core::bail!("conv3d on CUDA: {other:?} is not supported (f32, bf16, f16)"),
     };
-    let dims = match pass {
-        Pass::Forward => g.y(),
-        Pass::BackwardData => g.x,
-        Pass::BackwardFilter => g.w,
-    };
+    let dims = pass.out_dims(g);
     Ok((out, Shape::from(dims.to_vec())))
 }
