@@ -642,6 +642,8 @@ fn segment_reproduces_monai_sliding_window_end_to_end() {
             );
         }
     }
+    // A CPU run has no GPU memory to report; the key says so rather than being absent.
+    assert_eq!(report.get("gpu_memory_mb"), Some(&serde_json::Value::Null));
     // Existing results are not overwritten without --overwrite.
     let o = univ(&[
         "segment",
@@ -1196,6 +1198,7 @@ fn segment_a_dicom_series_with_the_demo_model_and_write_dicom_seg() {
         windows: 0,
         timings: Vec::new(),
         peak_memory: Vec::new(),
+        gpu_memory: None,
         notes: Vec::new(),
     };
     let failed = dir.path().join("failed");

@@ -46,6 +46,10 @@ pub struct SlidingWindowOptions {
     pub max_windows: usize,
     /// Limits on the blend's buffers (a slab of the padded volume per class).
     pub limits: univ_io::Limits,
+    /// Where [`crate::segment()`] blends: `None` (the default) on the model's device when that
+    /// is not the CPU ([`sliding_window_inference_on_device`]) and in host memory otherwise
+    /// ([`sliding_window_inference`]); `Some(true)` or `Some(false)` chooses.
+    pub blend_on_device: Option<bool>,
 }
 
 /// Default of [`SlidingWindowOptions::max_windows`]: about 8 hours of a full-size U-Net on
@@ -61,6 +65,7 @@ impl Default for SlidingWindowOptions {
             sw_batch_size: 1,
             max_windows: DEFAULT_MAX_WINDOWS,
             limits: univ_io::Limits::default(),
+            blend_on_device: None,
         }
     }
 }
@@ -115,6 +120,85 @@ pub fn window_starts(size: usize, roi: usize, overlap: f64) -> Vec<usize> {
     out
 }
 
+/// Where the windows of a volume go: MONAI's grid on the zero-padded volume, and the slab of
+/// planes the blend keeps.
+struct Plan {
+    roi: [usize; 3],
+    /// The volume's sides, each raised to the window's.
+    padded: [usize; 3],
+    /// Zero planes before the volume on each axis (the padding is symmetric, the odd one after).
+    before: [usize; 3],
+    /// Window starts in the padded volume, the last axis fastest.
+    windows: Vec<[usize; 3]>,
+    /// Planes along the first axis that one batch of windows spans.
+    slab: usize,
+}
+
+impl Plan {
+    /// Checks the options and the limits and places the windows.
+    fn new(dims: [usize; 3], opts: &SlidingWindowOptions) -> Result<Self> {
+        let roi = opts.roi;
+        if !(0.0..1.0).contains(&opts.overlap) || roi.contains(&0) || opts.sw_batch_size == 0 {
+            return Err(Error::Config(format!(
+                "roi {roi:?}, overlap {} and batch {} are invalid",
+                opts.overlap, opts.sw_batch_size
+            )));
+        }
+        if dims.contains(&0) {
+            return Err(Error::shape(
+                "sliding window",
+                format!("an empty volume of dims {dims:?}"),
+            ));
+        }
+        let padded = [0, 1, 2].map(|a| dims[a].max(roi[a]));
+        let before = [0, 1, 2].map(|a| (padded[a] - dims[a]) / 2);
+        let starts: Vec<Vec<usize>> = (0..3)
+            .map(|a| window_starts(padded[a], roi[a], opts.overlap))
+            .collect();
+        let mut windows = Vec::new();
+        for &sx in &starts[0] {
+            for &sy in &starts[1] {
+                for &sz in &starts[2] {
+                    windows.push([sx, sy, sz]);
+                }
+            }
+        }
+        let total = windows.len();
+        if total > opts.max_windows {
+            return Err(Error::Limit(format!(
+                "{total} windows of {roi:?} at overlap {} for a {dims:?} volume exceed the limit \
+                 of {} (SlidingWindowOptions::max_windows, `--max-windows` on the command line): \
+                 lower the overlap or raise the limit",
+                opts.overlap, opts.max_windows
+            )));
+        }
+        // The slab spans the windows of one batch along the first axis.
+        let slab = roi[0]
+            + windows
+                .chunks(opts.sw_batch_size)
+                .map(|b| b[b.len() - 1][0] - b[0][0])
+                .max()
+                .unwrap_or(0);
+        opts.limits.check_grid(
+            "the blend's slab of weights",
+            [slab, padded[1], padded[2]],
+            4,
+        )?;
+        opts.limits.check_grid(
+            "the batch of windows",
+            [roi[0] * opts.sw_batch_size, roi[1], roi[2]],
+            4,
+        )?;
+        Ok(Plan {
+            roi,
+            padded,
+            before,
+            windows,
+            slab,
+        })
+    }
+}
+
 /// Runs `predictor` over windows of a volume laid out `(X, Y, Z)` in C order (Z fastest; the
 /// network's `(D, H, W)`), blends the logits, and hands finished planes to `sink` as
 /// `sink(x0, planes)` with `planes` = `(K, n, Y, Z)` C-order logits of planes `x0..x0+n`
@@ -135,59 +219,22 @@ pub fn sliding_window_inference(
     mut sink: impl FnMut(usize, &[f32]) -> Result<()>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
-    let roi = opts.roi;
-    if !(0.0..1.0).contains(&opts.overlap) || roi.contains(&0) || opts.sw_batch_size == 0 {
-        return Err(Error::Config(format!(
-            "roi {roi:?}, overlap {} and batch {} are invalid",
-            opts.overlap, opts.sw_batch_size
-        )));
-    }
-    if input.len() != dims.iter().product::<usize>() || dims.contains(&0) {
+    let plan = Plan::new(dims, opts)?;
+    if input.len() != dims.iter().product::<usize>() {
         return Err(Error::shape(
             "sliding window",
             format!("{} voxels for dims {dims:?}", input.len()),
         ));
     }
-    let padded = [0, 1, 2].map(|a| dims[a].max(roi[a]));
-    let before = [0, 1, 2].map(|a| (padded[a] - dims[a]) / 2);
-    let starts: Vec<Vec<usize>> = (0..3)
-        .map(|a| window_starts(padded[a], roi[a], opts.overlap))
-        .collect();
-    let mut windows = Vec::new();
-    for &sx in &starts[0] {
-        for &sy in &starts[1] {
-            for &sz in &starts[2] {
-                windows.push([sx, sy, sz]);
-            }
-        }
-    }
+    let Plan {
+        roi,
+        padded,
+        before,
+        ref windows,
+        slab,
+    } = plan;
     let total = windows.len();
-    if total > opts.max_windows {
-        return Err(Error::Limit(format!(
-            "{total} windows of {roi:?} at overlap {} for a {dims:?} volume exceed the limit of {} \
-             (SlidingWindowOptions::max_windows, `--max-windows` on the command line): lower the \
-             overlap or raise the limit",
-            opts.overlap, opts.max_windows
-        )));
-    }
     let batches: Vec<&[[usize; 3]]> = windows.chunks(opts.sw_batch_size).collect();
-    // The slab spans the windows of one batch along the first axis.
-    let slab = roi[0]
-        + batches
-            .iter()
-            .map(|b| b[b.len() - 1][0] - b[0][0])
-            .max()
-            .unwrap_or(0);
-    opts.limits.check_grid(
-        "the blend's slab of weights",
-        [slab, padded[1], padded[2]],
-        4,
-    )?;
-    opts.limits.check_grid(
-        "the batch of windows",
-        [roi[0] * opts.sw_batch_size, roi[1], roi[2]],
-        4,
-    )?;
     let weights = importance_map(roi, opts.mode);
     let (py, pz) = (padded[1], padded[2]);
     let plane = py * pz;
@@ -282,36 +329,19 @@ pub fn sliding_window_inference(
         let nb = batch.len();
         let x = Tensor::from_slice(&patch[..nb * wlen], (nb, 1, roi[0], roi[1], roi[2]), device)?;
         let y = predictor(&x)?;
-        let (b, kk, a1, a2, a3) = y.dims5()?;
-        if b != nb || [a1, a2, a3] != roi {
-            return Err(Error::shape(
-                "sliding window",
-                format!("predictor returned {:?} for {nb} windows", y.dims()),
-            ));
-        }
-        if k == 0 {
-            k = kk;
+        let first = k == 0;
+        k = window_channels(&y, nb, roi, k)?;
+        if first {
             opts.limits.check_grid(
                 "the blend's slab of logits",
                 [k.saturating_mul(slab), py, pz],
                 4,
             )?;
             num = vec![0f32; k * slab * plane];
-        } else if kk != k {
-            return Err(Error::shape(
-                "sliding window",
-                format!("{kk} channels after {k}"),
-            ));
         }
         let logits = crate::ops::to_f32_vec(&y)?;
-        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite(format!(
-                "the network returned a non-finite logit ({}) in window {} of {total} (class {} \
-                 of {k}): the weights or the input are damaged",
-                logits[i],
-                done + i / (k * wlen) + 1,
-                (i / wlen) % k + 1
-            )));
+        if let Some(e) = non_finite(&logits, done, total, k, wlen) {
+            return Err(e);
         }
         for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
             let lj = &logits[j * k * wlen..(j + 1) * k * wlen];
@@ -344,6 +374,193 @@ pub fn sliding_window_inference(
     }
     // The last windows end at the padded border: everything left is final.
     flush(&mut num, &mut den, &mut s0, padded[0], k)
+}
+
+/// The channels of a batch of window logits, checked against the batch, the window and the
+/// channels of the batches before (`k`, 0 before the first).
+fn window_channels(y: &Tensor, nb: usize, roi: [usize; 3], k: usize) -> Result<usize> {
+    let (b, kk, a1, a2, a3) = y.dims5()?;
+    if b != nb || [a1, a2, a3] != roi {
+        return Err(Error::shape(
+            "sliding window",
+            format!("predictor returned {:?} for {nb} windows", y.dims()),
+        ));
+    }
+    if k != 0 && kk != k {
+        return Err(Error::shape(
+            "sliding window",
+            format!("{kk} channels after {k}"),
+        ));
+    }
+    Ok(kk)
+}
+
+/// The error for the first non-finite value of a batch of window logits, if any (`done`
+/// windows before this batch, `wlen` voxels a window).
+fn non_finite(logits: &[f32], done: usize, total: usize, k: usize, wlen: usize) -> Option<Error> {
+    let i = logits.iter().position(|v| !v.is_finite())?;
+    Some(Error::NonFinite(format!(
+        "the network returned a non-finite logit ({}) in window {} of {total} (class {} of {k}): \
+         the weights or the input are damaged",
+        logits[i],
+        done + i / (k * wlen) + 1,
+        (i / wlen) % k + 1
+    )))
+}
+
+/// [`sliding_window_inference`] with everything on the input's device: the volume, the
+/// windows, the Gaussian blend and the slab of logits stay there (a GPU's memory), and `sink`
+/// receives the finished planes as a `(K, n, Y, Z)` tensor on that device (`sink(x0, planes)`,
+/// planes `x0..x0+n`, in order, each once), so that only what the caller makes of them (masks,
+/// probabilities) crosses to the host.
+///
+/// `input` is the `(X, Y, Z)` volume (Z fastest, the network's `(D, H, W)`). The arithmetic is
+/// the host version's, operation for operation (on the CPU the two give the same bits); device
+/// memory is the padded volume, the slab (`K × slab × Y × Z` values, as on the host) and one
+/// batch of windows with its logits, plus transient copies of one window's share of the slab.
+///
+/// # Errors
+/// As [`sliding_window_inference`].
+pub fn sliding_window_inference_on_device(
+    input: &Tensor,
+    opts: &SlidingWindowOptions,
+    mut predictor: impl FnMut(&Tensor) -> Result<Tensor>,
+    mut sink: impl FnMut(usize, &Tensor) -> Result<()>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    let (dx, dy, dz) = input.dims3()?;
+    let dims = [dx, dy, dz];
+    let plan = Plan::new(dims, opts)?;
+    let Plan {
+        roi,
+        padded,
+        before,
+        ref windows,
+        slab,
+    } = plan;
+    let device = input.device();
+    let total = windows.len();
+    let wlen: usize = roi.iter().product();
+    let mut vol = input.to_dtype(candle_core::DType::F32)?;
+    for a in 0..3 {
+        vol = vol.pad_with_zeros(a, before[a], padded[a] - dims[a] - before[a])?;
+    }
+    let (py, pz) = (padded[1], padded[2]);
+    let weights = Tensor::from_vec(
+        importance_map(roi, opts.mode),
+        (1, roi[0], roi[1], roi[2]),
+        device,
+    )?;
+    // The weights of one window over whole planes, by its (y, z) start.
+    let spread = |t: &Tensor, sy: usize, sz: usize| -> Result<Tensor> {
+        Ok(t.pad_with_zeros(2, sy, py - sy - roi[1])?
+            .pad_with_zeros(3, sz, pz - sz - roi[2])?)
+    };
+    let mut num: Option<Tensor> = None; // (K, slab, PY, PZ), made once K is known
+    let mut den = Tensor::zeros((1, slab, py, pz), candle_core::DType::F32, device)?;
+    let mut k = 0usize;
+    let mut s0 = 0usize;
+    let mut done = 0;
+
+    // Hands planes [s0, upto) to the sink (those inside the volume) and moves the slab on.
+    let mut flush =
+        |num: &mut Option<Tensor>, den: &mut Tensor, s0: &mut usize, upto: usize| -> Result<()> {
+            let n = upto - *s0;
+            let Some(nm) = num.as_mut() else {
+                *s0 = upto;
+                return Ok(());
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let lo = (*s0).max(before[0]);
+            let hi = upto.min(before[0] + dims[0]);
+            const PLANES_PER_CALL: usize = 8;
+            for lo in (lo..hi).step_by(PLANES_PER_CALL) {
+                let m = PLANES_PER_CALL.min(hi - lo);
+                let crop = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(1, lo - *s0, m)?
+                        .narrow(2, before[1], dims[1])?
+                        .narrow(3, before[2], dims[2])?)
+                };
+                let planes = crop(nm)?.broadcast_div(&crop(den)?)?.contiguous()?;
+                sink(lo - before[0], &planes)?;
+            }
+            let keep = slab.saturating_sub(n);
+            let shift = |t: &Tensor| -> Result<Tensor> {
+                let c = t.dim(0)?;
+                let zeros = Tensor::zeros(
+                    (c, slab - keep, py, pz),
+                    candle_core::DType::F32,
+                    t.device(),
+                )?;
+                Ok(if keep == 0 {
+                    zeros
+                } else {
+                    Tensor::cat(&[&t.narrow(1, slab - keep, keep)?, &zeros], 1)?
+                })
+            };
+            *nm = shift(nm)?;
+            *den = shift(den)?;
+            *s0 = upto;
+            Ok(())
+        };
+
+    for batch in windows.chunks(opts.sw_batch_size) {
+        flush(&mut num, &mut den, &mut s0, batch[0][0])?;
+        let wins: Vec<Tensor> = batch
+            .iter()
+            .map(|&[sx, sy, sz]| {
+                vol.narrow(0, sx, roi[0])?
+                    .narrow(1, sy, roi[1])?
+                    .narrow(2, sz, roi[2])
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let nb = batch.len();
+        let x = Tensor::stack(&wins, 0)?.unsqueeze(1)?;
+        let y = predictor(&x)?;
+        let first = k == 0;
+        k = window_channels(&y, nb, roi, k)?;
+        if first {
+            opts.limits.check_grid(
+                "the blend's slab of logits",
+                [k.saturating_mul(slab), py, pz],
+                4,
+            )?;
+            num = Some(Tensor::zeros(
+                (k, slab, py, pz),
+                candle_core::DType::F32,
+                device,
+            )?);
+        }
+        let y = y.to_dtype(candle_core::DType::F32)?;
+        // x − x is 0 for every finite x and NaN otherwise: one number tells.
+        let probe = y.sub(&y)?.sum_all()?.to_scalar::<f32>()?;
+        if !probe.is_finite() {
+            let logits = crate::ops::to_f32_vec(&y)?;
+            return Err(
+                non_finite(&logits, done, total, k, wlen).unwrap_or_else(|| {
+                    Error::NonFinite(format!(
+                        "a non-finite sum of logits in windows {} to {}",
+                        done + 1,
+                        done + nb
+                    ))
+                }),
+            );
+        }
+        let nm = num.as_mut().expect("made above");
+        for (j, &[sx, sy, sz]) in batch.iter().enumerate() {
+            let at = sx - s0;
+            let add = spread(&y.get(j)?.broadcast_mul(&weights)?, sy, sz)?;
+            let sum = (nm.narrow(1, at, roi[0])? + add)?.contiguous()?;
+            nm.slice_set(&sum, 1, at)?;
+            let dsum = (den.narrow(1, at, roi[0])? + spread(&weights, sy, sz)?)?.contiguous()?;
+            den.slice_set(&dsum, 1, at)?;
+        }
+        done += nb;
+        progress(done, total);
+    }
+    flush(&mut num, &mut den, &mut s0, padded[0])
 }
 
 /// The voxels of a volume in the network's layout: `(X, Y, Z)` in C order (Z fastest), as
@@ -496,6 +713,90 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("non-finite logit"), "{e}");
+    }
+
+    #[test]
+    fn the_device_blend_gives_the_host_blend_bit_for_bit() {
+        // Two channels that depend on the window's content and on its rank, so that a window
+        // placed or weighted differently shows; sides below, at and above the window's.
+        for (dims, batch) in [
+            ([9, 7, 11], 1),
+            ([9, 7, 11], 3),
+            ([3, 12, 5], 2),
+            ([4, 4, 4], 1),
+        ] {
+            let n: usize = dims.iter().product();
+            let input: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32).sin()).collect();
+            let opts = SlidingWindowOptions {
+                roi: [4, 5, 4],
+                overlap: 0.5,
+                sw_batch_size: batch,
+                ..Default::default()
+            };
+            let predictor = || {
+                let mut rank = 0f64;
+                move |x: &Tensor| -> Result<Tensor> {
+                    rank += 1.0;
+                    let a = (x * 2.0)?.affine(1.0, rank)?;
+                    let b = x.sqr()?.affine(-0.5, 0.25 * rank)?;
+                    Ok(Tensor::cat(&[&a, &b], 1)?)
+                }
+            };
+            let mut host: Vec<(usize, Vec<f32>)> = Vec::new();
+            sliding_window_inference(
+                &input,
+                dims,
+                &opts,
+                &Device::Cpu,
+                predictor(),
+                |x0, p| {
+                    host.push((x0, p.to_vec()));
+                    Ok(())
+                },
+                |_, _| {},
+            )
+            .unwrap();
+            let vol =
+                Tensor::from_slice(&input, (dims[0], dims[1], dims[2]), &Device::Cpu).unwrap();
+            let mut dev: Vec<(usize, Vec<f32>)> = Vec::new();
+            let mut seen = 0;
+            sliding_window_inference_on_device(
+                &vol,
+                &opts,
+                predictor(),
+                |x0, p| {
+                    assert_eq!(p.dims()[0], 2);
+                    dev.push((x0, crate::ops::to_f32_vec(p)?));
+                    Ok(())
+                },
+                |d, _| seen = d,
+            )
+            .unwrap();
+            assert!(seen > 0);
+            assert_eq!(host.len(), dev.len(), "{dims:?}");
+            for ((hx, hp), (dx, dp)) in host.iter().zip(&dev) {
+                assert_eq!(hx, dx);
+                assert_eq!(hp, dp, "{dims:?} batch {batch} planes from {hx}");
+            }
+        }
+        // Non-finite logits are caught on the device path too.
+        let vol = Tensor::zeros((6, 6, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let opts = SlidingWindowOptions {
+            roi: [4, 4, 4],
+            ..Default::default()
+        };
+        let e = sliding_window_inference_on_device(
+            &vol,
+            &opts,
+            |x| Ok((x.ones_like()? * f64::INFINITY)?),
+            |_, _| Ok(()),
+            |_, _| {},
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("non-finite logit (inf) in window 1"),
+            "{e}"
+        );
     }
 
     /// Runs the sliding window and gathers the planes the sink receives into one volume.

@@ -51,6 +51,41 @@ pub fn reset_peak_resident() -> bool {
     std::fs::write("/proc/self/clear_refs", b"5").is_ok()
 }
 
+/// Memory of a GPU ([`gpu_memory`]), in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuMemory {
+    /// The high-water mark of the device's stream-ordered memory pool since the last
+    /// [`reset_gpu_peak`] (candle's tensors, cuDNN workspaces; not cuBLAS's own workspace or
+    /// the CUDA context).
+    pub pool_peak_bytes: u64,
+    /// What the pool holds now.
+    pub pool_in_use_bytes: u64,
+    /// The device's used memory now, every process and the contexts included.
+    pub device_used_bytes: u64,
+    /// The device's memory.
+    pub device_total_bytes: u64,
+}
+
+/// The memory figures of a CUDA device, after its queued work has finished; `None` on the
+/// CPU, without the `cuda` feature, or when the driver does not report them.
+pub fn gpu_memory(device: &candle_core::Device) -> Option<GpuMemory> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => crate::cuda::memory::memory(d),
+        _ => None,
+    }
+}
+
+/// Resets the high-water mark that [`GpuMemory::pool_peak_bytes`] reports to the pool's
+/// current use; `false` where there is none (see [`gpu_memory`]).
+pub fn reset_gpu_peak(device: &candle_core::Device) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => crate::cuda::memory::reset_peak(d),
+        _ => false,
+    }
+}
+
 pub use crate::cpu::bf16::{
     Bf16Kernel, Precision, active_bf16_kernel, avx512bf16_speedup, best_bf16_kernel,
     bf16_fallback_reason, set_bf16_kernel, set_precision,

@@ -3,12 +3,15 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use univ_io::{ClassMask, Interpolation, PreprocessOptions, PreprocessRecord, Volume};
 
 use crate::classes::{ClassInfo, UNIVERSAL_COUNT};
 use crate::error::{Error, Result};
-use crate::inferers::{SlidingWindowOptions, sliding_window_inference, volume_to_network_layout};
+use crate::inferers::{
+    SlidingWindowOptions, sliding_window_inference, sliding_window_inference_on_device,
+    volume_to_network_layout,
+};
 use crate::nets::UniversalModel;
 use crate::postprocess::{PostprocessOptions, organ_post_process_masks};
 
@@ -186,8 +189,63 @@ pub struct Segmentation {
     /// The process's peak resident memory (bytes) at the end of each stage, in order (`None`
     /// where the system does not report it).
     pub peak_memory: Vec<(String, Option<u64>)>,
+    /// The GPU's memory at the end of the sliding window, its pool's peak counted from the
+    /// window's start (`None` on the CPU; see [`crate::runtime::gpu_memory`]).
+    pub gpu_memory: Option<crate::runtime::GpuMemory>,
     /// Notes: rules that could not be applied, suspicious input.
     pub notes: Vec<String>,
+}
+
+/// What the blended planes of logits leave behind while the windows run: a bit per voxel and
+/// class over the threshold, the probabilities that are kept (whole maps, or pairs at the
+/// lesion classes' voxels over the threshold), the logits when asked for.
+struct Absorbed {
+    dims: [usize; 3],
+    masks: Vec<Vec<u64>>,
+    probs: Vec<Vec<u8>>,
+    sparse: Vec<SparseProbs>,
+    lesion: Vec<bool>,
+    logits: Option<Vec<f32>>,
+}
+
+impl Absorbed {
+    /// Takes planes `x0..x0+m` of every class, `(K, m, Y, Z)` in C order, read through
+    /// `above(c, i)` (element `i` over class `c`'s threshold) and `prob(c, i)` (its probability
+    /// × 255), with the logits themselves when they are kept.
+    fn planes(
+        &mut self,
+        x0: usize,
+        m: usize,
+        above: impl Fn(usize, usize) -> bool,
+        prob: impl Fn(usize, usize) -> u8,
+        planes: Option<&[f32]>,
+    ) {
+        let [nx, ny, nz] = self.dims;
+        for c in 0..self.masks.len() {
+            for i in 0..m {
+                let x = x0 + i;
+                for y in 0..ny {
+                    let src = ((c * m + i) * ny + y) * nz;
+                    for z in 0..nz {
+                        let over = above(c, src + z);
+                        let v = x + nx * (y + ny * z);
+                        if over {
+                            self.masks[c][v / 64] |= 1 << (v % 64);
+                        }
+                        if !self.probs[c].is_empty() {
+                            self.probs[c][v] = prob(c, src + z);
+                        } else if self.lesion[c] && over {
+                            self.sparse[c].set(v, prob(c, src + z));
+                        }
+                    }
+                    if let (Some(buf), Some(planes)) = (self.logits.as_mut(), planes) {
+                        let dst = ((c * nx + x) * ny + y) * nz;
+                        buf[dst..dst + nz].copy_from_slice(&planes[src..src + nz]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn sigmoid_u8(l: f32) -> u8 {
@@ -343,71 +401,101 @@ pub fn segment(
     let keep_prob: Vec<bool> = classes.iter().map(|_| opts.keep_probabilities).collect();
     let lesion: Vec<bool> = infos.iter().map(ClassInfo::is_lesion).collect();
     let sparse_ok = u32::try_from(n).is_ok();
-    let mut sparse_probs: Vec<SparseProbs> = (0..k).map(|_| SparseProbs::new(n)).collect();
     // One bit per voxel and class while the windows run (32 classes of a 10-million-voxel
     // grid: 42 MB instead of 335 MB of booleans); unpacked for the post-processing, when the
     // network's memory is free again.
-    let words = n.div_ceil(64);
-    let mut masks_pre: Vec<Vec<u64>> = vec![vec![0u64; words]; k];
-    let mut probs_pre: Vec<Vec<u8>> = keep_prob
-        .iter()
-        .zip(&lesion)
-        .map(|(keep, les)| {
-            if *keep || (*les && !sparse_ok) {
-                vec![0u8; n]
-            } else {
-                Vec::new()
-            }
-        })
-        .collect();
-    let mut logits = opts.keep_logits.then(|| vec![0f32; k * n]);
+    let mut acc = Absorbed {
+        dims,
+        masks: vec![vec![0u64; n.div_ceil(64)]; k],
+        probs: keep_prob
+            .iter()
+            .zip(&lesion)
+            .map(|(keep, les)| {
+                if *keep || (*les && !sparse_ok) {
+                    vec![0u8; n]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect(),
+        sparse: (0..k).map(|_| SparseProbs::new(n)).collect(),
+        lesion: lesion.clone(),
+        logits: opts.keep_logits.then(|| vec![0f32; k * n]),
+    };
     let input = volume_to_network_layout(&pre_image);
     let mut windows = 0;
     let (nx, ny, nz) = (dims[0], dims[1], dims[2]);
-    sliding_window_inference(
-        &input,
-        dims,
-        &window,
-        &opts.device,
-        |x| {
-            if opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
-                return Err(Error::Cancelled);
-            }
-            model.forward(x)
-        },
-        |x0, planes| {
-            let m = planes.len() / (k * ny * nz);
-            for c in 0..k {
-                for i in 0..m {
-                    let x = x0 + i;
-                    for y in 0..ny {
-                        let src = ((c * m + i) * ny + y) * nz;
-                        for z in 0..nz {
-                            let l = planes[src + z];
-                            let v = x + nx * (y + ny * z);
-                            if l > cut[c] {
-                                masks_pre[c][v / 64] |= 1 << (v % 64);
-                            }
-                            if !probs_pre[c].is_empty() {
-                                probs_pre[c][v] = sigmoid_u8(l);
-                            } else if lesion[c] && l > cut[c] {
-                                sparse_probs[c].set(v, sigmoid_u8(l));
-                            }
-                        }
-                        if let Some(buf) = logits.as_mut() {
-                            let dst = ((c * nx + x) * ny + y) * nz;
-                            buf[dst..dst + nz].copy_from_slice(&planes[src..src + nz]);
-                        }
-                    }
-                }
-            }
-            Ok(())
-        },
-        |d, total| {
-            windows = d;
-            progress(d, total)
-        },
-    )?;
+    let predictor = |x: &Tensor| {
+        if opts.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Err(Error::Cancelled);
+        }
+        model.forward(x)
+    };
+    let on_device = window.blend_on_device.unwrap_or(!opts.device.is_cpu());
+    crate::runtime::reset_gpu_peak(&opts.device);
+    if on_device {
+        // Only the masks (one byte a voxel), the probabilities that are kept and the logits
+        // when asked for come back from the device.
+        let dev = &opts.device;
+        let cuts = Tensor::from_slice(&cut, (k, 1, 1, 1), dev)?;
+        let any_prob = acc.probs.iter().any(|p| !p.is_empty()) || lesion.iter().any(|l| *l);
+        let keep_logits = opts.keep_logits;
+        let vol = Tensor::from_vec(input, (nx, ny, nz), dev)?;
+        sliding_window_inference_on_device(
+            &vol,
+            &window,
+            predictor,
+            |x0, planes| {
+                let m = planes.dim(1)?;
+                let over = planes.broadcast_gt(&cuts)?.flatten_all()?.to_vec1::<u8>()?;
+                let probs = if any_prob {
+                    (planes.neg()?.exp()? + 1.0)?
+                        .recip()?
+                        .affine(255.0, 0.0)?
+                        .round()?
+                        .to_dtype(DType::U8)?
+                        .flatten_all()?
+                        .to_vec1::<u8>()?
+                } else {
+                    Vec::new()
+                };
+                let host = if keep_logits {
+                    Some(crate::ops::to_f32_vec(planes)?)
+                } else {
+                    None
+                };
+                acc.planes(x0, m, |_, i| over[i] != 0, |_, i| probs[i], host.as_deref());
+                Ok(())
+            },
+            |d, total| {
+                windows = d;
+                progress(d, total)
+            },
+        )?;
+    } else {
+        sliding_window_inference(
+            &input,
+            dims,
+            &window,
+            &opts.device,
+            predictor,
+            |x0, planes| {
+                acc.planes(
+                    x0,
+                    planes.len() / (k * ny * nz),
+                    |c, i| planes[i] > cut[c],
+                    |_, i| sigmoid_u8(planes[i]),
+                    Some(planes),
+                );
+                Ok(())
+            },
+            |d, total| {
+                windows = d;
+                progress(d, total)
+            },
+        )?;
+    }
+    let gpu_memory = crate::runtime::gpu_memory(&opts.device);
     timings.push(("sliding window".to_string(), t.elapsed().as_secs_f64()));
     peak_memory.push((
         "sliding window".into(),
@@ -423,6 +511,13 @@ pub fn segment(
         .unwrap_or(0)
         .max(UNIVERSAL_COUNT);
     let mut by_id: Vec<ClassMask> = vec![ClassMask::empty(dims); max_id];
+    let Absorbed {
+        masks: masks_pre,
+        probs: mut probs_pre,
+        sparse: mut sparse_probs,
+        logits,
+        ..
+    } = acc;
     for (c, m) in classes.iter().zip(masks_pre) {
         by_id[c - 1] = ClassMask::from_fn(dims, |v| m[v / 64] >> (v % 64) & 1 == 1);
     }
@@ -518,6 +613,7 @@ pub fn segment(
         windows,
         timings,
         peak_memory,
+        gpu_memory,
         notes,
     })
 }

@@ -1372,3 +1372,63 @@ fn a_flipped_byte_in_a_checkpoint_is_found_by_its_crc() {
     // The untouched file loads.
     assert!(Checkpoint::load(&src).is_ok());
 }
+
+#[test]
+#[ignore = "needs ../shared (real CT data and golden fixtures)"]
+fn segment_blends_on_the_device_as_on_the_host() {
+    // The device-resident sliding window (what runs on a GPU) run on the CPU gives the host
+    // blend's masks, probabilities and logits exactly: same windows, same arithmetic.
+    use univ_model::inferers::SlidingWindowOptions;
+    use univ_model::segment::{SegmentOptions, segment};
+    let Some(shared) = shared::shared_dir() else {
+        return;
+    };
+    let fx = shared.join("fixtures/sliding_window");
+    let vol = univ_io::read_image(fx.join("input_image.nii.gz")).unwrap();
+    let ckpt = Checkpoint::load(shared.join("fixtures/model_unet/model.safetensors")).unwrap();
+    let (model, _) = ckpt.build(&Device::Cpu).unwrap();
+    let run = |on_device: bool| {
+        let opts = SegmentOptions {
+            preprocess: None,
+            window: SlidingWindowOptions {
+                overlap: 0.0,
+                blend_on_device: Some(on_device),
+                ..Default::default()
+            },
+            keep_probabilities: true,
+            keep_logits: true,
+            ..Default::default()
+        };
+        let mut windows = 0;
+        let seg = segment(&vol, &model, &opts, |d, _| windows = d).unwrap();
+        assert_eq!(windows, 6);
+        seg
+    };
+    let (host, dev) = (run(false), run(true));
+    assert_eq!(host.classes.len(), dev.classes.len());
+    let mut voxels = 0;
+    for (h, d) in host.classes.iter().zip(&dev.classes) {
+        assert_eq!(h.id(), d.id());
+        let (hv, dv): (Vec<usize>, Vec<usize>) =
+            (h.mask.voxels().collect(), d.mask.voxels().collect());
+        assert_eq!(hv, dv, "class {}", h.id());
+        voxels += hv.len();
+        assert_eq!(
+            h.probabilities.as_ref().unwrap().data(),
+            d.probabilities.as_ref().unwrap().data(),
+            "class {}",
+            h.id()
+        );
+        assert_eq!(h.lesion_probabilities, d.lesion_probabilities);
+    }
+    assert!(
+        voxels > 0,
+        "no class has a voxel: the comparison shows nothing"
+    );
+    assert_eq!(host.label_map.data(), dev.label_map.data());
+    assert_eq!(
+        host.logits.as_ref().unwrap().data,
+        dev.logits.as_ref().unwrap().data
+    );
+    println!("device blend on the CPU: {voxels} mask voxels, masks/probabilities/logits identical");
+}

@@ -55,6 +55,10 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A distributed run that cannot start or go on: its environment, the connections
+    /// between the ranks, NCCL.
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// The loss became NaN or infinite.
     #[error(
         "the loss is {value} at step {step}: training stopped (lower the learning rate or check the data)"

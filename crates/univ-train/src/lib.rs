@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod io;
 pub mod loss;
@@ -16,6 +17,7 @@ pub mod trainer;
 pub mod vars;
 
 pub use config::TrainConfig;
+pub use distributed::{ProcessGroup, WorldEnv};
 pub use error::{Error, Result};
 pub use loss::{DiceMode, LossParts, partial_label_loss};
 pub use optim::{AdamW, AdamWConfig};

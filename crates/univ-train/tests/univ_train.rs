@@ -546,6 +546,118 @@ output = "run"
         assert_ne!(logs[1].loss, logs2[1]);
     }
 
+    /// One rank's outcome: its step logs (or error), final weights and total steps.
+    type RankRun = (
+        Result<Vec<univ_train::StepLog>, univ_train::Error>,
+        Vec<(String, Vec<f32>)>,
+        u64,
+    );
+
+    /// Runs `train` as ranks 0 and 1 of a two-process run in threads of this process (over
+    /// the TCP collectives); returns each rank's step logs or error, and its final weights.
+    fn two_ranks(dir: &Path, train: &str) -> Vec<RankRun> {
+        let cfg = setup(dir, train);
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    let env = univ_train::WorldEnv {
+                        rank,
+                        world_size: 2,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let mut t = Trainer::new(cfg, Device::Cpu, |_| {}).unwrap();
+                    let g = univ_train::ProcessGroup::init(
+                        env,
+                        &Device::Cpu,
+                        std::time::Duration::from_secs(60),
+                    )
+                    .unwrap();
+                    t.set_process_group(g).unwrap();
+                    assert_eq!(t.is_main(), rank == 0);
+                    let mut logs = Vec::new();
+                    let r = t.run(None, |s| logs.push(s.clone()), |_| {}).map(|()| logs);
+                    (r, weights(&t), t.total_steps())
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn two_ranks_train_as_one_process_accumulating_both_their_batches() {
+        // One process, two micro-batches per step ...
+        let dir_a = tempfile::tempdir().unwrap();
+        let common = "epochs = 1\nschedule_unit = \"step\"\nseed = 5\nlr = 1e-3\nwarmup = 1";
+        let cfg = setup(dir_a.path(), &format!("{common}\naccumulate = 2"));
+        let mut a = Trainer::new(cfg, Device::Cpu, |_| {}).unwrap();
+        let mut logs_a = Vec::new();
+        a.run(None, |s| logs_a.push(s.clone()), |_| {}).unwrap();
+        // Three cases, one per micro-batch: two steps.
+        assert_eq!(a.total_steps(), 2);
+        let wa = weights(&a);
+        // ... and two ranks of one micro-batch each.
+        let dir_b = tempfile::tempdir().unwrap();
+        let ranks = two_ranks(dir_b.path(), common);
+        for (rank, (logs, wb, total)) in ranks.into_iter().enumerate() {
+            let logs = logs.unwrap();
+            assert_eq!(
+                total, 2,
+                "rank {rank}: the epoch is shared between the ranks"
+            );
+            assert_eq!(logs.len(), 2);
+            for (la, lb) in logs_a.iter().zip(&logs) {
+                assert!(
+                    (la.loss - lb.loss).abs() <= 1e-6,
+                    "{} vs {}",
+                    la.loss,
+                    lb.loss
+                );
+                assert_eq!(
+                    la.per_class.iter().map(|c| c.0).collect::<Vec<_>>(),
+                    lb.per_class.iter().map(|c| c.0).collect::<Vec<_>>()
+                );
+                for ((_, x), (_, y)) in la.per_class.iter().zip(&lb.per_class) {
+                    assert!((x - y).abs() <= 1e-5, "per-class loss {x} vs {y}");
+                }
+            }
+            let mut worst = 0f32;
+            for ((ka, va), (kb, vb)) in wa.iter().zip(&wb) {
+                assert_eq!(ka, kb);
+                for (x, y) in va.iter().zip(vb) {
+                    worst = worst.max((x - y).abs() / (1.0 + x.abs()));
+                }
+            }
+            assert!(worst <= 1e-6, "rank {rank}: weights differ by {worst}");
+        }
+        // Only rank 0 wrote the log and the checkpoint.
+        let log = std::fs::read_to_string(dir_b.path().join("run/log.csv")).unwrap();
+        assert_eq!(log.lines().count(), 3, "{log}");
+        assert!(dir_b.path().join("run/model.safetensors").exists());
+
+        // A loss that diverges stops every rank at the same step, none waits for the others.
+        let dir_c = tempfile::tempdir().unwrap();
+        let ranks = two_ranks(
+            dir_c.path(),
+            "steps = 6\nlr = 1e30\nschedule_unit = \"step\"\ncheckpoint_every = 0",
+        );
+        let steps: Vec<u64> = ranks
+            .into_iter()
+            .map(|(r, _, _)| match r {
+                Err(univ_train::Error::Diverged { step, .. }) => step,
+                other => panic!("expected Diverged, got {:?}", other.map(|l| l.len())),
+            })
+            .collect();
+        assert_eq!(steps[0], steps[1]);
+    }
+
     #[test]
     fn a_diverging_loss_stops_with_the_step() {
         let dir = tempfile::tempdir().unwrap();

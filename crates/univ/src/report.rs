@@ -63,6 +63,15 @@ pub fn report(image: &Volume<f32>, seg: &Segmentation) -> Value {
             .iter()
             .map(|(k, v)| (k.clone(), json!(v.map(|b| (b as f64 / 1e6).round()))))
             .collect::<Map<_, _>>(),
+        "gpu_memory_mb": seg.gpu_memory.map(|g| {
+            let mb = |b: u64| (b as f64 / 1e6).round();
+            json!({
+                "pool_peak": mb(g.pool_peak_bytes),
+                "pool_in_use": mb(g.pool_in_use_bytes),
+                "device_used": mb(g.device_used_bytes),
+                "device_total": mb(g.device_total_bytes),
+            })
+        }),
         "classes": classes,
         "lesions": by_class,
         "notes": seg.notes,

@@ -5,3 +5,5 @@
 #[cfg(feature = "cuda")]
 pub(crate) mod conv;
 pub(crate) mod geometry;
+#[cfg(feature = "cuda")]
+pub(crate) mod memory;

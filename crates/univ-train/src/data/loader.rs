@@ -139,35 +139,32 @@ impl Sampler {
     }
 }
 
-/// Prepares the batches of steps `start..end` on `workers` threads, at most one batch ahead
-/// per worker, yielded in step order (`workers = 0`: on the calling thread).
+/// Prepares the batches of the micro-batch indices `indices` (in that order) on `workers`
+/// threads, at most one batch ahead per worker (`workers = 0`: on the calling thread).
 pub fn spawn_loader(
     sampler: Arc<Sampler>,
-    start: u64,
-    end: u64,
+    indices: Vec<u64>,
     workers: usize,
 ) -> Box<dyn Iterator<Item = Batch>> {
     if workers == 0 {
         // On the calling thread, when asked.
-        return Box::new((start..end).map(move |step| sampler.batch(step)));
+        return Box::new(indices.into_iter().map(move |i| sampler.batch(i)));
     }
+    let indices = Arc::new(indices);
+    let n = indices.len();
     let mut rxs: Vec<Receiver<Batch>> = Vec::with_capacity(workers);
-    for w in 0..workers as u64 {
+    for w in 0..workers {
         let (tx, rx) = sync_channel(1);
         let s = sampler.clone();
+        let idx = indices.clone();
         std::thread::spawn(move || {
-            let mut step = start + w;
-            while step < end {
-                if tx.send(s.batch(step)).is_err() {
+            for &i in idx.iter().skip(w).step_by(workers) {
+                if tx.send(s.batch(i)).is_err() {
                     return;
                 }
-                step += workers as u64;
             }
         });
         rxs.push(rx);
     }
-    Box::new(
-        (start..end)
-            .map_while(move |step| rxs[((step - start) % workers as u64) as usize].recv().ok()),
-    )
+    Box::new((0..n).map_while(move |j| rxs[j % workers].recv().ok()))
 }

@@ -75,7 +75,9 @@ impl Trainer {
                     }
                 }
             }
-            write_atomic(&path, kept.as_bytes())?;
+            if self.is_main() {
+                write_atomic(&path, kept.as_bytes())?;
+            }
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ use crate::config::{ScheduleUnit, TrainConfig};
 use crate::data::augment::PatchOptions;
 use crate::data::case::PreparedCase;
 use crate::data::loader::Sampler;
+use crate::distributed::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::loss::DiceMode;
 use crate::optim::{AdamW, AdamWConfig};
@@ -97,6 +98,7 @@ pub struct Trainer {
     val_history: Vec<(u64, f64)>,
     init_report: InitReport,
     classes: ClassTable,
+    group: Option<ProcessGroup>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -106,6 +108,15 @@ impl std::fmt::Debug for Trainer {
             .field("step", &self.step)
             .field("total_steps", &self.total_steps)
             .finish()
+    }
+}
+
+/// Optimiser steps of a run whose steps take `accumulate × world` micro-batches each.
+fn total_steps(cfg: &TrainConfig, micro_per_epoch: u64, world: u64) -> u64 {
+    match (cfg.train.steps, cfg.train.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => (e * micro_per_epoch).div_ceil(cfg.train.accumulate as u64 * world),
+        (None, None) => unreachable!("validated"),
     }
 }
 
@@ -265,13 +276,7 @@ impl Trainer {
             seed: cfg.train.seed,
             sampling: cfg.data.sampling,
         });
-        let micro_per_epoch = sampler.steps_per_epoch();
-        let acc = cfg.train.accumulate as u64;
-        let total_steps = match (cfg.train.steps, cfg.train.epochs) {
-            (Some(s), _) => s,
-            (None, Some(e)) => (e * micro_per_epoch).div_ceil(acc),
-            (None, None) => unreachable!("validated"),
-        };
+        let total_steps = total_steps(&cfg, sampler.steps_per_epoch(), 1);
         let dice_mode = cfg.dice_mode()?;
         Ok(Trainer {
             cfg,
@@ -289,7 +294,80 @@ impl Trainer {
             val_history: Vec::new(),
             init_report,
             classes,
+            group: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run (see [`crate::distributed`]): every
+    /// rank takes its share of each step's micro-batches, the gradients are summed over the
+    /// ranks before each optimiser step, and only rank 0 writes the log, the curves, the
+    /// checkpoints and runs validation. Rank 0's weights are copied to every rank here, and
+    /// every rank must be at the same step (call it after [`resume`](Self::resume), on every
+    /// rank, or before it on none).
+    ///
+    /// # Errors
+    /// Ranks at different steps or with different variables, connection errors.
+    pub fn set_process_group(&mut self, group: ProcessGroup) -> Result<()> {
+        let vars = self.store.vars();
+        let tensors: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let numel: usize = tensors.iter().map(Tensor::elem_count).sum();
+        // What the ranks must agree on, compared with rank 0's.
+        let mine = Tensor::new(
+            &[self.step as f32, vars.len() as f32, numel as f32],
+            &Device::Cpu,
+        )?;
+        let root = group.broadcast(std::slice::from_ref(&mine))?.remove(0);
+        let differs = (mine
+            .ne(&root)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            > 0.0) as u8 as f32;
+        let flags = Tensor::new(&[differs], &Device::Cpu)?;
+        let any = group.all_reduce_sum(&[flags])?.remove(0).to_vec1::<f32>()?[0];
+        if any > 0.0 {
+            let r = root.to_vec1::<f32>()?;
+            return Err(Error::Distributed(format!(
+                "the ranks disagree: rank 0 is at step {} with {} variables ({} values), rank {} \
+                 at step {} with {} ({}) on at least one rank (resume on every rank or on none, \
+                 with the same configuration)",
+                r[0],
+                r[1],
+                r[2],
+                group.rank(),
+                self.step,
+                vars.len(),
+                numel
+            )));
+        }
+        let copied = group.broadcast(&tensors)?;
+        for ((_, v), t) in vars.iter().zip(&copied) {
+            v.set(t)?;
+        }
+        let world = group.world_size() as u64;
+        self.total_steps = total_steps(&self.cfg, self.sampler.steps_per_epoch(), world);
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// The run this trainer is a rank of, if any.
+    pub fn process_group(&self) -> Option<&ProcessGroup> {
+        self.group.as_ref()
+    }
+
+    /// `true` unless this trainer is a rank other than 0 of a distributed run.
+    pub fn is_main(&self) -> bool {
+        self.group.as_ref().is_none_or(ProcessGroup::is_main)
+    }
+
+    /// Processes in the run (1 when not distributed).
+    fn world(&self) -> u64 {
+        self.group.as_ref().map_or(1, |g| g.world_size() as u64)
+    }
+
+    /// Micro-batches per optimiser step over all ranks.
+    fn micro_per_step(&self) -> u64 {
+        self.cfg.train.accumulate as u64 * self.world()
     }
 
     /// Steps done.
@@ -344,12 +422,12 @@ impl Trainer {
     pub fn steps_per_epoch(&self) -> u64 {
         self.sampler
             .steps_per_epoch()
-            .div_ceil(self.cfg.train.accumulate as u64)
+            .div_ceil(self.micro_per_step())
             .max(1)
     }
 
     fn epoch_of(&self, step0: u64) -> u64 {
-        step0 * self.cfg.train.accumulate as u64 / self.sampler.steps_per_epoch().max(1)
+        step0 * self.micro_per_step() / self.sampler.steps_per_epoch().max(1)
     }
 
     fn schedule(&self) -> WarmupCosine {
