@@ -1144,6 +1144,77 @@ fn train_writes_checkpoints_refuses_to_overwrite_and_resumes() {
 }
 
 #[test]
+fn train_as_two_ranks_of_a_torchrun_style_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    write_training_case(dir.path());
+    let conf = dir.path().join("train.toml");
+    std::fs::write(
+        &conf,
+        "[model]\nbackbone = \"unet\"\nwidth = 4\nclasses = 8\n\n[data]\nmanifest = \"data.toml\"\n\
+         roi = [32, 32, 32]\nnum_samples = 1\n\n[train]\noutput = \"run\"\nsteps = 2\n\
+         checkpoint_every = 2\nschedule_unit = \"step\"\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let rank = |r: &str, world: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_univ"));
+        c.args(["train", "--config", conf.to_str().unwrap()])
+            .env("WORLD_SIZE", world)
+            .env("RANK", r)
+            .env("LOCAL_RANK", r)
+            .env("LOCAL_WORLD_SIZE", world)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .env("UNIV_DIST_TIMEOUT", "120");
+        c
+    };
+    let children: Vec<_> = ["0", "1"]
+        .iter()
+        .map(|r| {
+            rank(r, "2")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", text(o).1);
+    }
+    let (out0, err0) = text(&outs[0]);
+    assert!(
+        err0.contains("distributed run: 2 processes over tcp"),
+        "{err0}"
+    );
+    assert!(out0.contains("trained 2 steps"), "{out0}");
+    // Rank 1 trains in silence, and rank 0 alone writes the run.
+    let (out1, err1) = text(&outs[1]);
+    assert!(out1.is_empty() && err1.is_empty(), "{out1}{err1}");
+    let log = std::fs::read_to_string(dir.path().join("run/log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert!(dir.path().join("run/model.safetensors").exists());
+    // A rank whose rank 0 never comes gives up after UNIV_DIST_TIMEOUT, with a clear error.
+    let o = rank("1", "2")
+        .env("UNIV_DIST_TIMEOUT", "1")
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "could not reach rank 0");
+    // Incomplete launch variables are refused before any work.
+    let o = rank("0", "2").env_remove("RANK").output().unwrap();
+    assert_clean_failure(&o, "RANK is not");
+}
+
+#[test]
 #[ignore = "needs ../shared (real CT data and golden fixtures)"]
 fn segment_a_dicom_series_with_the_demo_model_and_write_dicom_seg() {
     let Some(series) = shared::shared_file("data/dicom/example_ct_dicom_j2k") else {

@@ -503,7 +503,6 @@ mod nccl {
     //! The collectives on CUDA devices through NCCL.
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::cudarc::driver::DevicePtr;
     use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp};
     use candle_core::{CudaDevice, CudaStorage, CustomOp1, Layout, Shape, Tensor};
 
@@ -608,7 +607,6 @@ mod nccl {
                 self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum)
             };
             r.map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
-            let _ = src.device_ptr(dev.cuda_stream().as_ref());
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
         }
     }

@@ -107,16 +107,26 @@ const MAX_THREADS_PER_CORE: usize = 4;
 impl RuntimeArgs {
     /// The thread count, checked: at least 1 and at most 4× the cores. Without `--threads`,
     /// a Slurm task's `SLURM_CPUS_PER_TASK` (Slurm does not always pin a task to its CPUs, so
-    /// every core would otherwise be used by every task); else `None` (every core the process
-    /// may use, which follows CPU affinity and container CPU limits).
+    /// every core would otherwise be used by every task), or the cores divided by
+    /// `LOCAL_WORLD_SIZE` for one of several ranks a torchrun-style launcher started on this
+    /// machine; else `None` (every core the process may use, which follows CPU affinity and
+    /// container CPU limits).
     pub fn threads(&self) -> Result<Option<usize>> {
-        let Some(n) = self.threads else {
-            return Ok(std::env::var("SLURM_CPUS_PER_TASK")
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let var = |k: &str| {
+            std::env::var(k)
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
-                .filter(|n| *n > 0));
+                .filter(|n| *n > 0)
         };
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let Some(n) = self.threads else {
+            // A torchrun-style launch of several ranks on this machine shares its cores.
+            return Ok(var("SLURM_CPUS_PER_TASK").or_else(|| {
+                var("LOCAL_WORLD_SIZE")
+                    .filter(|w| *w > 1)
+                    .map(|w| (cores / w).max(1))
+            }));
+        };
         let max = MAX_THREADS_PER_CORE * cores;
         if n == 0 || n > max {
             anyhow::bail!(

@@ -42,6 +42,8 @@ fn dice_table(v: &ValidationLog, classes: &ClassTable) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // A rank of a distributed run (torchrun or Slurm variables), checked before any work.
+    let world = univ::train::WorldEnv::from_env()?;
     let mut cfg = TrainConfig::load(&a.config)?;
     let old_classes = match &a.extend {
         Some(ck) => {
@@ -83,45 +85,77 @@ pub fn run(a: Args) -> Result<()> {
         // The precision applies to the device the configuration chose.
         runtime.apply_precision(crate::args::PrecisionArg::F32)?;
     }
+    // Each rank of a distributed run drives the GPU of its local rank; only rank 0 reports.
+    if let (Some(w), Some(crate::args::DeviceArg::Cuda(n))) = (&world, runtime.device) {
+        if n != 0 && n != w.local_rank {
+            bail!(
+                "--device cuda:{n} in a distributed run: each rank uses the GPU of its \
+                 LOCAL_RANK ({}); pass --device cuda",
+                w.local_rank
+            );
+        }
+        runtime.device = Some(crate::args::DeviceArg::Cuda(w.local_rank));
+    }
     let device = runtime.device()?;
-    let quiet = a.quiet;
-    let mut trainer = Trainer::new(cfg, device, |m| {
+    let main_rank = world.as_ref().is_none_or(|w| w.rank == 0);
+    let quiet = a.quiet || !main_rank;
+    let mut trainer = Trainer::new(cfg, device.clone(), |m| {
         if !quiet {
             eprintln!("{m}");
         }
     })?;
     let classes = trainer.class_table();
     let r = trainer.init_report();
-    if !r.mismatched.is_empty() {
+    if main_rank && !r.mismatched.is_empty() {
         eprintln!(
             "warning: initial weights with other shapes (drawn at random instead): {:?}",
             r.mismatched
         );
     }
-    if !r.fresh.is_empty() {
+    if main_rank && !r.fresh.is_empty() {
         eprintln!(
             "note: {} variables not in the initial weights were drawn at random",
             r.fresh.len()
         );
     }
-    if a.resume {
-        match trainer.resume()? {
-            Some(s) => eprintln!("resuming after step {s} of {}", trainer.total_steps()),
-            None => eprintln!(
-                "note: no checkpoint in {}: starting from step 0",
-                out.display()
-            ),
+    let resumed = if a.resume {
+        Some(trainer.resume()?)
+    } else {
+        None
+    };
+    if let Some(w) = world {
+        let (rank, size) = (w.rank, w.world_size);
+        let group = univ::train::ProcessGroup::init(
+            w,
+            &device,
+            univ::train::distributed::timeout_from_env()?,
+        )
+        .with_context(|| format!("joining the distributed run as rank {rank} of {size}"))?;
+        if !quiet {
+            eprintln!("distributed run: {size} processes over {}", group.backend());
         }
+        trainer.set_process_group(group)?;
     }
+    // (After joining: the step count depends on the world's size.)
+    match resumed {
+        _ if !main_rank => {}
+        Some(Some(s)) => eprintln!("resuming after step {s} of {}", trainer.total_steps()),
+        Some(None) => eprintln!(
+            "note: no checkpoint in {}: starting from step 0",
+            out.display()
+        ),
+        None => {}
+    }
+    // Rank 0 alone measures the extension (the others wait for it at the first step).
     let before = match old_classes {
-        Some(_) => {
+        Some(_) if main_rank => {
             let v = trainer.validate().context("validation before extending")?;
             if !quiet {
                 eprintln!("validation Dice before: {}", dice_table(&v, &classes));
             }
             Some(v)
         }
-        None => None,
+        _ => None,
     };
     let tty = std::io::stderr().is_terminal() && !quiet;
     let started = std::time::Instant::now();
@@ -204,7 +238,7 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("wrote {}", path.display());
         }
     }
-    if !quiet {
+    if main_rank && !a.quiet {
         println!(
             "trained {} steps in {:.1} min; weights in {}",
             trainer.step() - first,
