@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of the `cuda` feature, for a GPU machine with no network and nothing of
 # ours installed (it builds nothing): run scripts/gpu-prepare.sh here first, carry `.gpu`, then
-#   bash scripts/gpu-check.sh OUT          # about 3 minutes on an H200
+#   bash scripts/gpu-check.sh OUT          # about 4 minutes on an H200
 # It writes OUT/summary.json (and the logs and timings behind it):
 #   (a) `univ forward --device cuda` on the U-Net and Swin UNETR fixtures against their expected
 #       logits (tolerance 2e-3 abs + 1e-3 rel), in f32; bf16's error reported;
@@ -12,7 +12,9 @@
 #       (docs/benchmarks/gpu_anchors.py), and the whole example_ct with the full-size U-Net;
 #   (e) peak GPU memory of each univ run (nvidia-smi, sampled every 20 ms, less the idle use)
 #       and PyTorch's own peak.
-# (d), training steps on the GPU, is not part of it yet (see issue 14).
+#   (d) `univ train --device cuda`: three steps of the fixture U-Net on example_ct against
+#       the same steps on the CPU (losses), as rank 0 of a one-process NCCL run (losses equal
+#       to the plain CUDA run), and six steps of the full-size U-Net (seconds per step);
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/gpu-check.sh OUT}
@@ -92,6 +94,49 @@ for p in f32 bf16; do
         --checkpoint "$anchors/weights_unet.safetensors" --device cuda --precision "$p" --quiet --overwrite
 done
 
+# (d) training on the GPU: three steps of the fixture U-Net (width 8, initialised from its
+# weights, so every run starts equal) on example_ct against the CPU, once more as rank 0 of a
+# one-process NCCL run, and steps of the full-size U-Net (width 32, fresh) for the speed.
+d=/tmp/d
+mkdir -p "$d"
+classes=$(cat "$g/data/example_ct_classes")
+cat >"$d/data.toml" <<TOML
+[[dataset]]
+name = "example"
+cases = [["$PWD/$g/data/example_ct.nii.gz", "$PWD/$g/data/example_ct_seg_um32.nii.gz"]]
+classes = [$classes]
+TOML
+train_cfg() { # NAME WIDTH INIT STEPS
+    local init=""
+    [ -n "$3" ] && init="init = \"$PWD/$3\""
+    cat >"$d/$1.toml" <<TOML
+[model]
+backbone = "unet"
+width = $2
+classes = 32
+$init
+
+[data]
+manifest = "data.toml"
+roi = [96, 96, 96]
+
+[train]
+output = "run_$1"
+steps = $4
+checkpoint_every = $4
+schedule_unit = "step"
+seed = 7
+TOML
+}
+for r in cpu cuda nccl; do train_cfg "$r" 8 "$g/fixtures/model_unet/model.safetensors" "${DSTEPS:-3}"; done
+train_cfg full 32 "" "${DFULL:-6}"
+run d_cpu train --config "$d/cpu.toml" --device cpu --quiet
+run d_cuda train --config "$d/cuda.toml" --device cuda --quiet
+WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+    run d_nccl train --config "$d/nccl.toml" --device cuda
+run d_full train --config "$d/full.toml" --device cuda --quiet
+for r in cpu cuda nccl full; do cp "$d/run_$r/log.csv" "$out/d_$r.csv" 2>/dev/null; done
+
 OUT_DIR=$out ANCHORS=$anchors python3 - <<'PY'
 import glob, json, os
 import numpy as np
@@ -169,6 +214,26 @@ for net in ("unet", "swin"):
         s["c"][key] = r
     for p in ("f32", "bf16"):
         s["c"][f"pipeline_{p}"] = runinfo(f"c_pipeline_{p}")
+
+# (d)
+def log(name):
+    rows = [l.strip().split(",") for l in open(f"{out}/d_{name}.csv")][1:]
+    return [float(r[3]) for r in rows], [float(r[6]) for r in rows]
+
+s["d"] = {}
+try:
+    (lc, tc), (lg, tg), (ln, _), (_, tf) = (log(n) for n in ("cpu", "cuda", "nccl", "full"))
+    s["d"] = {
+        "losses_cpu": lc, "losses_cuda": lg, "losses_nccl": ln,
+        "max_rel_loss_diff_cuda_vs_cpu": max(abs(a - b) / abs(b) for a, b in zip(lg, lc)),
+        "max_abs_loss_diff_nccl_vs_cuda": max(abs(a - b) for a, b in zip(ln, lg)),
+        "steps_compared": min(len(lc), len(lg), len(ln)),
+        "s_per_step_width8_cpu": tc, "s_per_step_width8_cuda": tg,
+        "s_per_step_full_unet_cuda": tf,
+        "runs": {n: runinfo(f"d_{n}") for n in ("cpu", "cuda", "nccl", "full")},
+    }
+except Exception as ex:  # noqa: BLE001
+    s["d"]["error"] = str(ex)
 json.dump(s, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps(s, indent=1))
 PY

@@ -25,6 +25,16 @@ for net in unet swin; do
     cp "$shared/fixtures/model_$net/"{model,input,expected}.safetensors .gpu/fixtures/model_$net/
 done
 cp "$shared/data/ct/example_ct.nii.gz" .gpu/data/
+# The training case of (d): example_ct's labels in Universal Model ids, and the ids present.
+cp "$shared/data/ct/derived_example_ct_seg_fast_um32.nii.gz" .gpu/data/example_ct_seg_um32.nii.gz
+python3 - <<'PY'
+import gzip, struct
+b = gzip.open(".gpu/data/example_ct_seg_um32.nii.gz").read()
+assert struct.unpack("<h", b[70:72])[0] == 2, "expected uint8 labels"
+off = int(struct.unpack("<f", b[108:112])[0])
+ids = sorted(set(b[off:]) - {0})
+open(".gpu/data/example_ct_classes", "w").write(", ".join(map(str, ids)))
+PY
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu/whl monai==1.6.1
