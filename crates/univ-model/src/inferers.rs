@@ -329,14 +329,9 @@ pub fn sliding_window_inference(
         let nb = batch.len();
         let x = Tensor::from_slice(&patch[..nb * wlen], (nb, 1, roi[0], roi[1], roi[2]), device)?;
         let y = predictor(&x)?;
-        let first = k == 0;
-        k = window_channels(&y, nb, roi, k)?;
+        let first;
+        (k, first) = window_channels(&y, nb, roi, k, &opts.limits, [slab, py, pz])?;
         if first {
-            opts.limits.check_grid(
-                "the blend's slab of logits",
-                [k.saturating_mul(slab), py, pz],
-                4,
-            )?;
             num = vec![0f32; k * slab * plane];
         }
         let logits = crate::ops::to_f32_vec(&y)?;
@@ -377,8 +372,17 @@ pub fn sliding_window_inference(
 }
 
 /// The channels of a batch of window logits, checked against the batch, the window and the
-/// channels of the batches before (`k`, 0 before the first).
-fn window_channels(y: &Tensor, nb: usize, roi: [usize; 3], k: usize) -> Result<usize> {
+/// channels of the batches before (`k`, 0 before the first), and whether this is the first
+/// batch; for the first, the blend's slab of logits (`slab`: its x extent, and the padded y
+/// and z) is checked against `limits` before the caller allocates it.
+fn window_channels(
+    y: &Tensor,
+    nb: usize,
+    roi: [usize; 3],
+    k: usize,
+    limits: &univ_io::Limits,
+    slab: [usize; 3],
+) -> Result<(usize, bool)> {
     let (b, kk, a1, a2, a3) = y.dims5()?;
     if b != nb || [a1, a2, a3] != roi {
         return Err(Error::shape(
@@ -392,7 +396,14 @@ fn window_channels(y: &Tensor, nb: usize, roi: [usize; 3], k: usize) -> Result<u
             format!("{kk} channels after {k}"),
         ));
     }
-    Ok(kk)
+    if k == 0 {
+        limits.check_grid(
+            "the blend's slab of logits",
+            [kk.saturating_mul(slab[0]), slab[1], slab[2]],
+            4,
+        )?;
+    }
+    Ok((kk, k == 0))
 }
 
 /// The error for the first non-finite value of a batch of window logits, if any (`done`
@@ -519,14 +530,9 @@ pub fn sliding_window_inference_on_device(
         let nb = batch.len();
         let x = Tensor::stack(&wins, 0)?.unsqueeze(1)?;
         let y = predictor(&x)?;
-        let first = k == 0;
-        k = window_channels(&y, nb, roi, k)?;
+        let first;
+        (k, first) = window_channels(&y, nb, roi, k, &opts.limits, [slab, py, pz])?;
         if first {
-            opts.limits.check_grid(
-                "the blend's slab of logits",
-                [k.saturating_mul(slab), py, pz],
-                4,
-            )?;
             num = Some(Tensor::zeros(
                 (k, slab, py, pz),
                 candle_core::DType::F32,

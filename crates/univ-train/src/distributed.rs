@@ -430,18 +430,7 @@ impl ProcessGroup {
     /// # Errors
     /// A rank that stopped or disagrees on the shapes, tensor errors.
     pub fn all_reduce_sum(&self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if let Some(n) = &self.nccl
-            && ts.iter().all(|t| t.device().is_cuda())
-        {
-            return n.all_reduce_sum(ts);
-        }
-        let mut flat: Vec<f32> = Vec::new();
-        for t in ts {
-            flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-        }
-        self.links().all_reduce_sum(&mut flat)?;
-        split_like(&flat, ts)
+        self.collective(ts, false)
     }
 
     /// Rank 0's values of each tensor, on every rank.
@@ -449,22 +438,36 @@ impl ProcessGroup {
     /// # Errors
     /// As [`all_reduce_sum`](Self::all_reduce_sum).
     pub fn broadcast(&self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.collective(ts, true)
+    }
+
+    /// A broadcast from rank 0 or a sum: over NCCL when every tensor is on a CUDA device and
+    /// the group has a communicator, else over the TCP links as one flat f32 buffer.
+    fn collective(&self, ts: &[Tensor], broadcast: bool) -> Result<Vec<Tensor>> {
         #[cfg(feature = "cuda")]
         if let Some(n) = &self.nccl
             && ts.iter().all(|t| t.device().is_cuda())
         {
-            return n.broadcast(ts);
+            return if broadcast {
+                n.broadcast(ts)
+            } else {
+                n.all_reduce_sum(ts)
+            };
         }
         let mut flat: Vec<f32> = Vec::new();
         for t in ts {
             flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
         }
-        let mut bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.links().broadcast_bytes(&mut bytes)?;
-        let flat: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        if broadcast {
+            let mut bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
+            self.links().broadcast_bytes(&mut bytes)?;
+            flat = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+        } else {
+            self.links().all_reduce_sum(&mut flat)?;
+        }
         split_like(&flat, ts)
     }
 }
