@@ -30,24 +30,68 @@ impl ClassMask {
     /// The mask of the voxels where `on(v)` holds, `v` being the linear index (Fortran order)
     /// of a grid of `shape` voxels.
     pub fn from_fn(shape: [usize; 3], on: impl Fn(usize) -> bool) -> Self {
+        let nx = shape[0];
+        ClassMask::from_rows(
+            shape,
+            |start| {
+                let first = (0..nx).find(|x| on(start + x))?;
+                let last = (first..nx).rev().find(|x| on(start + x)).unwrap_or(first);
+                Some((first, last))
+            },
+            &on,
+        )
+    }
+
+    /// The mask of the non-zero voxels of `data` (Fortran order, `shape` voxels).
+    ///
+    /// # Panics
+    /// When `data` does not hold `shape` voxels.
+    pub fn from_u8(data: &[u8], shape: [usize; 3]) -> Self {
+        ClassMask::from_slice(data, 0, shape)
+    }
+
+    /// The mask of the `true` voxels of `data` (Fortran order, `shape` voxels).
+    ///
+    /// # Panics
+    /// When `data` does not hold `shape` voxels.
+    pub fn from_bools(data: &[bool], shape: [usize; 3]) -> Self {
+        ClassMask::from_slice(data, false, shape)
+    }
+
+    /// The mask of the voxels of `data` that are not `zero`, each row's extent found by
+    /// slice scans.
+    fn from_slice<T: Copy + PartialEq>(data: &[T], zero: T, shape: [usize; 3]) -> Self {
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "mask size");
+        let nx = shape[0];
+        ClassMask::from_rows(
+            shape,
+            |start| {
+                let line = &data[start..start + nx];
+                let first = line.iter().position(|v| *v != zero)?;
+                Some((first, line.iter().rposition(|v| *v != zero)?))
+            },
+            |v| data[v] != zero,
+        )
+    }
+
+    /// The mask from `extent(row start)`, the first and last set voxel of each first-axis
+    /// row (`None` for an empty row), and `on(v)` for the voxels inside the bounding box.
+    fn from_rows(
+        shape: [usize; 3],
+        extent: impl Fn(usize) -> Option<(usize, usize)>,
+        on: impl Fn(usize) -> bool,
+    ) -> Self {
         let [nx, ny, nz] = shape;
         let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
-        let mut any = false;
         for z in 0..nz {
             for y in 0..ny {
-                let row = nx * (y + ny * z);
-                for x in 0..nx {
-                    if on(row + x) {
-                        any = true;
-                        for (a, c) in [x, y, z].into_iter().enumerate() {
-                            lo[a] = lo[a].min(c);
-                            hi[a] = hi[a].max(c);
-                        }
-                    }
+                if let Some((first, last)) = extent(nx * (y + ny * z)) {
+                    lo = [lo[0].min(first), lo[1].min(y), lo[2].min(z)];
+                    hi = [hi[0].max(last), hi[1].max(y), hi[2].max(z)];
                 }
             }
         }
-        if !any {
+        if lo[0] == usize::MAX {
             return ClassMask::empty(shape);
         }
         let size = [0, 1, 2].map(|a| hi[a] + 1 - lo[a]);
@@ -73,24 +117,6 @@ impl ClassMask {
             bits,
             count,
         }
-    }
-
-    /// The mask of the non-zero voxels of `data` (Fortran order, `shape` voxels).
-    ///
-    /// # Panics
-    /// When `data` does not hold `shape` voxels.
-    pub fn from_u8(data: &[u8], shape: [usize; 3]) -> Self {
-        assert_eq!(data.len(), shape.iter().product::<usize>(), "mask size");
-        ClassMask::from_fn(shape, |v| data[v] != 0)
-    }
-
-    /// The mask of the `true` voxels of `data` (Fortran order, `shape` voxels).
-    ///
-    /// # Panics
-    /// When `data` does not hold `shape` voxels.
-    pub fn from_bools(data: &[bool], shape: [usize; 3]) -> Self {
-        assert_eq!(data.len(), shape.iter().product::<usize>(), "mask size");
-        ClassMask::from_fn(shape, |v| data[v])
     }
 
     /// The grid's shape.
@@ -153,19 +179,33 @@ impl ClassMask {
     /// The mask as one `bool` per voxel of the grid.
     pub fn to_bools(&self) -> Vec<bool> {
         let mut out = vec![false; self.shape.iter().product()];
-        for v in self.voxels() {
-            out[v] = true;
-        }
+        self.fill(&mut out, true);
         out
     }
 
     /// The mask as one byte (0 or 1) per voxel of the grid.
     pub fn to_u8(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.shape.iter().product()];
-        for v in self.voxels() {
-            out[v] = 1;
-        }
+        self.fill(&mut out, 1);
         out
+    }
+
+    /// Sets the mask's voxels of `out` (a grid, zeroed) to `one`, row by row of the box.
+    fn fill<T: Copy>(&self, out: &mut [T], one: T) {
+        let [nx, ny, _] = self.shape;
+        let [sx, sy, sz] = self.size;
+        for z in 0..sz {
+            for y in 0..sy {
+                let row = nx * (self.lo[1] + y + ny * (self.lo[2] + z)) + self.lo[0];
+                let brow = sx * (y + sy * z);
+                for (x, o) in out[row..row + sx].iter_mut().enumerate() {
+                    let b = brow + x;
+                    if self.bits[b / 64] >> (b % 64) & 1 == 1 {
+                        *o = one;
+                    }
+                }
+            }
+        }
     }
 
     /// Bytes this mask occupies (its bits).
@@ -177,6 +217,34 @@ impl ClassMask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_scans_agree_with_the_voxel_definition() {
+        // Sparse and dense masks with empty rows, one-voxel rows and voxels on every face.
+        let shape = [9, 7, 5];
+        let n = 9 * 7 * 5;
+        let patterns: [&dyn Fn(usize) -> bool; 4] = [
+            &|v| (v * 37 + 11) % 29 == 0,
+            &|v| (v * 13) % 7 < 4 && v % 9 != 0,
+            &|v| v == 0 || v == n - 1,
+            &|v| v % 9 == 8 && (v / 63) % 2 == 1,
+        ];
+        for on in patterns {
+            let data: Vec<bool> = (0..n).map(on).collect();
+            let m = ClassMask::from_fn(shape, on);
+            assert_eq!(ClassMask::from_bools(&data, shape), m);
+            let u: Vec<u8> = data.iter().map(|b| u8::from(*b)).collect();
+            assert_eq!(ClassMask::from_u8(&u, shape), m);
+            assert_eq!(m.to_bools(), data);
+            assert_eq!(m.to_u8(), u);
+            let want: Vec<usize> = (0..n).filter(|v| data[*v]).collect();
+            assert_eq!(m.voxels().collect::<Vec<_>>(), want);
+            let c = |v: usize| [v % 9, (v / 9) % 7, v / 63];
+            let lo = [0, 1, 2].map(|a| want.iter().map(|v| c(*v)[a]).min().unwrap());
+            let hi = [0, 1, 2].map(|a| want.iter().map(|v| c(*v)[a]).max().unwrap());
+            assert_eq!(m.bbox(), Some((lo, hi)));
+        }
+    }
 
     #[test]
     fn round_trips_and_queries() {

@@ -97,84 +97,164 @@ impl PostprocessOptions {
     }
 }
 
+/// The 26-connected components of a mask as runs: maximal stretches of set voxels along the
+/// first axis, each with its component's final label (1, 2, … in order of the component's
+/// first voxel in memory order, as cc3d numbers them).
+struct Components {
+    /// `(first voxel's linear index, length)` of each run, in memory order.
+    runs: Vec<(usize, usize)>,
+    /// The label of each run.
+    labels: Vec<u32>,
+    /// Voxel count per label (`sizes[0]`: the background).
+    sizes: Vec<usize>,
+    /// The grid's first-axis length.
+    nx: usize,
+    /// Voxels in the grid.
+    n: usize,
+}
+
+impl Components {
+    /// Labels the runs of `mask`: runs are found row by row, and each run is joined to the
+    /// runs of the four rows before it that it touches (the row below in its plane, three in
+    /// the plane below), where touching means first-axis ranges at most one voxel apart.
+    fn new(mask: &[bool], shape: [usize; 3]) -> Self {
+        let [nx, ny, nz] = shape;
+        let n = nx * ny * nz;
+        assert_eq!(mask.len(), n, "mask and shape disagree");
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        // Runs of row `y + ny·z` are `runs[row_start[r]..row_start[r + 1]]`.
+        let mut row_start = Vec::with_capacity(ny * nz + 1);
+        for row in 0..ny * nz {
+            row_start.push(runs.len());
+            let line = &mask[row * nx..(row + 1) * nx];
+            let mut x = 0;
+            while x < nx {
+                match line[x..].iter().position(|v| *v) {
+                    None => break,
+                    Some(off) => x += off,
+                }
+                let len = line[x..].iter().position(|v| !*v).unwrap_or(nx - x);
+                runs.push((row * nx + x, len));
+                x += len;
+            }
+        }
+        row_start.push(runs.len());
+        fn find(p: &mut [u32], mut a: u32) -> u32 {
+            while p[a as usize] != a {
+                p[a as usize] = p[p[a as usize] as usize];
+                a = p[a as usize];
+            }
+            a
+        }
+        // Union-find over runs, the smaller run index becoming the root.
+        let mut parent: Vec<u32> = (0..runs.len() as u32).collect();
+        for z in 0..nz {
+            for y in 0..ny {
+                let row = y + ny * z;
+                let mut neighbours = [usize::MAX; 4];
+                if y > 0 {
+                    neighbours[0] = row - 1;
+                }
+                if z > 0 {
+                    let below = row - ny;
+                    neighbours[1] = below;
+                    if y > 0 {
+                        neighbours[2] = below - 1;
+                    }
+                    if y + 1 < ny {
+                        neighbours[3] = below + 1;
+                    }
+                }
+                for nb in neighbours.into_iter().filter(|r| *r != usize::MAX) {
+                    let (mut i, end_i) = (row_start[row], row_start[row + 1]);
+                    let (mut j, end_j) = (row_start[nb], row_start[nb + 1]);
+                    // Two sorted lists of runs: join each overlapping pair (ranges widened by
+                    // one voxel on each side for the diagonal neighbours).
+                    while i < end_i && j < end_j {
+                        let (a0, al) = runs[i];
+                        let (b0, bl) = runs[j];
+                        let (a0, a1) = (a0 - row * nx, a0 - row * nx + al);
+                        let (b0, b1) = (b0 - nb * nx, b0 - nb * nx + bl);
+                        if b0 <= a1 && a0 <= b1 {
+                            let (ra, rb) =
+                                (find(&mut parent, i as u32), find(&mut parent, j as u32));
+                            if ra != rb {
+                                let (lo, hi) = if ra < rb { (ra, rb) } else { (rb, ra) };
+                                parent[hi as usize] = lo;
+                            }
+                        }
+                        if a1 < b1 {
+                            i += 1;
+                        } else {
+                            j += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Runs are in memory order, so a component's first run holds its first voxel.
+        let mut remap = vec![0u32; runs.len()];
+        let mut labels = Vec::with_capacity(runs.len());
+        let mut sizes = vec![0usize];
+        for (i, (_, len)) in runs.iter().enumerate() {
+            let r = find(&mut parent, i as u32) as usize;
+            if remap[r] == 0 {
+                sizes.push(0);
+                remap[r] = (sizes.len() - 1) as u32;
+            }
+            labels.push(remap[r]);
+            sizes[remap[r] as usize] += len;
+        }
+        sizes[0] = n - sizes.iter().skip(1).sum::<usize>();
+        Components {
+            runs,
+            labels,
+            sizes,
+            nx,
+            n,
+        }
+    }
+
+    /// One label per voxel (0: background).
+    fn label_map(&self) -> Vec<u32> {
+        let mut out = vec![0u32; self.n];
+        for ((start, len), l) in self.runs.iter().zip(&self.labels) {
+            out[*start..start + len].fill(*l);
+        }
+        out
+    }
+
+    /// The mask of the voxels whose label is in `keep`.
+    fn mask_of(&self, keep: &[u32]) -> Vec<bool> {
+        let mut out = vec![false; self.n];
+        for ((start, len), l) in self.runs.iter().zip(&self.labels) {
+            if keep.contains(l) {
+                out[*start..start + len].fill(true);
+            }
+        }
+        out
+    }
+
+    /// The mean first-axis index of the voxels of label `lab`.
+    fn mean_x(&self, lab: u32) -> f64 {
+        let (mut s, mut c) = (0f64, 0f64);
+        for ((start, len), l) in self.runs.iter().zip(&self.labels) {
+            if *l == lab {
+                let (x0, len) = ((start % self.nx) as f64, *len as f64);
+                s += len * x0 + len * (len - 1.0) / 2.0;
+                c += len;
+            }
+        }
+        s / c
+    }
+}
+
 /// Connected components with 26-connectivity, labelled 1, 2, … in order of their first voxel
 /// in memory order (as cc3d numbers them); returns the labels and each label's voxel count
 /// (`sizes[0]` is the background count, unused).
 pub fn label_components(mask: &[bool], shape: [usize; 3]) -> (Vec<u32>, Vec<usize>) {
-    let [nx, ny, nz] = shape;
-    let mut parent: Vec<u32> = vec![0];
-    let mut labels = vec![0u32; mask.len()];
-    fn find(p: &mut [u32], mut a: u32) -> u32 {
-        while p[a as usize] != a {
-            p[a as usize] = p[p[a as usize] as usize];
-            a = p[a as usize];
-        }
-        a
-    }
-    for z in 0..nz {
-        for y in 0..ny {
-            for x in 0..nx {
-                let i = x + nx * (y + ny * z);
-                if !mask[i] {
-                    continue;
-                }
-                let mut lab = 0u32;
-                // The 13 neighbours already visited.
-                for dz in -1i32..=0 {
-                    for dy in -1i32..=1 {
-                        for dx in -1i32..=1 {
-                            if dz == 0 && (dy > 0 || (dy == 0 && dx >= 0)) {
-                                continue;
-                            }
-                            let (xx, yy, zz) = (x as i32 + dx, y as i32 + dy, z as i32 + dz);
-                            if xx < 0 || yy < 0 || zz < 0 || xx >= nx as i32 || yy >= ny as i32 {
-                                continue;
-                            }
-                            let j = xx as usize + nx * (yy as usize + ny * zz as usize);
-                            let l = labels[j];
-                            if l == 0 {
-                                continue;
-                            }
-                            if lab == 0 {
-                                lab = find(&mut parent, l);
-                            } else {
-                                let (a, b) = (find(&mut parent, lab), find(&mut parent, l));
-                                if a != b {
-                                    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
-                                    parent[hi as usize] = lo;
-                                    lab = lo;
-                                }
-                            }
-                        }
-                    }
-                }
-                if lab == 0 {
-                    lab = parent.len() as u32;
-                    parent.push(lab);
-                }
-                labels[i] = lab;
-            }
-        }
-    }
-    // Final labels: roots renumbered in order of first appearance.
-    let mut remap = vec![0u32; parent.len()];
-    let mut next = 0u32;
-    let mut sizes = vec![0usize];
-    for l in labels.iter_mut() {
-        if *l == 0 {
-            continue;
-        }
-        let r = find(&mut parent, *l) as usize;
-        if remap[r] == 0 {
-            next += 1;
-            remap[r] = next;
-            sizes.push(0);
-        }
-        *l = remap[r];
-        sizes[*l as usize] += 1;
-    }
-    sizes[0] = mask.len() - sizes.iter().skip(1).sum::<usize>();
-    (labels, sizes)
+    let c = Components::new(mask, shape);
+    (c.label_map(), c.sizes)
 }
 
 /// Labels of the `k` largest components, largest first (ties: lower label first).
@@ -187,9 +267,8 @@ fn top_k(sizes: &[usize], k: usize) -> Vec<u32> {
 
 /// Keeps the `k` largest 26-connected components of a mask.
 pub fn keep_largest(mask: &[bool], shape: [usize; 3], k: usize) -> Vec<bool> {
-    let (labels, sizes) = label_components(mask, shape);
-    let keep = top_k(&sizes, k);
-    labels.iter().map(|l| *l != 0 && keep.contains(l)).collect()
+    let c = Components::new(mask, shape);
+    c.mask_of(&top_k(&c.sizes, k))
 }
 
 /// The 1-D lines of a grid along `axis` (first axis fastest in memory): for each line, the
@@ -321,8 +400,8 @@ fn post_process_with(
                     .zip(get(left))
                     .map(|(a, b)| *a || b)
                     .collect();
-                let (labels, sizes) = label_components(&union, shape);
-                let two = top_k(&sizes, 2);
+                let c = Components::new(&union, shape);
+                let two = top_k(&c.sizes, 2);
                 if two.len() < 2 {
                     notes.push(format!(
                         "fewer than two lung components: both lungs (classes {right} and \
@@ -331,23 +410,13 @@ fn post_process_with(
                     put(right - 1, empty());
                     put(left - 1, empty());
                 } else {
-                    let mean_x = |lab: u32| {
-                        let (mut s, mut c) = (0f64, 0f64);
-                        for (i, l) in labels.iter().enumerate() {
-                            if *l == lab {
-                                s += (i % shape[0]) as f64;
-                                c += 1.0;
-                            }
-                        }
-                        s / c
-                    };
-                    let (l, r) = if mean_x(two[0]) < mean_x(two[1]) {
+                    let (l, r) = if c.mean_x(two[0]) < c.mean_x(two[1]) {
                         (two[0], two[1])
                     } else {
                         (two[1], two[0])
                     };
-                    put(left - 1, labels.iter().map(|v| *v == l).collect());
-                    put(right - 1, labels.iter().map(|v| *v == r).collect());
+                    put(left - 1, c.mask_of(&[l]));
+                    put(right - 1, c.mask_of(&[r]));
                 }
                 continue;
             }
@@ -421,6 +490,94 @@ mod tests {
         m[13] = false;
         let (_, sizes) = label_components(&m, shape);
         assert_eq!(sizes.len(), 3);
+    }
+
+    /// Flood-fill labelling, voxel by voxel, in memory order: the definition the run-based
+    /// labelling must reproduce.
+    fn flood_labels(mask: &[bool], shape: [usize; 3]) -> (Vec<u32>, Vec<usize>) {
+        let [nx, ny, nz] = shape;
+        let mut labels = vec![0u32; mask.len()];
+        let mut sizes = vec![0usize];
+        for seed in 0..mask.len() {
+            if !mask[seed] || labels[seed] != 0 {
+                continue;
+            }
+            sizes.push(0);
+            let lab = (sizes.len() - 1) as u32;
+            labels[seed] = lab;
+            let mut stack = vec![seed];
+            while let Some(v) = stack.pop() {
+                sizes[lab as usize] += 1;
+                let (x, y, z) = (v % nx, (v / nx) % ny, v / (nx * ny));
+                for dz in -1i64..=1 {
+                    for dy in -1i64..=1 {
+                        for dx in -1i64..=1 {
+                            let (xx, yy, zz) = (x as i64 + dx, y as i64 + dy, z as i64 + dz);
+                            if xx < 0 || yy < 0 || zz < 0 {
+                                continue;
+                            }
+                            let (xx, yy, zz) = (xx as usize, yy as usize, zz as usize);
+                            if xx >= nx || yy >= ny || zz >= nz {
+                                continue;
+                            }
+                            let j = xx + nx * (yy + ny * zz);
+                            if mask[j] && labels[j] == 0 {
+                                labels[j] = lab;
+                                stack.push(j);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        sizes[0] = mask.len() - sizes.iter().skip(1).sum::<usize>();
+        (labels, sizes)
+    }
+
+    #[test]
+    fn run_labelling_matches_flood_fill() {
+        // A small linear congruential generator: masks of several densities and shapes
+        // (single-voxel axes included), so runs meet in every diagonal arrangement.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as f64 / (1u64 << 31) as f64
+        };
+        let shapes = [
+            [1, 1, 1],
+            [7, 1, 1],
+            [1, 9, 1],
+            [1, 1, 8],
+            [13, 11, 9],
+            [32, 5, 17],
+        ];
+        for shape in shapes {
+            for density in [0.05, 0.2, 0.35, 0.5, 0.8] {
+                let n: usize = shape.iter().product();
+                let mask: Vec<bool> = (0..n).map(|_| next() < density).collect();
+                let got = label_components(&mask, shape);
+                let want = flood_labels(&mask, shape);
+                assert_eq!(got, want, "shape {shape:?}, density {density}");
+                let c = Components::new(&mask, shape);
+                for k in 1..4 {
+                    let keep = top_k(&want.1, k);
+                    let kept: Vec<bool> = want.0.iter().map(|l| keep.contains(l)).collect();
+                    assert_eq!(keep_largest(&mask, shape, k), kept);
+                }
+                for lab in 1..want.1.len() as u32 {
+                    let (mut s, mut cnt) = (0f64, 0f64);
+                    for (i, l) in want.0.iter().enumerate() {
+                        if *l == lab {
+                            s += (i % shape[0]) as f64;
+                            cnt += 1.0;
+                        }
+                    }
+                    assert_eq!(c.mean_x(lab), s / cnt);
+                }
+            }
+        }
     }
 
     #[test]
