@@ -48,8 +48,8 @@ pub struct Args {
     /// Overlap of neighbouring windows [default: 0.5; 0.25 with --fast].
     #[arg(long)]
     overlap: Option<f64>,
-    /// A preset for CPUs: bf16 convolutions (on CPUs with AMX-BF16; f32 elsewhere,
-    /// with a warning) and windows overlapping by 0.25 instead of 0.5 (on
+    /// A preset for CPUs: bf16 convolutions (on CPUs with AMX-BF16, or AVX512-BF16 where it
+    /// beats f32 as on AMD Zen 4/5; f32 elsewhere, with a warning) and windows overlapping by 0.25 instead of 0.5 (on
     /// example_ct 36 windows instead of 80). `--precision` and `--overlap` override it. See
     /// the README for what it costs in agreement with the default.
     #[arg(long)]
